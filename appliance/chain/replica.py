@@ -1,0 +1,794 @@
+"""An open replica: a volume's snapshot chain in one directory.
+
+See docs/replica-format.md for the format and the rules every change follows. In short:
+
+* data operations (read, write, write-zeroes, unmap, flush) touch the head layer, plus the
+  removed layers that only the head still needs (unmap), and the in-memory index;
+* structure operations (snapshot, revert, remove, purge, expand) change the metadata with
+  write-temp, fsync, rename, fsync-directory, ordered so that a crash after any step leaves
+  a replica that opens in the old or the new state (DESIGN invariant 6).
+
+A replica may be used by many threads at once; see :mod:`appliance.chain.access`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import resource
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from appliance.chain import checksum as checksums
+from appliance.chain import format as fmt
+from appliance.chain.access import AccessLock
+from appliance.chain.durable import (
+    atomic_replace,
+    crashpoint,
+    create_sparse,
+    unlink_durably,
+    write_all,
+)
+from appliance.chain.format import BLOCK_SIZE, Layer, Metadata
+from appliance.chain.index import ChainView
+from appliance.chain.layerfile import LayerFile, punch_hole
+from appliance.chain.state import StateRecord, create_state_file, read_state_file
+from appliance.errors import (
+    AlreadyExists,
+    Busy,
+    Corruption,
+    FailedPrecondition,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    ReadOnly,
+    from_os_error,
+)
+
+_ZERO_BLOCKS = bytes(256 * BLOCK_SIZE)
+
+
+class NotAReplica(InvalidArgument):
+    """The directory is not a replica."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    length: int
+    allocated: bool
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer as shown to operators. The head has ``name`` None."""
+
+    name: str | None
+    parent: str | None
+    children: tuple[str | None, ...]
+    size: int
+    allocated: int
+    removed: bool
+    user_created: bool
+    created: str | None
+    labels: Mapping[str, str]
+    checksum: str | None
+
+    @property
+    def is_head(self) -> bool:
+        return self.name is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "head": self.is_head, "parent": self.parent,
+                "children": list(self.children), "size": self.size, "allocated": self.allocated,
+                "removed": self.removed, "user_created": self.user_created,
+                "created": self.created, "labels": dict(self.labels), "checksum": self.checksum}
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _block_span(offset: int, length: int) -> tuple[int, int]:
+    return offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
+
+
+def _split_blocks(offset: int, end: int) -> tuple[list[tuple[int, int]], int, int]:
+    """Split ``[offset, end)`` into partial-block byte pieces and whole blocks
+    ``[first, last)`` (empty when ``first >= last``)."""
+    first = -(-offset // BLOCK_SIZE)
+    last = end // BLOCK_SIZE
+    if first > last:  # inside one block
+        return [(offset, end)], 0, 0
+    pieces = [(offset, first * BLOCK_SIZE), (last * BLOCK_SIZE, end)]
+    return [(a, b) for a, b in pieces if a < b], first, last
+
+
+def _probe_filesystem(dir_fd: int, path: Path) -> None:
+    """Refuse filesystems on which the format cannot work: the layer index relies on holes
+    reported exactly, at 4 KiB granularity or finer, and on punching holes."""
+    name = ".probe" + fmt.TEMP_SUFFIX
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
+                 dir_fd=dir_fd)
+    try:
+        os.ftruncate(fd, 3 * BLOCK_SIZE)
+        os.pwrite(fd, b"\1" * BLOCK_SIZE, BLOCK_SIZE)
+        data = os.lseek(fd, 0, os.SEEK_DATA)
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        punch_hole(fd, BLOCK_SIZE, BLOCK_SIZE)
+        try:
+            after = os.lseek(fd, 0, os.SEEK_DATA)
+        except OSError as exc:
+            after = -1 if exc.errno == errno.ENXIO else -2
+        if (data, hole, after) != (BLOCK_SIZE, 2 * BLOCK_SIZE, -1):
+            raise InvalidArgument(f"{path}: the filesystem does not report holes in 4 KiB "
+                                  "blocks (SEEK_DATA/SEEK_HOLE); replicas need ext4, xfs, "
+                                  "btrfs or tmpfs")
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: the filesystem cannot hold replicas "
+                              f"(sparse files and hole punching are required: "
+                              f"{exc.strerror})") from exc
+    finally:
+        os.close(fd)
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _ensure_fd_budget(layers: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = layers + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(want, soft), hard), hard))
+
+
+def _lock_directory(path: Path, *, exclusive: bool) -> int:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dir_fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(dir_fd)
+        raise Busy(f"replica {path} is in use by another process") from None
+    return dir_fd
+
+
+def open_directory(path: Path, *, exclusive: bool) -> int:
+    """Open and lock a replica directory: exclusively for a writer, shared for readers."""
+    if not path.exists():
+        raise NotFound(f"replica directory {path} does not exist")
+    if not path.is_dir():
+        raise NotAReplica(f"{path} is not a directory")
+    return _lock_directory(path, exclusive=exclusive)
+
+
+def read_metadata(dir_fd: int, path: Path) -> Metadata:
+    try:
+        fd = os.open(fmt.METADATA_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise NotAReplica(f"{path} is not a replica (it has no {fmt.METADATA_FILE})") from None
+    with os.fdopen(fd, "rb") as file:
+        return fmt.decode(file.read(), f"{path / fmt.METADATA_FILE}")
+
+
+class Replica:
+    """An open replica. Create one with :meth:`create` or :meth:`open`; close it after use."""
+
+    def __init__(self, path: Path, dir_fd: int, meta: Metadata, writable: bool) -> None:
+        self.path = path
+        self._dir_fd = dir_fd
+        self._meta = meta
+        self.writable = writable
+        self._access = AccessLock()
+        self._files: dict[int, LayerFile] = {}
+        self._state: StateRecord | None = None
+        self._read_state: tuple[int, int] = (0, 0)
+        self._dirty: set[int] = set()
+        self._unmap_depth = 1
+        self._epoch = 0  # rises whenever layer files are merged, dropped or closed
+        # Serializes purge and checksum computation, which read or rewrite whole layers.
+        self._maintenance = threading.Lock()
+        self._view: ChainView
+        self._ready = False
+        self.cleaned_up: list[str] = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, size: int, *, replica_id: str | None = None) -> Replica:
+        """Create a replica of *size* bytes in *path* (absent, or an empty directory)."""
+        path = Path(path)
+        fmt.check_size(size)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if not path.is_dir():
+                raise InvalidArgument(f"{path} exists and is not a directory") from None
+            if any(path.iterdir()):
+                raise AlreadyExists(f"{path} is not empty; a replica needs a new or empty "
+                                    "directory") from None
+        except FileNotFoundError:
+            raise NotFound(f"the parent directory of {path} does not exist") from None
+        dir_fd = _lock_directory(path, exclusive=True)
+        try:
+            _probe_filesystem(dir_fd, path)
+            create_state_file(dir_fd)
+            os.close(create_sparse(dir_fd, fmt.layer_file_name(1), size))
+            meta = Metadata(replica_id=replica_id or str(uuid.uuid4()), size=size, head=1,
+                            layers={1: Layer(id=1, parent=None, size=size)}, next_layer_id=2)
+            # The metadata file is written last: its presence marks a complete replica.
+            atomic_replace(dir_fd, fmt.METADATA_FILE, fmt.encode(meta))
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        os.close(dir_fd)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | Path, *, writable: bool = True) -> Replica:
+        path = Path(path)
+        dir_fd = open_directory(path, exclusive=writable)
+        try:
+            meta = read_metadata(dir_fd, path)
+            replica = cls(path, dir_fd, meta, writable)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        try:
+            replica._open_layers()
+        except BaseException:
+            replica.close()
+            raise
+        return replica
+
+    def _open_layers(self) -> None:
+        meta = self._meta
+        _ensure_fd_budget(len(meta.layers))
+        if self.writable:
+            self._state = StateRecord(self._dir_fd)
+            self._remove_orphans()
+        else:
+            self._read_state = read_state_file(self._dir_fd)
+        flags = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC
+        for layer in meta.layers.values():
+            name = fmt.layer_file_name(layer.id)
+            try:
+                fd = os.open(name, flags, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                raise Corruption(f"{self.path}: layer file {name} "
+                                 f"({layer.name or 'the head'}) is missing") from None
+            self._files[layer.id] = LayerFile(layer.id, fd, layer.size)
+            actual = os.fstat(fd).st_size
+            if layer.id == meta.head and actual != meta.size and self.writable:
+                os.ftruncate(fd, meta.size)  # an expand stopped before its metadata commit
+            elif actual < layer.size and layer.id != meta.head:
+                raise Corruption(f"{self.path}: layer file {name} is {actual} bytes, "
+                                 f"the metadata says {layer.size}")
+        if self.writable and meta.pending is not None:
+            from appliance.chain.purge import resume_pending  # noqa: PLC0415 - cycle
+
+            resume_pending(self)
+        self._reset_view()
+
+    def _remove_orphans(self) -> None:
+        """Delete files a crash left behind: temporaries and layer or checksum files the
+        metadata does not reference. Only names of this format are ever touched."""
+        meta = self._meta
+        for entry in sorted(os.listdir(self._dir_fd)):  # noqa: PTH208 - by fd
+            match = fmt.LAYER_FILE.fullmatch(entry)
+            orphan = entry.endswith(fmt.TEMP_SUFFIX)
+            if match:
+                layer = meta.layers.get(int(match["id"]))
+                orphan = layer is None or (match["kind"] == "sum" and layer.checksum is None)
+            if orphan:
+                os.unlink(entry, dir_fd=self._dir_fd)
+                self.cleaned_up.append(entry)
+        if self.cleaned_up:
+            os.fsync(self._dir_fd)
+
+    def _reset_view(self) -> None:
+        meta = self._meta
+        files = [self._files[layer.id] for layer in meta.ancestry(meta.head)]
+        self._view = ChainView.build(files, meta.size)
+        self._ready = True
+        self._update_unmap_depth()
+
+    def _update_unmap_depth(self) -> None:
+        """How many layers an unmap punches: the head, then each removed ancestor that no
+        other layer needs (removed, with the chain below it as its only child)."""
+        meta = self._meta
+        depth, child = 1, meta.layers[meta.head]
+        while child.parent is not None:
+            parent = meta.layers[child.parent]
+            if not parent.removed or len(meta.children(parent.id)) != 1:
+                break
+            depth, child = depth + 1, parent
+        self._unmap_depth = depth
+
+    def close(self) -> None:
+        if self._dir_fd < 0:
+            return
+        try:
+            if self._state is not None:
+                if self._ready:
+                    self._sync()
+                self._state.close()
+        finally:
+            for layer in self._files.values():
+                layer.close()
+            self._files.clear()
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+    def __enter__(self) -> Replica:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> Metadata:
+        return self._meta
+
+    @property
+    def size(self) -> int:
+        return self._meta.size
+
+    @property
+    def replica_id(self) -> str:
+        return self._meta.replica_id
+
+    @property
+    def revision(self) -> int:
+        return self._state.revision if self._state else self._read_state[1]
+
+    @property
+    def generation(self) -> int:
+        return self._state.generation if self._state else self._read_state[0]
+
+    def set_generation(self, generation: int) -> None:
+        self._writable_state().set_generation(generation)
+
+    def set_revision(self, revision: int) -> None:
+        self._writable_state().set_revision(revision)
+
+    def _writable_state(self) -> StateRecord:
+        if self._state is None:
+            raise ReadOnly(f"replica {self.path} is open read-only")
+        return self._state
+
+    # -- data operations --------------------------------------------------------------------
+
+    def _check_io(self, offset: int, length: int, size: int | None = None) -> None:
+        size = self._meta.size if size is None else size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise InvalidArgument(f"I/O range offset {offset} length {length} is outside "
+                                  f"the volume of {size} bytes")
+
+    def readinto(self, buf: memoryview | bytearray, offset: int) -> None:
+        """Fill *buf* with the head's bytes at *offset*."""
+        view = memoryview(buf).cast("B")
+        self._check_io(offset, len(view))
+        if not len(view):
+            return
+        with self._access.shared():
+            self._view.readinto(view, offset)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        self._check_io(offset, len(view))
+        state = self._writable_state()
+        if not len(view):
+            return
+        first, last = _block_span(offset, len(view))
+        with self._access.range(first, last):
+            self._write_locked(view, offset)
+            state.bump()
+
+    def _write_locked(self, data: memoryview, offset: int) -> None:
+        chain = self._view
+        top = len(chain.files)
+        first, last = _block_span(offset, len(data))
+        end = offset + len(data)
+        partial_head = offset % BLOCK_SIZE and chain.index[first] != top
+        partial_tail = end % BLOCK_SIZE and chain.index[last - 1] != top
+        if partial_head or partial_tail:
+            # A partial block not yet in the head: write it whole, merged with what the
+            # layers below hold, or the rest of the block would read as zeros.
+            widened = bytearray((last - first) * BLOCK_SIZE)
+            whole = memoryview(widened)
+            chain.readinto(whole[:BLOCK_SIZE], first * BLOCK_SIZE)
+            chain.readinto(whole[-BLOCK_SIZE:], (last - 1) * BLOCK_SIZE)
+            start = offset - first * BLOCK_SIZE
+            whole[start: start + len(data)] = data
+            data, offset = whole, first * BLOCK_SIZE
+        try:
+            write_all(chain.files[-1].fd, data, offset)
+        except OSError as exc:
+            # Part of the range may be written: make the index agree with the files again.
+            chain.index[first:last] = chain.resolve(first, last, top)
+            raise from_os_error(exc, f"write to replica {self.path}") from exc
+        chain.index[first:last] = top
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` read as zeros, returning space where it can."""
+        self._check_io(offset, length)
+        state = self._writable_state()
+        if not length:
+            return
+        pieces, first, last = _split_blocks(offset, offset + length)
+        with self._access.range(*_block_span(offset, length)):
+            for start, end in pieces:
+                self._write_locked(memoryview(_ZERO_BLOCKS)[: end - start], start)
+            if first < last:
+                self._zero_blocks(first, last)
+            state.bump()
+
+    def _zero_blocks(self, first: int, last: int) -> None:
+        chain = self._view
+        top = len(chain.files)
+        if not chain.index[first:last].any():
+            return
+        try:
+            chain.files[-1].punch_blocks(first, last)
+            below = chain.resolve(first, last, top - 1)
+            chain.index[first:last] = below
+            # Where a snapshot holds data the head must hold explicit zeros to hide it.
+            for start, stop, position in chain.runs(first, last):
+                if position:
+                    for block in range(start, stop, 256):
+                        count = min(256, stop - block)
+                        write_all(chain.files[-1].fd,
+                                  memoryview(_ZERO_BLOCKS)[: count * BLOCK_SIZE],
+                                  block * BLOCK_SIZE)
+                        chain.index[block: block + count] = top
+        except OSError as exc:
+            chain.index[first:last] = chain.resolve(first, last, top)
+            raise from_os_error(exc, f"write zeroes to replica {self.path}") from exc
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Discard the whole blocks in the range, returning their space.
+
+        Afterwards the range reads as it does in the nearest snapshot below the head that
+        is kept (or as zeros); partial blocks at the edges are left unchanged.
+        """
+        self._check_io(offset, length)
+        state = self._writable_state()
+        _pieces, first, last = _split_blocks(offset, offset + length)
+        if first >= last:
+            return
+        with self._access.range(first, last):
+            chain = self._view
+            top = len(chain.files)
+            punched = chain.files[top - self._unmap_depth:]
+            try:
+                for layer in punched:
+                    if first * BLOCK_SIZE < layer.size:
+                        layer.punch_blocks(first, last)
+            except OSError as exc:
+                raise from_os_error(exc, f"unmap in replica {self.path}") from exc
+            finally:
+                chain.index[first:last] = chain.resolve(first, last, top)
+            self._dirty.update(layer.id for layer in punched[:-1])
+            state.bump()
+
+    def flush(self) -> None:
+        """Return once every change made so far is on stable storage."""
+        self._writable_state()
+        with self._access.shared():
+            self._sync()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self._view.files[-1].fd)
+            for layer_id in list(self._dirty):
+                os.fdatasync(self._files[layer_id].fd)
+                self._dirty.discard(layer_id)
+        except OSError as exc:
+            raise from_os_error(exc, f"flush of replica {self.path}") from exc
+        assert self._state is not None
+        self._state.sync()
+
+    # -- reading the chain ------------------------------------------------------------------
+
+    def extents(self, offset: int = 0, length: int | None = None, *,
+                snapshot: str | None = None) -> list[Extent]:
+        """Allocated and unallocated (zero) runs of the head, or of a snapshot."""
+        if snapshot is not None:
+            with self.open_snapshot(snapshot) as reader:
+                return reader.extents(offset, length)
+        with self._access.shared():
+            return _extents(self._view, offset, length)
+
+    def layer_extents(self, snapshot: str | None = None) -> list[Extent]:
+        """The runs of data held by one layer itself (the head when *snapshot* is None)."""
+        with self._access.shared():
+            layer = self._layer(snapshot) if snapshot else self._meta.layers[self._meta.head]
+            lf = self._files[layer.id]
+            return [Extent(a * BLOCK_SIZE, (b - a) * BLOCK_SIZE, True)
+                    for a, b in lf.block_runs()]
+
+    def diff(self, base: str | None, target: str) -> list[tuple[int, int]]:
+        """Byte ranges ``(offset, length)`` in which snapshot *target* may differ from
+        snapshot *base* (from an empty volume when *base* is None).
+
+        Computed from allocation: the union of the data of every layer that is in one
+        snapshot's ancestry and not in the other's. It never misses a difference; it may
+        include ranges written again with the same bytes.
+        """
+        with self._access.shared():
+            meta = self._meta
+            target_chain = meta.ancestry(self._layer(target).id)
+            base_chain = meta.ancestry(self._layer(base).id) if base else []
+            shared = {x.id for x in target_chain} & {x.id for x in base_chain}
+            differing = [x for x in (*target_chain, *base_chain) if x.id not in shared]
+            runs = sorted(run for layer in differing
+                          for run in self._files[layer.id].block_runs())
+        merged: list[tuple[int, int]] = []
+        for start, end in runs:
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+            else:
+                merged.append((start, end))
+        return [(a * BLOCK_SIZE, (b - a) * BLOCK_SIZE) for a, b in merged]
+
+    def open_snapshot(self, name: str) -> SnapshotReader:
+        """A reader of a snapshot's content, valid until the chain's files change (a purge
+        step or a revert): reads after that raise :class:`FailedPrecondition`."""
+        with self._access.shared():
+            layer = self._layer(name)
+            files = [self._files[x.id] for x in self._meta.ancestry(layer.id)]
+            return SnapshotReader(self, name, ChainView.build(files, layer.size), self._epoch)
+
+    def _layer(self, name: str) -> Layer:
+        layer = self._meta.snapshot(fmt.check_name(name))
+        if layer is None:
+            raise NotFound(f"snapshot {name!r} does not exist in replica {self.path}")
+        if layer.removed:
+            raise FailedPrecondition(f"snapshot {name!r} is removed (purge deletes it)")
+        return layer
+
+    def layers(self) -> list[LayerInfo]:
+        """Every layer (snapshots and the head), parents before children."""
+        with self._access.shared():
+            meta = self._meta
+            by_parent: dict[int | None, list[Layer]] = {}
+            for layer in sorted(meta.layers.values(), key=lambda x: x.id):
+                by_parent.setdefault(layer.parent, []).append(layer)
+            ordered: list[LayerInfo] = []
+            pending = list(reversed(by_parent.get(None, [])))
+            while pending:
+                layer = pending.pop()
+                children = by_parent.get(layer.id, [])
+                parent = meta.layers[layer.parent].name if layer.parent is not None else None
+                ordered.append(LayerInfo(
+                    name=layer.name, parent=parent, children=tuple(x.name for x in children),
+                    size=layer.size, allocated=self._files[layer.id].allocated_bytes(),
+                    removed=layer.removed, user_created=layer.user_created,
+                    created=layer.created, labels=dict(layer.labels), checksum=layer.checksum))
+                pending.extend(reversed(children))
+            return ordered
+
+    # -- structure operations ---------------------------------------------------------------
+
+    def _commit(self, meta: Metadata) -> None:
+        """Make *meta* the replica's metadata, durably (callers hold the exclusive lock)."""
+        fmt.validate(meta)
+        atomic_replace(self._dir_fd, fmt.METADATA_FILE, fmt.encode(meta))
+        self._meta = meta
+        self._update_unmap_depth()
+
+    def _close_layer(self, layer_id: int) -> None:
+        """Close a layer the committed metadata no longer lists (exclusive lock held)."""
+        self._files.pop(layer_id).close()
+        self._dirty.discard(layer_id)
+        self._epoch += 1
+
+    def _new_layer_file(self, size: int) -> tuple[int, int]:
+        layer_id = self._meta.next_layer_id
+        try:
+            return layer_id, create_sparse(self._dir_fd, fmt.layer_file_name(layer_id), size)
+        except OSError as exc:
+            raise from_os_error(exc, f"create a layer in replica {self.path}") from exc
+
+    def snapshot(self, name: str, *, labels: Mapping[str, str] | None = None,
+                 user_created: bool = True) -> LayerInfo:
+        """Freeze the head as snapshot *name* and continue on a new, empty head."""
+        fmt.check_name(name)
+        labels = fmt.check_labels(labels or {})
+        self._writable_state()
+        with self._access.exclusive():
+            meta = self._meta
+            if meta.snapshot(name) is not None:
+                raise AlreadyExists(f"snapshot {name!r} already exists in replica {self.path}")
+            if len(meta.layers) > fmt.MAX_SNAPSHOTS:
+                raise LimitExceeded(f"replica {self.path} has {fmt.MAX_SNAPSHOTS} snapshots, "
+                                    "the most it can hold: remove and purge some first")
+            self._sync()
+            head_id, fd = self._new_layer_file(meta.size)
+            crashpoint("snapshot:head-created")
+            frozen = replace(meta.layers[meta.head], name=name, created=_now(),
+                             user_created=user_created, labels=labels)
+            head = Layer(id=head_id, parent=frozen.id, size=meta.size)
+            try:
+                self._commit(meta.with_layers(frozen, head, head=head_id,
+                                              next_layer_id=head_id + 1))
+            except BaseException:
+                os.close(fd)
+                raise
+            crashpoint("snapshot:committed")
+            layer = LayerFile(head_id, fd, meta.size)
+            self._files[head_id] = layer
+            self._view.push(layer)
+        return self._info(name)
+
+    def _info(self, name: str) -> LayerInfo:
+        return next(x for x in self.layers() if x.name == name)
+
+    def revert(self, name: str) -> None:
+        """Discard the head and continue on a new, empty head over snapshot *name*."""
+        self._writable_state()
+        with self._access.exclusive():
+            target = self._layer(name)
+            meta = self._meta
+            self._sync()
+            head_id, fd = self._new_layer_file(meta.size)
+            crashpoint("revert:head-created")
+            old_head = meta.head
+            try:
+                self._commit(meta.with_layers(
+                    Layer(id=head_id, parent=target.id, size=meta.size), drop=(old_head,),
+                    head=head_id, next_layer_id=head_id + 1))
+            except BaseException:
+                os.close(fd)
+                raise
+            crashpoint("revert:committed")
+            self._files[head_id] = LayerFile(head_id, fd, meta.size)
+            self._close_layer(old_head)
+            unlink_durably(self._dir_fd, fmt.layer_file_name(old_head))
+            crashpoint("revert:old-head-deleted")
+            self._reset_view()
+
+    def remove_snapshot(self, name: str) -> None:
+        """Mark snapshot *name* removed; :meth:`purge` then reclaims its space."""
+        fmt.check_name(name)
+        self._writable_state()
+        with self._access.exclusive():
+            layer = self._meta.snapshot(name)
+            if layer is None:
+                raise NotFound(f"snapshot {name!r} does not exist in replica {self.path}")
+            if layer.removed:
+                return
+            # A removed layer's content may change (unmap and purge punch it), so its
+            # checksum is dropped.
+            self._commit(self._meta.with_layers(replace(layer, removed=True, checksum=None)))
+            crashpoint("remove:committed")
+            unlink_durably(self._dir_fd, fmt.checksum_file_name(layer.id))
+
+    def expand(self, size: int) -> None:
+        """Grow the volume to *size* bytes; the new space reads as zeros."""
+        fmt.check_size(size, "new size")
+        self._writable_state()
+        with self._access.exclusive():
+            meta = self._meta
+            if size < meta.size:
+                raise InvalidArgument(f"cannot shrink replica {self.path} from {meta.size} to "
+                                      f"{size} bytes: volumes only grow")
+            if size == meta.size:
+                return
+            head = self._files[meta.head]
+            try:
+                os.ftruncate(head.fd, size)
+                os.fsync(head.fd)
+            except OSError as exc:
+                raise from_os_error(exc, f"expand replica {self.path}") from exc
+            crashpoint("expand:head-grown")
+            self._commit(meta.with_layers(replace(meta.layers[meta.head], size=size),
+                                          size=size))
+            crashpoint("expand:committed")
+            head.size = size
+            self._view.grow(size)
+
+    def purge(self) -> dict[str, int]:
+        """Reclaim the space of removed snapshots; see :mod:`appliance.chain.purge`."""
+        from appliance.chain.purge import purge  # noqa: PLC0415 - cycle
+
+        self._writable_state()
+        return purge(self)
+
+    # -- checksums --------------------------------------------------------------------------
+
+    def compute_checksum(self, name: str) -> str:
+        """Compute and store the checksum of snapshot *name*; return its digest."""
+        self._writable_state()
+        with self._maintenance:
+            with self._access.shared():
+                layer = self._layer(name)
+            result = checksums.compute(self._files[layer.id])
+            checksums.store(self._dir_fd, layer.id, result)
+            with self._access.exclusive():
+                current = self._meta.layers.get(layer.id)
+                if current is None or current.name != name or current.removed:
+                    raise FailedPrecondition(f"snapshot {name!r} was removed while its "
+                                             "checksum was computed")
+                self._commit(self._meta.with_layers(replace(current, checksum=result.digest)))
+        return result.digest
+
+    def verify_checksum(self, name: str) -> list[tuple[int, int]]:
+        """Recompute snapshot *name*'s checksum; return the byte ranges that differ from the
+        stored one (empty when the layer is intact)."""
+        with self._maintenance:
+            with self._access.shared():
+                layer = self._layer(name)
+            if layer.checksum is None:
+                raise FailedPrecondition(f"snapshot {name!r} has no stored checksum")
+            stored = checksums.load(self._dir_fd, layer.id)
+            if stored.digest != layer.checksum:
+                raise Corruption(f"snapshot {name!r}: the checksum file does not match the "
+                                 "metadata")
+            actual = checksums.compute(self._files[layer.id])
+        return checksums.chunk_ranges(checksums.differing_chunks(stored, actual), layer.size)
+
+
+def _extents(chain: ChainView, offset: int, length: int | None) -> list[Extent]:
+    length = chain.size - offset if length is None else length
+    if offset < 0 or length < 0 or offset + length > chain.size:
+        raise InvalidArgument(f"range offset {offset} length {length} is outside "
+                              f"{chain.size} bytes")
+    first, last = _block_span(offset, length)
+    result = []
+    for start, stop, allocated in chain.extents(first, last):
+        a, b = max(offset, start * BLOCK_SIZE), min(offset + length, stop * BLOCK_SIZE)
+        result.append(Extent(a, b - a, allocated))
+    return result
+
+
+class SnapshotReader:
+    """Reads one snapshot through its own index (see :meth:`Replica.open_snapshot`)."""
+
+    def __init__(self, replica: Replica, name: str, chain: ChainView, epoch: int) -> None:
+        self.replica = replica
+        self.name = name
+        self.size = chain.size
+        self._chain = chain
+        self._epoch = epoch
+
+    def _check(self) -> None:
+        if self._epoch != self.replica._epoch:
+            raise FailedPrecondition(f"snapshot {self.name!r}: the chain changed while it "
+                                     "was read; open it again")
+
+    def readinto(self, buf: memoryview | bytearray, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        self.replica._check_io(offset, len(view), self.size)
+        with self.replica._access.shared():
+            self._check()
+            if len(view):
+                self._chain.readinto(view, offset)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        with self.replica._access.shared():
+            self._check()
+            return _extents(self._chain, offset, length)
+
+    def __enter__(self) -> SnapshotReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
