@@ -231,6 +231,11 @@ class _Reader:
             raise Corruption(f"{self.where}: field {key!r} has the wrong type")
         return value
 
+    def only(self, *keys: str) -> None:
+        unknown = sorted(set(self.document) - set(keys))
+        if unknown:
+            raise Corruption(f"{self.where}: unknown field {unknown[0]!r}")
+
     def count(self, key: str, *, optional: bool = False) -> Any:
         value = self.get(key, int, optional=optional)
         if value is not None and value < 0:
@@ -245,6 +250,8 @@ def decode(data: bytes, where: str = METADATA_FILE) -> Metadata:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Corruption(f"{where}: not valid JSON ({exc})") from exc
     top = _Reader(document, where)
+    top.only("format", "version", "replica_id", "block_size", "size", "head", "next_layer_id",
+             "serial", "pending", "layers", "digest")
     if top.get("format", str) != FORMAT_NAME:
         raise Corruption(f"{where}: not an appliance replica (format {document['format']!r})")
     version = top.count("version")
@@ -266,6 +273,7 @@ def decode(data: bytes, where: str = METADATA_FILE) -> Metadata:
     pending = None
     if top.get("pending", dict, optional=True) is not None:
         entry = _Reader(document["pending"], f"{where}: pending")
+        entry.only("op", "parent", "child", "into")
         if entry.get("op", str) != "coalesce":
             raise Corruption(f"{where}: unknown pending operation {document['pending']['op']!r}")
         pending = PendingCoalesce(entry.count("parent"), entry.count("child"),
@@ -279,6 +287,8 @@ def decode(data: bytes, where: str = METADATA_FILE) -> Metadata:
 
 
 def _decode_layer(entry: _Reader) -> Layer:
+    entry.only("id", "parent", "size", "name", "created", "user_created", "labels", "removed",
+               "checksum")
     labels = entry.get("labels", dict)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise Corruption(f"{entry.where}: labels must map text to text")

@@ -116,6 +116,7 @@ def _prune(replica: Replica, layer: Layer) -> int:
                     raise from_os_error(exc, f"purge of replica {replica.path}") from exc
                 punched += (stop - start) * BLOCK_SIZE
             replica._dirty.add(layer.id)
+        crashpoint("purge:prune-step")
     if next(target.block_runs(), None) is None:
         _drop_empty(replica, layer.id)
     return punched

@@ -25,7 +25,8 @@ cli.add_command(replica)
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return its exit status."""
     try:
-        cli.main(args=argv, prog_name="appliance", standalone_mode=False)
+        # Without standalone mode click returns the status given to ctx.exit().
+        status = cli.main(args=argv, prog_name="appliance", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except (click.ClickException, click.exceptions.Abort, ApplianceError,
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # a bug: show everything
         traceback.print_exc()
         return 70
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def _report(exc: Exception) -> int:

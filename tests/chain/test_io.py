@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,7 +172,7 @@ def test_revision_survives_a_killed_process_without_flush(replica_path: Path) ->
               "r = Replica.open(sys.argv[1])\n"
               "for i in range(5): r.write(b'x' * 4096, i * 4096)\n"
               "os.kill(os.getpid(), signal.SIGKILL)\n")
-    result = subprocess.run([os.sys.executable, "-c", script, str(replica_path)], check=False)
+    result = subprocess.run([sys.executable, "-c", script, str(replica_path)], check=False)
     assert result.returncode == -9
     with Replica.open(replica_path) as reopened:
         assert reopened.revision == 5

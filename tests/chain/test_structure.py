@@ -13,6 +13,7 @@ from appliance.chain.check import check
 from appliance.chain.format import checksum_file_name, layer_file_name
 from appliance.errors import (
     AlreadyExists,
+    Corruption,
     FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
@@ -242,7 +243,7 @@ def test_damaged_metadata_is_refused_and_reported(replica: Replica) -> None:
     replica.close()
     meta = path / fmt.METADATA_FILE
     meta.write_bytes(meta.read_bytes().replace(b'"s1"', b'"s2"'))
-    with pytest.raises(fmt.Corruption, match="digest mismatch"):
+    with pytest.raises(Corruption, match="digest mismatch"):
         Replica.open(path)
     report = check(path)
     assert not report.ok and "digest mismatch" in report.problems[0]
@@ -253,7 +254,7 @@ def test_missing_layer_file_is_refused(replica: Replica) -> None:
     path = replica.path
     replica.close()
     (path / layer_file_name(1)).unlink()
-    with pytest.raises(fmt.Corruption, match="missing"):
+    with pytest.raises(Corruption, match="missing"):
         Replica.open(path)
     assert "cannot be opened" in check(path).problems[0]
 
