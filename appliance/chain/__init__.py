@@ -4,8 +4,10 @@ A replica is a directory holding one volume's chain of immutable snapshot layers
 writable head (docs/replica-format.md). :class:`Replica` opens or creates one.
 """
 
+from appliance.chain.directory import NotAReplica
 from appliance.chain.format import BLOCK_SIZE, MAX_SIZE, MAX_SNAPSHOTS
-from appliance.chain.replica import Extent, LayerInfo, NotAReplica, Replica, SnapshotReader
+from appliance.chain.reader import Extent, SnapshotReader
+from appliance.chain.replica import LayerInfo, Replica
 
 __all__ = ["BLOCK_SIZE", "MAX_SIZE", "MAX_SNAPSHOTS", "Extent", "LayerInfo", "NotAReplica",
            "Replica", "SnapshotReader"]

@@ -15,8 +15,8 @@ from typing import Any
 
 from appliance.chain import checksum as checksums
 from appliance.chain import format as fmt
+from appliance.chain.directory import open_directory, read_metadata
 from appliance.chain.layerfile import LayerFile
-from appliance.chain.replica import open_directory, read_metadata
 from appliance.chain.state import read_state_file
 from appliance.errors import Corruption
 

@@ -50,6 +50,11 @@ def checksum_file_name(layer_id: int) -> str:
     return f"layer-{layer_id:06d}{CHECKSUM_SUFFIX}"
 
 
+def block_span(offset: int, length: int) -> tuple[int, int]:
+    """The blocks ``[first, last)`` that bytes ``[offset, offset+length)`` touch."""
+    return offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
+
+
 def check_name(name: str, what: str = "snapshot name") -> str:
     """Return *name* if it is a valid snapshot name, else raise :class:`InvalidArgument`.
 

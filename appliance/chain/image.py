@@ -12,7 +12,8 @@ from typing import BinaryIO
 
 from appliance.chain.durable import write_all
 from appliance.chain.layerfile import data_runs
-from appliance.chain.replica import Replica, SnapshotReader
+from appliance.chain.reader import SnapshotReader
+from appliance.chain.replica import Replica
 from appliance.errors import AlreadyExists, InvalidArgument, NotFound, from_os_error
 
 COPY_CHUNK = 1 << 20

@@ -45,6 +45,24 @@ def copy_sparse(dst: Index, src: Index) -> None:
             dst[start: start + len(chunk)] = chunk
 
 
+_SHORT_RUN = 64  # blocks; shorter runs are filled by one vectorized assignment
+
+
+def fill_runs(index: Index, firsts: npt.NDArray[np.int64], lasts: npt.NDArray[np.int64],
+              position: int) -> None:
+    """``index[first:last] = position`` for every run. Long runs are few (they cover the
+    volume) and assigned one by one; the many short ones at once, by fancy indexing."""
+    lengths = lasts - firsts
+    short = lengths <= _SHORT_RUN
+    starts, counts = firsts[short], lengths[short]
+    if len(starts):
+        total = int(counts.sum())
+        base = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+        index[base + np.arange(total)] = position
+    for first, last in zip(firsts[~short].tolist(), lasts[~short].tolist(), strict=True):
+        index[first:last] = position
+
+
 class ChainView:
     def __init__(self, files: list[LayerFile], size: int, index: Index) -> None:
         self.files = files
@@ -56,8 +74,7 @@ class ChainView:
         """Scan every layer's data runs, root first, so upper layers win."""
         index = np.zeros(size // BLOCK_SIZE, dtype_for(len(files)))
         for position, layer in enumerate(files, 1):
-            for first, last in layer.block_runs():
-                index[first:last] = position
+            fill_runs(index, *layer.block_run_arrays(), position)
         return cls(files, size, index)
 
     # -- structure changes (callers hold the replica's exclusive lock) ---------------------
@@ -105,6 +122,11 @@ class ChainView:
         if last - first == 1:
             self._read_part(int(self.index[first]), buf, offset)
             return
+        packed = self.index[first:last].tobytes()
+        width = self.index.itemsize
+        if packed == packed[:width] * (last - first):  # one layer holds it all: one read
+            self._read_part(int(self.index[first]), buf, offset)
+            return
         for start, stop, position in self.runs(first, last):
             part_start = max(offset, start * BLOCK_SIZE)
             part_end = min(end, stop * BLOCK_SIZE)
@@ -114,11 +136,13 @@ class ChainView:
         if position == 0:
             fill_zeros(part)
             return
+        if os.preadv(self.files[position - 1].fd, [part], offset) != len(part):
+            self.short_read(position, offset)
+
+    def short_read(self, position: int, offset: int) -> None:
         layer = self.files[position - 1]
-        done = os.preadv(layer.fd, [part], offset)
-        if done != len(part):
-            raise Corruption(f"layer {layer.id}: short read at offset {offset + done}: "
-                             "the layer file is shorter than the index says")
+        raise Corruption(f"layer {layer.id}: short read at offset {offset}: the layer file is "
+                         "shorter than the index says")
 
     def resolve(self, first: int, last: int, top: int) -> Index:
         """Scan the layers at positions ``top..1`` for blocks ``[first, last)``: the position

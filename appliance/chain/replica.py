@@ -13,10 +13,7 @@ A replica may be used by many threads at once; see :mod:`appliance.chain.access`
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import resource
 import threading
 import uuid
 from collections.abc import Mapping
@@ -28,6 +25,13 @@ from typing import Any
 from appliance.chain import checksum as checksums
 from appliance.chain import format as fmt
 from appliance.chain.access import AccessLock
+from appliance.chain.directory import (
+    ensure_fd_budget,
+    lock_directory,
+    open_directory,
+    probe_filesystem,
+    read_metadata,
+)
 from appliance.chain.durable import (
     atomic_replace,
     crashpoint,
@@ -35,13 +39,13 @@ from appliance.chain.durable import (
     unlink_durably,
     write_all,
 )
-from appliance.chain.format import BLOCK_SIZE, Layer, Metadata
-from appliance.chain.index import ChainView
-from appliance.chain.layerfile import LayerFile, punch_hole
+from appliance.chain.format import BLOCK_SIZE, Layer, Metadata, block_span
+from appliance.chain.index import ChainView, fill_zeros
+from appliance.chain.layerfile import LayerFile
+from appliance.chain.reader import Extent, SnapshotReader, chain_extents
 from appliance.chain.state import StateRecord, create_state_file, read_state_file
 from appliance.errors import (
     AlreadyExists,
-    Busy,
     Corruption,
     FailedPrecondition,
     InvalidArgument,
@@ -52,17 +56,6 @@ from appliance.errors import (
 )
 
 _ZERO_BLOCKS = bytes(256 * BLOCK_SIZE)
-
-
-class NotAReplica(InvalidArgument):
-    """The directory is not a replica."""
-
-
-@dataclass(frozen=True)
-class Extent:
-    offset: int
-    length: int
-    allocated: bool
 
 
 @dataclass(frozen=True)
@@ -95,10 +88,6 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _block_span(offset: int, length: int) -> tuple[int, int]:
-    return offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
-
-
 def _split_blocks(offset: int, end: int) -> tuple[list[tuple[int, int]], int, int]:
     """Split ``[offset, end)`` into partial-block byte pieces and whole blocks
     ``[first, last)`` (empty when ``first >= last``)."""
@@ -108,70 +97,6 @@ def _split_blocks(offset: int, end: int) -> tuple[list[tuple[int, int]], int, in
         return [(offset, end)], 0, 0
     pieces = [(offset, first * BLOCK_SIZE), (last * BLOCK_SIZE, end)]
     return [(a, b) for a, b in pieces if a < b], first, last
-
-
-def _probe_filesystem(dir_fd: int, path: Path) -> None:
-    """Refuse filesystems on which the format cannot work: the layer index relies on holes
-    reported exactly, at 4 KiB granularity or finer, and on punching holes."""
-    name = ".probe" + fmt.TEMP_SUFFIX
-    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
-                 dir_fd=dir_fd)
-    try:
-        os.ftruncate(fd, 3 * BLOCK_SIZE)
-        os.pwrite(fd, b"\1" * BLOCK_SIZE, BLOCK_SIZE)
-        data = os.lseek(fd, 0, os.SEEK_DATA)
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        punch_hole(fd, BLOCK_SIZE, BLOCK_SIZE)
-        try:
-            after = os.lseek(fd, 0, os.SEEK_DATA)
-        except OSError as exc:
-            after = -1 if exc.errno == errno.ENXIO else -2
-        if (data, hole, after) != (BLOCK_SIZE, 2 * BLOCK_SIZE, -1):
-            raise InvalidArgument(f"{path}: the filesystem does not report holes in 4 KiB "
-                                  "blocks (SEEK_DATA/SEEK_HOLE); replicas need ext4, xfs, "
-                                  "btrfs or tmpfs")
-    except OSError as exc:
-        raise InvalidArgument(f"{path}: the filesystem cannot hold replicas "
-                              f"(sparse files and hole punching are required: "
-                              f"{exc.strerror})") from exc
-    finally:
-        os.close(fd)
-        os.unlink(name, dir_fd=dir_fd)
-
-
-def _ensure_fd_budget(layers: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = layers + 256
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(want, soft), hard), hard))
-
-
-def _lock_directory(path: Path, *, exclusive: bool) -> int:
-    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(dir_fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(dir_fd)
-        raise Busy(f"replica {path} is in use by another process") from None
-    return dir_fd
-
-
-def open_directory(path: Path, *, exclusive: bool) -> int:
-    """Open and lock a replica directory: exclusively for a writer, shared for readers."""
-    if not path.exists():
-        raise NotFound(f"replica directory {path} does not exist")
-    if not path.is_dir():
-        raise NotAReplica(f"{path} is not a directory")
-    return _lock_directory(path, exclusive=exclusive)
-
-
-def read_metadata(dir_fd: int, path: Path) -> Metadata:
-    try:
-        fd = os.open(fmt.METADATA_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise NotAReplica(f"{path} is not a replica (it has no {fmt.METADATA_FILE})") from None
-    with os.fdopen(fd, "rb") as file:
-        return fmt.decode(file.read(), f"{path / fmt.METADATA_FILE}")
 
 
 class Replica:
@@ -212,9 +137,9 @@ class Replica:
                                     "directory") from None
         except FileNotFoundError:
             raise NotFound(f"the parent directory of {path} does not exist") from None
-        dir_fd = _lock_directory(path, exclusive=True)
+        dir_fd = lock_directory(path, exclusive=True)
         try:
-            _probe_filesystem(dir_fd, path)
+            probe_filesystem(dir_fd, path)
             create_state_file(dir_fd)
             os.close(create_sparse(dir_fd, fmt.layer_file_name(1), size))
             meta = Metadata(replica_id=replica_id or str(uuid.uuid4()), size=size, head=1,
@@ -246,7 +171,7 @@ class Replica:
 
     def _open_layers(self) -> None:
         meta = self._meta
-        _ensure_fd_budget(len(meta.layers))
+        ensure_fd_budget(len(meta.layers))
         if self.writable:
             self._state = StateRecord(self._dir_fd)
             self._remove_orphans()
@@ -372,12 +297,29 @@ class Replica:
 
     def readinto(self, buf: memoryview | bytearray, offset: int) -> None:
         """Fill *buf* with the head's bytes at *offset*."""
-        view = memoryview(buf).cast("B")
-        self._check_io(offset, len(view))
-        if not len(view):
+        view = buf if isinstance(buf, memoryview) and buf.format == "B" else \
+            memoryview(buf).cast("B")
+        length = len(view)
+        if offset < 0 or offset + length > self._meta.size:
+            self._check_io(offset, length)
+        if not length:
             return
-        with self._access.shared():
-            self._view.readinto(view, offset)
+        access = self._access
+        access.acquire_shared()
+        try:
+            chain = self._view
+            first = offset // BLOCK_SIZE
+            if (offset + length - 1) // BLOCK_SIZE == first:  # one block: the common case
+                position = int(chain.index[first])
+                if position:
+                    if os.preadv(chain.files[position - 1].fd, [view], offset) != length:
+                        chain.short_read(position, offset)
+                else:
+                    fill_zeros(view)
+            else:
+                chain.readinto(view, offset)
+        finally:
+            access.release_shared()
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -385,20 +327,27 @@ class Replica:
         return bytes(buf)
 
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        self._check_io(offset, len(view))
-        state = self._writable_state()
-        if not len(view):
+        view = data if isinstance(data, memoryview) and data.format == "B" else \
+            memoryview(data).cast("B")
+        length = len(view)
+        state = self._state
+        if state is None or offset < 0 or offset + length > self._meta.size:
+            self._check_io(offset, length)
+            state = self._writable_state()
+        if not length:
             return
-        first, last = _block_span(offset, len(view))
-        with self._access.range(first, last):
+        access = self._access
+        token = access.acquire_range(offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE))
+        try:
             self._write_locked(view, offset)
             state.bump()
+        finally:
+            access.release_range(token)
 
     def _write_locked(self, data: memoryview, offset: int) -> None:
         chain = self._view
         top = len(chain.files)
-        first, last = _block_span(offset, len(data))
+        first, last = block_span(offset, len(data))
         end = offset + len(data)
         partial_head = offset % BLOCK_SIZE and chain.index[first] != top
         partial_tail = end % BLOCK_SIZE and chain.index[last - 1] != top
@@ -427,7 +376,7 @@ class Replica:
         if not length:
             return
         pieces, first, last = _split_blocks(offset, offset + length)
-        with self._access.range(*_block_span(offset, length)):
+        with self._access.range(*block_span(offset, length)):
             for start, end in pieces:
                 self._write_locked(memoryview(_ZERO_BLOCKS)[: end - start], start)
             if first < last:
@@ -508,7 +457,7 @@ class Replica:
             with self.open_snapshot(snapshot) as reader:
                 return reader.extents(offset, length)
         with self._access.shared():
-            return _extents(self._view, offset, length)
+            return chain_extents(self._view, offset, length)
 
     def layer_extents(self, snapshot: str | None = None) -> list[Extent]:
         """The runs of data held by one layer itself (the head when *snapshot* is None)."""
@@ -738,57 +687,3 @@ class Replica:
                                  "metadata")
             actual = checksums.compute(self._files[layer.id])
         return checksums.chunk_ranges(checksums.differing_chunks(stored, actual), layer.size)
-
-
-def _extents(chain: ChainView, offset: int, length: int | None) -> list[Extent]:
-    length = chain.size - offset if length is None else length
-    if offset < 0 or length < 0 or offset + length > chain.size:
-        raise InvalidArgument(f"range offset {offset} length {length} is outside "
-                              f"{chain.size} bytes")
-    first, last = _block_span(offset, length)
-    result = []
-    for start, stop, allocated in chain.extents(first, last):
-        a, b = max(offset, start * BLOCK_SIZE), min(offset + length, stop * BLOCK_SIZE)
-        result.append(Extent(a, b - a, allocated))
-    return result
-
-
-class SnapshotReader:
-    """Reads one snapshot through its own index (see :meth:`Replica.open_snapshot`)."""
-
-    def __init__(self, replica: Replica, name: str, chain: ChainView, epoch: int) -> None:
-        self.replica = replica
-        self.name = name
-        self.size = chain.size
-        self._chain = chain
-        self._epoch = epoch
-
-    def _check(self) -> None:
-        if self._epoch != self.replica._epoch:
-            raise FailedPrecondition(f"snapshot {self.name!r}: the chain changed while it "
-                                     "was read; open it again")
-
-    def readinto(self, buf: memoryview | bytearray, offset: int) -> None:
-        view = memoryview(buf).cast("B")
-        self.replica._check_io(offset, len(view), self.size)
-        with self.replica._access.shared():
-            self._check()
-            if len(view):
-                self._chain.readinto(view, offset)
-
-    def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(buf, offset)
-        return bytes(buf)
-
-    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
-        with self.replica._access.shared():
-            self._check()
-            return _extents(self._chain, offset, length)
-
-    def __enter__(self) -> SnapshotReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-

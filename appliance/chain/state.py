@@ -97,8 +97,9 @@ class StateRecord:
 
     def _store(self) -> None:
         record = encode_record(self.generation, self.revision)
-        for offset in SLOT_OFFSETS:
-            self._map[offset: offset + RECORD_SIZE] = record
+        mapped = self._map
+        mapped[0:RECORD_SIZE] = record
+        mapped[SLOT_OFFSETS[1]: SLOT_OFFSETS[1] + RECORD_SIZE] = record
 
     def bump(self) -> None:
         """Count one data change."""

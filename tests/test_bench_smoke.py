@@ -1,0 +1,19 @@
+"""The benchmarks run (a seconds-long smoke run; their figures are not checked here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_chain_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.chain_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "4K random read" in result.stdout and "open 1G replica" in result.stdout
+    assert (tmp_path / "out.json").exists()
