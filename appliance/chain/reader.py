@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from appliance.chain.format import BLOCK_SIZE, block_span
 from appliance.chain.index import ChainView
-from appliance.errors import FailedPrecondition, InvalidArgument
+from appliance.errors import FailedPrecondition, InvalidArgument, from_os_error
 
 if TYPE_CHECKING:
     from appliance.chain.replica import Replica
@@ -54,7 +54,10 @@ class SnapshotReader:
         with self.replica._access.shared():
             self._check()
             if len(view):
-                self._chain.readinto(view, offset)
+                try:
+                    self._chain.readinto(view, offset)
+                except OSError as exc:
+                    raise from_os_error(exc, f"read of snapshot {self.name!r}") from exc
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)

@@ -127,8 +127,10 @@ class Replica:
         """Create a replica of *size* bytes in *path* (absent, or an empty directory)."""
         path = Path(path)
         fmt.check_size(size)
+        made = False
         try:
             path.mkdir()
+            made = True
         except FileExistsError:
             if not path.is_dir():
                 raise InvalidArgument(f"{path} exists and is not a directory") from None
@@ -147,7 +149,12 @@ class Replica:
             # The metadata file is written last: its presence marks a complete replica.
             atomic_replace(dir_fd, fmt.METADATA_FILE, fmt.encode(meta))
         except BaseException:
+            # Leave the directory as it was: it was absent or empty.
+            for entry in os.listdir(dir_fd):  # noqa: PTH208 - by fd
+                os.unlink(entry, dir_fd=dir_fd)
             os.close(dir_fd)
+            if made:
+                path.rmdir()
             raise
         os.close(dir_fd)
         return cls.open(path)
@@ -318,6 +325,8 @@ class Replica:
                     fill_zeros(view)
             else:
                 chain.readinto(view, offset)
+        except OSError as exc:
+            raise from_os_error(exc, f"read from replica {self.path}") from exc
         finally:
             access.release_shared()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from appliance.chain import Replica
 from appliance.chain.format import layer_file_name
-from appliance.errors import Busy, InvalidArgument, NoSpace, ReadOnly
+from appliance.errors import Busy, InvalidArgument, NoSpace, ReadOnly, StorageIOError
 
 from .helpers import BS, pattern
 
@@ -218,3 +219,32 @@ def test_full_disk_is_a_clear_error_and_space_can_be_freed(tmp_path: Path) -> No
                 assert reopened.read(0, 200) == b"ok" * 100
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting ramfs needs root")
+def test_unsuitable_filesystem_is_refused_and_nothing_is_left(tmp_path: Path) -> None:
+    mount = tmp_path / "ramfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount)], check=True)
+    try:
+        with pytest.raises(InvalidArgument, match="cannot hold replicas"):
+            Replica.create(mount / "r", MiB)
+        assert not (mount / "r").exists()
+        (mount / "empty").mkdir()
+        with pytest.raises(InvalidArgument):
+            Replica.create(mount / "empty", MiB)
+        assert list((mount / "empty").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_read_errors_are_translated(replica: Replica, monkeypatch: pytest.MonkeyPatch) -> None:
+    replica.write(b"x" * BS, 0)
+
+    def failing_preadv(fd: int, buffers: object, offset: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", failing_preadv)
+    with pytest.raises(StorageIOError, match=r"read from replica .*Input/output error") as info:
+        replica.read(0, BS)
+    assert info.value.errno == errno.EIO
