@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -45,6 +47,19 @@ def probe_filesystem(dir_fd: int, path: Path) -> None:
     finally:
         os.close(fd)
         os.unlink(name, dir_fd=dir_fd)
+
+
+TMPFS_MAGIC = 0x01021994
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def filesystem_type(path: Path) -> int:
+    """The ``f_type`` magic number of the filesystem holding *path* (statfs(2))."""
+    buffer = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
+    if _libc.statfs(os.fsencode(path), buffer) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(path))
+    return ctypes.c_long.from_buffer(buffer).value
 
 
 def ensure_fd_budget(layers: int) -> None:

@@ -40,6 +40,14 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate ``[offset, offset+length)`` of *fd* now, so that writing it later cannot run
+    out of space (the range still reads as before: allocation alone writes nothing)."""
+    if length > 0 and _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """Yield ``(offset, end)`` of every run of allocated data of *fd* within ``[start, end)``."""
     position = start

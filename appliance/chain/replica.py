@@ -13,6 +13,7 @@ A replica may be used by many threads at once; see :mod:`appliance.chain.access`
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -26,7 +27,9 @@ from appliance.chain import checksum as checksums
 from appliance.chain import format as fmt
 from appliance.chain.access import AccessLock
 from appliance.chain.directory import (
+    TMPFS_MAGIC,
     ensure_fd_budget,
+    filesystem_type,
     lock_directory,
     open_directory,
     probe_filesystem,
@@ -41,7 +44,7 @@ from appliance.chain.durable import (
 )
 from appliance.chain.format import BLOCK_SIZE, Layer, Metadata, block_span
 from appliance.chain.index import ChainView, fill_zeros
-from appliance.chain.layerfile import LayerFile
+from appliance.chain.layerfile import LayerFile, punch_hole, reserve
 from appliance.chain.reader import Extent, SnapshotReader, chain_extents
 from appliance.chain.state import StateRecord, create_state_file, read_state_file
 from appliance.errors import (
@@ -118,6 +121,10 @@ class Replica:
         self._maintenance = threading.Lock()
         self._view: ChainView
         self._ready = False
+        # Writes reserve space before writing blocks new to the head, so a full disk fails
+        # a write as a whole instead of leaving part of it. Not on tmpfs, where a reserved
+        # but unwritten page would read as data after a crash.
+        self._reserve_space = filesystem_type(path) != TMPFS_MAGIC
         self.cleaned_up: list[str] = []
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -370,13 +377,29 @@ class Replica:
             start = offset - first * BLOCK_SIZE
             whole[start: start + len(data)] = data
             data, offset = whole, first * BLOCK_SIZE
+        head = chain.files[-1]
+        if self._reserve_space and (chain.index[first] != top if last - first == 1
+                                    else not (chain.index[first:last] == top).all()):
+            self._reserve(chain, first, last)
         try:
-            write_all(chain.files[-1].fd, data, offset)
+            write_all(head.fd, data, offset)
         except OSError as exc:
             # Part of the range may be written: make the index agree with the files again.
             chain.index[first:last] = chain.resolve(first, last, top)
             raise from_os_error(exc, f"write to replica {self.path}") from exc
         chain.index[first:last] = top
+
+    def _reserve(self, chain: ChainView, first: int, last: int) -> None:
+        """Reserve head space for blocks ``[first, last)``; on failure release what was
+        reserved for blocks the head did not hold, and raise (nothing was written)."""
+        head, top = chain.files[-1], len(chain.files)
+        try:
+            reserve(head.fd, first * BLOCK_SIZE, (last - first) * BLOCK_SIZE)
+        except OSError as exc:
+            for start, stop, position in chain.runs(first, last):
+                if position != top:
+                    punch_hole(head.fd, start * BLOCK_SIZE, (stop - start) * BLOCK_SIZE)
+            raise from_os_error(exc, f"write to replica {self.path}") from exc
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)`` read as zeros, returning space where it can."""
@@ -404,6 +427,8 @@ class Replica:
             # Where a snapshot holds data the head must hold explicit zeros to hide it.
             for start, stop, position in chain.runs(first, last):
                 if position:
+                    if self._reserve_space:
+                        self._reserve(chain, start, stop)
                     for block in range(start, stop, 256):
                         count = min(256, stop - block)
                         write_all(chain.files[-1].fd,
@@ -663,6 +688,38 @@ class Replica:
 
         self._writable_state()
         return purge(self)
+
+    # -- the volume record -------------------------------------------------------------------
+
+    def volume_record(self) -> dict[str, Any] | None:
+        """The record the engine keeps in this replica (membership of the volume), or None.
+
+        The store does not interpret it: a JSON object of at most 64 KiB, replaced whole."""
+        try:
+            fd = os.open(fmt.VOLUME_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as file:
+            data = file.read(fmt.MAX_VOLUME_RECORD + 1)
+        try:
+            record = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Corruption(f"{self.path}: {fmt.VOLUME_FILE} is not valid JSON") from exc
+        if not isinstance(record, dict):
+            raise Corruption(f"{self.path}: {fmt.VOLUME_FILE} is not a JSON object")
+        return record
+
+    def set_volume_record(self, record: Mapping[str, Any]) -> None:
+        """Replace the volume record, durably."""
+        self._writable_state()
+        data = json.dumps(record, sort_keys=True).encode()
+        if len(data) > fmt.MAX_VOLUME_RECORD:
+            raise InvalidArgument(f"volume record of {len(data)} bytes is larger than "
+                                  f"{fmt.MAX_VOLUME_RECORD}")
+        try:
+            atomic_replace(self._dir_fd, fmt.VOLUME_FILE, data, mode=0o600)
+        except OSError as exc:
+            raise from_os_error(exc, f"write the volume record of {self.path}") from exc
 
     # -- checksums --------------------------------------------------------------------------
 

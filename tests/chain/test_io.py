@@ -12,7 +12,14 @@ import pytest
 
 from appliance.chain import Replica
 from appliance.chain.format import layer_file_name
-from appliance.errors import Busy, InvalidArgument, NoSpace, ReadOnly, StorageIOError
+from appliance.errors import (
+    Busy,
+    Corruption,
+    InvalidArgument,
+    NoSpace,
+    ReadOnly,
+    StorageIOError,
+)
 
 from .helpers import BS, pattern
 
@@ -200,25 +207,22 @@ def test_read_only_open_refuses_changes(replica: Replica) -> None:
             reader.snapshot("s")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_full_disk_is_a_clear_error_and_space_can_be_freed(tmp_path: Path) -> None:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
-    try:
-        with Replica.create(mount / "r", 4 * MiB) as replica:
-            with pytest.raises(NoSpace, match="no space"):
-                replica.write(pattern(1, MiB), 0)
-            # the failed range is consistent: what reads back is what the files hold
-            first = replica.read(0, MiB)
-            replica.close()
-            with Replica.open(mount / "r") as reopened:
-                assert reopened.read(0, MiB) == first
-                reopened.unmap(0, MiB)
-                reopened.write(b"ok" * 100, 0)
-                assert reopened.read(0, 200) == b"ok" * 100
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+def test_full_disk_fails_the_whole_write_and_space_can_be_freed(small_ext4: Path) -> None:
+    with Replica.create(small_ext4 / "r", 64 * MiB) as replica:
+        base = pattern(1, 4 * MiB)
+        replica.write(base, 0)
+        replica.snapshot("s1")
+        replica.write(pattern(2, MiB), 8 * MiB)
+        before = replica.read(0, 32 * MiB)
+        with pytest.raises(NoSpace, match="no space"):
+            replica.write(pattern(3, 30 * MiB), MiB)  # more than the disk holds
+        assert replica.read(0, 32 * MiB) == before  # nothing of the failed write landed
+        replica.close()
+        with Replica.open(small_ext4 / "r") as reopened:
+            assert reopened.read(0, 32 * MiB) == before
+            reopened.unmap(8 * MiB, MiB)  # free some space: writes work again
+            reopened.write(b"ok" * 100, 8 * MiB)
+            assert reopened.read(8 * MiB, 200) == b"ok" * 100
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting ramfs needs root")
@@ -248,3 +252,20 @@ def test_read_errors_are_translated(replica: Replica, monkeypatch: pytest.Monkey
     with pytest.raises(StorageIOError, match=r"read from replica .*Input/output error") as info:
         replica.read(0, BS)
     assert info.value.errno == errno.EIO
+
+
+def test_volume_record_is_kept_whole_and_durable(replica: Replica) -> None:
+    assert replica.volume_record() is None
+    replica.set_volume_record({"epoch": 3, "members": ["a", "b"]})
+    replica.set_volume_record({"epoch": 4, "members": ["a"]})
+    path = replica.path
+    replica.close()
+    with Replica.open(path, writable=False) as reader:
+        assert reader.volume_record() == {"epoch": 4, "members": ["a"]}
+    with Replica.open(path) as writer:
+        with pytest.raises(InvalidArgument, match="larger than"):
+            writer.set_volume_record({"x": "y" * (70 << 10)})
+        assert writer.volume_record() == {"epoch": 4, "members": ["a"]}
+    (path / "volume.json").write_text("[1]")
+    with Replica.open(path) as writer, pytest.raises(Corruption, match="not a JSON object"):
+        writer.volume_record()
