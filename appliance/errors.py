@@ -140,3 +140,34 @@ def from_os_error(exc: OSError, what: str) -> ApplianceError:
     if exc.errno is not None:
         error.errno = exc.errno
     return error
+
+
+class AuthenticationFailed(ApplianceError):
+    """The peer could not prove it holds the shared secret."""
+
+    errno = _errno.EACCES
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+    code = "unauthenticated"
+
+
+class StaleSession(FailedPrecondition):
+    """A newer engine session owns the replica (DESIGN invariant 4)."""
+
+    errno = _errno.ESTALE
+    code = "stale-session"
+
+
+class Unavailable(ApplianceError):
+    """A peer did not answer in time or the connection to it broke."""
+
+    errno = _errno.EIO
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+    code = "unavailable"
+
+
+class ProtocolError(ApplianceError):
+    """A peer sent a malformed message: a bug or a damaged connection."""
+
+    code = "protocol-error"

@@ -401,43 +401,77 @@ class Replica:
                     punch_hole(head.fd, start * BLOCK_SIZE, (stop - start) * BLOCK_SIZE)
             raise from_os_error(exc, f"write to replica {self.path}") from exc
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Make ``[offset, offset+length)`` read as zeros, returning space where it can."""
+    def write_zeroes(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Make ``[offset, offset+length)`` read as zeros, returning space where it can.
+
+        Returns the block runs ``[first, last)`` the head now holds as written zeros (where a
+        lower layer holds data, or a partial block was written); elsewhere it punched holes.
+        :meth:`zero_exact` repeats exactly these decisions on another replica.
+        """
         self._check_io(offset, length)
         state = self._writable_state()
         if not length:
-            return
+            return []
         pieces, first, last = _split_blocks(offset, offset + length)
+        explicit: list[tuple[int, int]] = []
         with self._access.range(*block_span(offset, length)):
             for start, end in pieces:
                 self._write_locked(memoryview(_ZERO_BLOCKS)[: end - start], start)
+                explicit.append(block_span(start, end - start))
             if first < last:
-                self._zero_blocks(first, last)
+                explicit += self._zero_blocks(first, last)
+            state.bump()
+        return sorted(explicit)
+
+    def zero_exact(self, first: int, last: int, explicit: list[tuple[int, int]]) -> None:
+        """Punch blocks ``[first, last)`` out of the head, then write zeros into the runs
+        *explicit* (within the range): the head ends up as another replica's did after
+        :meth:`write_zeroes`, whatever this replica's lower layers hold."""
+        self._check_io(first * BLOCK_SIZE, (last - first) * BLOCK_SIZE)
+        state = self._writable_state()
+        if any(start < first or end > last or start >= end for start, end in explicit):
+            raise InvalidArgument(f"explicit zero runs {explicit} are not within blocks "
+                                  f"[{first}, {last})")
+        with self._access.range(first, last):
+            chain = self._view
+            top = len(chain.files)
+            try:
+                chain.files[-1].punch_blocks(first, last)
+                chain.index[first:last] = chain.resolve(first, last, top - 1)
+                for start, end in explicit:
+                    self._write_zero_run(chain, start, end)
+            except OSError as exc:
+                chain.index[first:last] = chain.resolve(first, last, top)
+                raise from_os_error(exc, f"write zeroes to replica {self.path}") from exc
             state.bump()
 
-    def _zero_blocks(self, first: int, last: int) -> None:
+    def _write_zero_run(self, chain: ChainView, start: int, stop: int) -> None:
+        if self._reserve_space:
+            self._reserve(chain, start, stop)
+        for block in range(start, stop, 256):
+            count = min(256, stop - block)
+            write_all(chain.files[-1].fd, memoryview(_ZERO_BLOCKS)[: count * BLOCK_SIZE],
+                      block * BLOCK_SIZE)
+            chain.index[block: block + count] = len(chain.files)
+
+    def _zero_blocks(self, first: int, last: int) -> list[tuple[int, int]]:
         chain = self._view
         top = len(chain.files)
         if not chain.index[first:last].any():
-            return
+            return []
+        explicit = []
         try:
             chain.files[-1].punch_blocks(first, last)
-            below = chain.resolve(first, last, top - 1)
-            chain.index[first:last] = below
+            chain.index[first:last] = chain.resolve(first, last, top - 1)
             # Where a snapshot holds data the head must hold explicit zeros to hide it.
-            for start, stop, position in chain.runs(first, last):
+            for start, stop, position in list(chain.runs(first, last)):
                 if position:
-                    if self._reserve_space:
-                        self._reserve(chain, start, stop)
-                    for block in range(start, stop, 256):
-                        count = min(256, stop - block)
-                        write_all(chain.files[-1].fd,
-                                  memoryview(_ZERO_BLOCKS)[: count * BLOCK_SIZE],
-                                  block * BLOCK_SIZE)
-                        chain.index[block: block + count] = top
+                    self._write_zero_run(chain, start, stop)
+                    explicit.append((start, stop))
         except OSError as exc:
             chain.index[first:last] = chain.resolve(first, last, top)
             raise from_os_error(exc, f"write zeroes to replica {self.path}") from exc
+        return explicit
 
     def unmap(self, offset: int, length: int) -> None:
         """Discard the whole blocks in the range, returning their space.
@@ -496,7 +530,8 @@ class Replica:
     def layer_extents(self, snapshot: str | None = None) -> list[Extent]:
         """The runs of data held by one layer itself (the head when *snapshot* is None)."""
         with self._access.shared():
-            layer = self._layer(snapshot) if snapshot else self._meta.layers[self._meta.head]
+            layer = self._layer(snapshot, removed_ok=True) if snapshot else \
+                self._meta.layers[self._meta.head]
             lf = self._files[layer.id]
             return [Extent(a * BLOCK_SIZE, (b - a) * BLOCK_SIZE, True)
                     for a, b in lf.block_runs()]
@@ -533,13 +568,28 @@ class Replica:
             files = [self._files[x.id] for x in self._meta.ancestry(layer.id)]
             return SnapshotReader(self, name, ChainView.build(files, layer.size), self._epoch)
 
-    def _layer(self, name: str) -> Layer:
+    def _layer(self, name: str, *, removed_ok: bool = False) -> Layer:
         layer = self._meta.snapshot(fmt.check_name(name))
         if layer is None:
             raise NotFound(f"snapshot {name!r} does not exist in replica {self.path}")
-        if layer.removed:
+        if layer.removed and not removed_ok:
             raise FailedPrecondition(f"snapshot {name!r} is removed (purge deletes it)")
         return layer
+
+    def read_layer(self, name: str, buf: memoryview | bytearray, offset: int) -> None:
+        """Fill *buf* with snapshot layer *name*'s own bytes (not its chain's) at *offset*;
+        blocks the layer does not hold read as zeros. Removed layers can be read too: they
+        are part of the chains of the snapshots above them."""
+        view = memoryview(buf).cast("B")
+        with self._access.shared():
+            layer = self._layer(name, removed_ok=True)
+            self._check_io(offset, len(view), layer.size)
+            try:
+                done = os.preadv(self._files[layer.id].fd, [view], offset)
+            except OSError as exc:
+                raise from_os_error(exc, f"read of layer {name!r}") from exc
+            if done != len(view):
+                raise Corruption(f"layer {name!r}: short read at offset {offset + done}")
 
     def layers(self) -> list[LayerInfo]:
         """Every layer (snapshots and the head), parents before children."""
@@ -738,6 +788,27 @@ class Replica:
                                              "checksum was computed")
                 self._commit(self._meta.with_layers(replace(current, checksum=result.digest)))
         return result.digest
+
+    def layer_checksum(self, name: str | None) -> checksums.LayerChecksum:
+        """The checksum of snapshot layer *name* (stored, computed and stored when missing),
+        or of the head when *name* is None (computed, never stored: it changes). Callers
+        that need the head's checksum to mean something stop writes first."""
+        if name is None:
+            with self._access.shared():
+                head = self._files[self._meta.head]
+                return checksums.compute(head)
+        layer = self._layer(name, removed_ok=True)
+        if layer.checksum is None:
+            if layer.removed:  # removed layers may change; never stored
+                with self._maintenance:
+                    return checksums.compute(self._files[layer.id])
+            self.compute_checksum(name)
+            layer = self._layer(name)
+        stored = checksums.load(self._dir_fd, layer.id)
+        if stored.digest != layer.checksum:
+            raise Corruption(f"snapshot {name!r}: the checksum file does not match the "
+                             "metadata")
+        return stored
 
     def verify_checksum(self, name: str) -> list[tuple[int, int]]:
         """Recompute snapshot *name*'s checksum; return the byte ranges that differ from the

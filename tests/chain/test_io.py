@@ -269,3 +269,20 @@ def test_volume_record_is_kept_whole_and_durable(replica: Replica) -> None:
     (path / "volume.json").write_text("[1]")
     with Replica.open(path) as writer, pytest.raises(Corruption, match="not a JSON object"):
         writer.volume_record()
+
+
+def test_zero_exact_repeats_another_replicas_decisions(tmp_path: Path) -> None:
+    with Replica.create(tmp_path / "a", MiB) as a, Replica.create(tmp_path / "b", MiB) as b:
+        a.write(pattern(1, 8 * BS), 0)  # a has data below its head, b does not
+        a.snapshot("s")
+        b.snapshot("s")
+        for replica in (a, b):
+            replica.write(pattern(2, 2 * BS), 10 * BS)
+        explicit = a.write_zeroes(2 * BS, 10 * BS)  # blocks 2..11
+        assert explicit == [(2, 8)]  # zeros where the snapshot has data, holes elsewhere
+        b.zero_exact(2, 12, explicit)
+        assert a.layer_extents() == b.layer_extents()
+        assert a.read(2 * BS, 10 * BS) == b.read(2 * BS, 10 * BS) == bytes(10 * BS)
+        with pytest.raises(InvalidArgument, match="not within"):
+            b.zero_exact(2, 4, [(3, 9)])
+        assert a.write_zeroes(100, 10) == [(0, 1)]  # a partial block is written

@@ -1,0 +1,240 @@
+"""A client connection to a replica server.
+
+:class:`ReplicaConnection` is one authenticated TCP connection. :meth:`call` sends a request
+and waits for its reply; :meth:`send` and :meth:`receive` are the two halves, for callers
+that fan one request out to several replicas or keep several in flight. Every wait is
+bounded by the connection's timeout; any failure of the connection closes it and raises
+:class:`~appliance.errors.Unavailable` (or the error the replica reported).
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from appliance.errors import ApplianceError, AuthenticationFailed, ProtocolError, Unavailable
+from appliance.replication import protocol as proto
+from appliance.replication.protocol import (
+    FLAG_FUA,
+    FLAG_REPORT_ZEROS,
+    Op,
+    Response,
+    Role,
+    Welcome,
+)
+from appliance.replication.server import tune_socket
+
+
+class ReplicaConnection:
+    def __init__(self, address: tuple[str, int], secret: bytes, *, role: Role = Role.READER,
+                 generation: int = 0, token: int = 0, timeout: float = 8.0) -> None:
+        self.address = address
+        self.name = proto.format_address(address)
+        self.timeout = timeout
+        self._next_id = 1
+        self._header = bytearray(proto.RESPONSE.size)
+        try:
+            self.sock = socket.create_connection(address, timeout=timeout)
+        except OSError as exc:
+            raise Unavailable(f"replica {self.name}: cannot connect ({_reason(exc)})") from exc
+        try:
+            tune_socket(self.sock)
+            self.welcome = self._handshake(secret, role, generation, token)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self, secret: bytes, role: Role, generation: int, token: int) -> Welcome:
+        try:
+            hello = bytearray(proto.HELLO.size)
+            proto.recv_exact(self.sock, memoryview(hello))
+            magic, version, _reserved, server_nonce = proto.HELLO.unpack(hello)
+            if magic != proto.HELLO_MAGIC or version != proto.VERSION:
+                raise ProtocolError(f"replica {self.name}: not a replica server of protocol "
+                                    f"version {proto.VERSION}")
+            client_nonce = os.urandom(proto.NONCE_SIZE)
+            proof = proto.client_proof(secret, server_nonce, client_nonce, role, generation,
+                                       token)
+            self.sock.sendall(proto.AUTH.pack(client_nonce, role, generation, token, proof))
+            data = bytearray(proto.WELCOME.size)
+            proto.recv_exact(self.sock, memoryview(data))
+        except OSError as exc:
+            raise Unavailable(f"replica {self.name}: handshake failed ({_reason(exc)})") \
+                from exc
+        welcome = proto.decode_welcome(bytes(data))
+        expected = proto.server_proof(secret, client_nonce, server_nonce, welcome.status,
+                                      welcome.generation, welcome.revision, welcome.size,
+                                      proto.replica_id_bytes(welcome.replica_id))
+        if welcome.status == errno.EACCES and welcome.proof == bytes(32):
+            raise AuthenticationFailed(f"replica {self.name} refused the secret")
+        if not hmac.compare_digest(welcome.proof, expected):
+            raise AuthenticationFailed(f"replica {self.name} could not prove it holds the "
+                                       "secret")
+        if welcome.status:
+            raise proto.error_from_code(welcome.status, f"replica {self.name} refused the "
+                                        f"session (its generation is {welcome.generation})")
+        return welcome
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def send(self, op: int, offset: int = 0, length: int = 0, flags: int = 0,
+             payload: bytes | memoryview = b"") -> int:
+        """Send a request; return its id."""
+        request_id = self._next_id
+        self._next_id += 1
+        header = proto.encode_request(op, request_id, offset, length, flags, len(payload))
+        try:
+            proto.send_parts(self.sock, [header, payload] if payload else [header])
+        except OSError as exc:
+            raise self._broken(exc) from exc
+        return request_id
+
+    def receive(self, into: memoryview | None = None) -> tuple[Response, bytes]:
+        """Wait for the next reply. Its payload goes into *into* when given (and must fill
+        it exactly), else it is returned. A reported error is raised."""
+        try:
+            proto.recv_exact(self.sock, memoryview(self._header))
+            response = proto.decode_response(self._header)
+            if response.error:
+                message = bytearray(response.payload_length)
+                proto.recv_exact(self.sock, memoryview(message))
+                raise proto.error_from_code(response.error,
+                                            f"replica {self.name}: {message.decode()}")
+            if into is not None:
+                if response.payload_length != len(into):
+                    raise ProtocolError(f"replica {self.name} sent {response.payload_length} "
+                                        f"bytes where {len(into)} were expected")
+                proto.recv_exact(self.sock, into)
+                return response, b""
+            payload = bytearray(response.payload_length)
+            proto.recv_exact(self.sock, memoryview(payload))
+            return response, bytes(payload)
+        except ApplianceError as exc:
+            if not isinstance(exc, (Unavailable, ProtocolError)):
+                raise
+            self.close()
+            raise
+        except OSError as exc:
+            raise self._broken(exc) from exc
+
+    def call(self, op: int, offset: int = 0, length: int = 0, flags: int = 0,
+             payload: bytes | memoryview = b"", into: memoryview | None = None,
+             timeout: float | None = None) -> bytes:
+        """Send one request and wait for its reply (*timeout* overrides the connection's,
+        for control operations that take long)."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        try:
+            request_id = self.send(op, offset, length, flags, payload)
+            response, data = self.receive(into)
+        finally:
+            if timeout is not None and self.sock.fileno() >= 0:
+                self.sock.settimeout(self.timeout)
+        if response.id != request_id:
+            self.close()
+            raise ProtocolError(f"replica {self.name} answered request {response.id}, "
+                                f"not {request_id}")
+        return data
+
+    def _broken(self, exc: OSError) -> Unavailable:
+        self.close()
+        return Unavailable(f"replica {self.name}: {_reason(exc)}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() < 0
+
+    # -- operations -------------------------------------------------------------------------
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        self.call(Op.READ, offset, len(buf), into=buf)
+
+    def write(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
+        self.call(Op.WRITE, offset, len(data), FLAG_FUA if fua else 0, data)
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
+                     report: bool = False) -> list[tuple[int, int]]:
+        flags = (FLAG_FUA if fua else 0) | (FLAG_REPORT_ZEROS if report else 0)
+        return proto.decode_runs(self.call(Op.WRITE_ZEROES, offset, length, flags))
+
+    def zero_exact(self, first: int, last: int, explicit: list[tuple[int, int]], *,
+                   fua: bool = False) -> None:
+        self.call(Op.ZERO_EXACT, first, last - first, FLAG_FUA if fua else 0,
+                  proto.encode_runs(explicit))
+
+    def unmap(self, offset: int, length: int) -> None:
+        self.call(Op.UNMAP, offset, length)
+
+    def flush(self) -> None:
+        self.call(Op.FLUSH)
+
+    def ping(self) -> None:
+        self.call(Op.PING)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return proto.decode_extents(self.call(Op.EXTENTS, offset, length))
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = proto.decode_json(self.call(Op.STATUS))
+        return result
+
+    def snapshot(self, name: str, *, labels: Mapping[str, str] | None = None,
+                 user_created: bool = True, timeout: float | None = None) -> None:
+        self.call(Op.SNAPSHOT, payload=proto.encode_json(
+            {"name": name, "labels": dict(labels or {}), "user_created": user_created}),
+            timeout=timeout)
+
+    def remove_snapshot(self, name: str) -> None:
+        self.call(Op.REMOVE_SNAPSHOT, payload=proto.encode_json({"name": name}))
+
+    def purge(self, *, timeout: float | None = None) -> dict[str, int]:
+        result: dict[str, int] = proto.decode_json(self.call(Op.PURGE, timeout=timeout))
+        return result
+
+    def expand(self, size: int) -> None:
+        self.call(Op.EXPAND, size)
+
+    def revert(self, name: str) -> None:
+        self.call(Op.REVERT, payload=proto.encode_json({"name": name}))
+
+    def layers(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = proto.decode_json(self.call(Op.LAYERS))
+        return result
+
+    def set_volume_record(self, record: Mapping[str, Any]) -> None:
+        self.call(Op.SET_VOLUME_RECORD, payload=proto.encode_json(dict(record)))
+
+    def checksum(self, layer: str | None, *, chunks: bool = False,
+                 timeout: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = proto.decode_json(self.call(
+            Op.CHECKSUM, payload=proto.encode_json({"layer": layer, "chunks": chunks}),
+            timeout=timeout))
+        return result
+
+    def set_revision(self, revision: int) -> None:
+        self.call(Op.SET_REVISION, revision)
+
+    def read_layer(self, name: str, buf: memoryview, offset: int) -> None:
+        self.call(Op.READ_LAYER, offset, len(buf), payload=name.encode(), into=buf)
+
+    def layer_extents(self, name: str) -> list[tuple[int, int]]:
+        return proto.decode_runs(self.call(Op.LAYER_EXTENTS, payload=name.encode()))
+
+    def __enter__(self) -> ReplicaConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return exc.strerror or str(exc)
