@@ -57,6 +57,17 @@ def block_span(offset: int, length: int) -> tuple[int, int]:
     return offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
 
 
+def split_blocks(offset: int, end: int) -> tuple[list[tuple[int, int]], int, int]:
+    """Split bytes ``[offset, end)`` into partial-block pieces and whole blocks
+    ``[first, last)`` (none when ``first >= last``)."""
+    first = -(-offset // BLOCK_SIZE)
+    last = end // BLOCK_SIZE
+    if first > last:  # inside one block
+        return [(offset, end)], 0, 0
+    pieces = [(offset, first * BLOCK_SIZE), (last * BLOCK_SIZE, end)]
+    return [(a, b) for a, b in pieces if a < b], first, last
+
+
 def check_name(name: str, what: str = "snapshot name") -> str:
     """Return *name* if it is a valid snapshot name, else raise :class:`InvalidArgument`.
 

@@ -42,7 +42,7 @@ from appliance.chain.durable import (
     unlink_durably,
     write_all,
 )
-from appliance.chain.format import BLOCK_SIZE, Layer, Metadata, block_span
+from appliance.chain.format import BLOCK_SIZE, Layer, Metadata, block_span, split_blocks
 from appliance.chain.index import ChainView, fill_zeros
 from appliance.chain.layerfile import LayerFile, punch_hole, reserve
 from appliance.chain.reader import Extent, SnapshotReader, chain_extents
@@ -89,17 +89,6 @@ class LayerInfo:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _split_blocks(offset: int, end: int) -> tuple[list[tuple[int, int]], int, int]:
-    """Split ``[offset, end)`` into partial-block byte pieces and whole blocks
-    ``[first, last)`` (empty when ``first >= last``)."""
-    first = -(-offset // BLOCK_SIZE)
-    last = end // BLOCK_SIZE
-    if first > last:  # inside one block
-        return [(offset, end)], 0, 0
-    pieces = [(offset, first * BLOCK_SIZE), (last * BLOCK_SIZE, end)]
-    return [(a, b) for a, b in pieces if a < b], first, last
 
 
 class Replica:
@@ -412,7 +401,7 @@ class Replica:
         state = self._writable_state()
         if not length:
             return []
-        pieces, first, last = _split_blocks(offset, offset + length)
+        pieces, first, last = split_blocks(offset, offset + length)
         explicit: list[tuple[int, int]] = []
         with self._access.range(*block_span(offset, length)):
             for start, end in pieces:
@@ -481,7 +470,7 @@ class Replica:
         """
         self._check_io(offset, length)
         state = self._writable_state()
-        _pieces, first, last = _split_blocks(offset, offset + length)
+        _pieces, first, last = split_blocks(offset, offset + length)
         if first >= last:
             return
         with self._access.range(first, last):

@@ -26,7 +26,6 @@ from appliance.replication.protocol import (
     Role,
     Welcome,
 )
-from appliance.replication.server import tune_socket
 
 
 class ReplicaConnection:
@@ -42,7 +41,7 @@ class ReplicaConnection:
         except OSError as exc:
             raise Unavailable(f"replica {self.name}: cannot connect ({_reason(exc)})") from exc
         try:
-            tune_socket(self.sock)
+            proto.tune_socket(self.sock)
             self.welcome = self._handshake(secret, role, generation, token)
         except BaseException:
             self.sock.close()

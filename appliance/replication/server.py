@@ -25,7 +25,7 @@ from typing import Any
 
 from appliance.chain import BLOCK_SIZE, Replica
 from appliance.errors import ApplianceError, InvalidArgument, ProtocolError, StaleSession
-from appliance.replication import control_ops
+from appliance.replication import control_ops, rebuild
 from appliance.replication import protocol as proto
 from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op, Request, Role
 
@@ -33,15 +33,6 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 Parts = list[bytes | memoryview]
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """Low latency, and dead peers noticed within about half a minute."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 class Session:
@@ -75,7 +66,7 @@ class Session:
 class ReplicaServer:
     def __init__(self, replica: Replica, secret: bytes, *, workers: int = 4) -> None:
         self.replica = replica
-        self._secret = secret
+        self.secret = secret
         self._registration_lock = threading.Lock()
         self._writer: tuple[int, int] | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control")
@@ -89,8 +80,8 @@ class ReplicaServer:
             Op.READ_LAYER: self._read_layer, Op.LAYER_EXTENTS: self._layer_extents,
             Op.REBUILD_STATUS: self._rebuild_status,
         }
-        self._control: dict[int, Callable[[Session, Request, bytes], Parts]] = \
-            control_ops.handlers(self)
+        self._control: dict[int, Callable[[Session, Request, bytes], Parts]] = {
+            **control_ops.handlers(self), **rebuild.handlers(self)}
 
     # -- connections ------------------------------------------------------------------------
 
@@ -118,7 +109,7 @@ class ReplicaServer:
 
     def _connection(self, sock: socket.socket, peer: str) -> None:
         try:
-            tune_socket(sock)
+            proto.tune_socket(sock)
             sock.settimeout(HANDSHAKE_TIMEOUT)
             session = self._handshake(sock, peer)
             if session is None:
@@ -149,7 +140,7 @@ class ReplicaServer:
         auth = bytearray(proto.AUTH.size)
         proto.recv_exact(sock, memoryview(auth))
         client_nonce, role, generation, token, proof = proto.AUTH.unpack(auth)
-        expected = proto.client_proof(self._secret, server_nonce, client_nonce, role,
+        expected = proto.client_proof(self.secret, server_nonce, client_nonce, role,
                                       generation, token)
         replica_id = proto.replica_id_bytes(self.replica.replica_id)
         if not hmac.compare_digest(proof, expected) or role not in (Role.WRITER, Role.READER):
@@ -163,7 +154,7 @@ class ReplicaServer:
                         generation, replica.generation)
         fields = (status, replica.generation, replica.revision, replica.size, replica_id)
         sock.sendall(proto.WELCOME.pack(status, proto.server_proof(
-            self._secret, client_nonce, server_nonce, *fields), *fields[1:]))
+            self.secret, client_nonce, server_nonce, *fields), *fields[1:]))
         if status:
             return None
         log.info("%s session from %s (generation %d)", Role(role).name.lower(), peer,
@@ -178,6 +169,8 @@ class ReplicaServer:
                 return errno.ESTALE
             if generation > self.replica.generation:
                 self.replica.set_generation(generation)
+            if self._writer != (generation, token) and self.rebuild is not None:
+                self.rebuild.cancel()  # it belonged to the session being replaced
             self._writer = (generation, token)
         return 0
 
@@ -202,7 +195,10 @@ class ReplicaServer:
             if inline is not None:
                 self._run_inline(session, request, inline, payload)
             elif request.op in self._control:
-                self._pool.submit(self._run_control, session, request, bytes(payload))
+                try:
+                    self._pool.submit(self._run_control, session, request, bytes(payload))
+                except RuntimeError:
+                    return  # the server is stopping
             else:
                 session.reply_error(request, ProtocolError(f"unknown operation {request.op}"))
 

@@ -1,0 +1,475 @@
+"""The engine: one volume served from N replicas (DESIGN "The data path", invariants 1-5, 7).
+
+* **Writes** (and write-zeroes, unmap) go to every RW and WO replica in parallel: sent to
+  all, then every reply awaited. A write is acknowledged only when every such replica has
+  it; a replica that fails or times out leaves RW mode, and the new membership record is
+  durable on the others, before the write is acknowledged (invariant 1). When every RW
+  replica is full the write fails with ENOSPC and nobody leaves (the store guarantees that
+  nothing of a failed write landed).
+* **Reads** come from RW replicas only (invariant 2), a local one first, else in turn; a
+  replica that fails a read leaves RW mode and the read is retried on another.
+* **Alignment**: partial blocks are read-modify-written here, so replicas only see whole
+  blocks and never depend on their own lower layers (which a rebuilding one does not have).
+* **Overlapping writes** are serialized by block range, so every replica applies them in
+  the same order. **Snapshots** stop new writes, wait for those in flight, snapshot every
+  replica, and resume (invariant 5).
+* **Rebuild** (:mod:`appliance.replication.rebuild`) brings a replica in as WO and makes it
+  RW only after it is proven equal (invariant 3).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.chain.access import AccessLock
+from appliance.chain.format import BLOCK_SIZE, block_span, check_name, split_blocks
+from appliance.errors import (
+    AlreadyExists,
+    ApplianceError,
+    FailedPrecondition,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    StorageIOError,
+    Unavailable,
+)
+from appliance.replication import membership
+from appliance.replication import protocol as proto
+from appliance.replication.client import ReplicaConnection
+from appliance.replication.member import Member, Mode
+from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    volume: str
+    replicas: tuple[tuple[str, int], ...]
+    secret: bytes = field(repr=False)
+    timeout: float = 8.0
+    salvage: bool = False
+    rebuild_bandwidth: int = 0  # bytes per second, 0 for no limit
+    control_timeout: float = 600.0  # snapshots, checksums: long operations
+
+
+Outcome = tuple[list[tuple[Member, bytes]], list[tuple[Member, ApplianceError]]]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        check_name(config.volume, "volume name")
+        if not config.replicas:
+            raise InvalidArgument("a volume needs at least one replica")
+        self.config = config
+        self.volume = config.volume
+        self.members = [Member(address, config.secret, config.timeout)
+                        for address in dict.fromkeys(config.replicas)]
+        self.size = 0
+        self.generation = 0
+        self.epoch = 0
+        self._io = AccessLock()
+        self._membership = threading.RLock()
+        self._targets: tuple[Member, ...] = ()  # RW and WO: writes go here
+        self._readers: tuple[Member, ...] = ()  # RW, local ones first
+        self._turn = itertools.count()
+        self._rebuilds: dict[str, threading.Thread] = {}
+        # One rebuild at a time: each takes a snapshot on the replicas in service and its
+        # target, which another target in the middle of its own rebuild would miss.
+        self.rebuild_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._stats_lock = threading.Lock()
+        self.stats = {"read_ops": 0, "read_bytes": 0, "write_ops": 0, "write_bytes": 0,
+                      "flush_ops": 0, "errors": 0}
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Probe every replica, choose the RW set, take over with a new generation, and
+        start rebuilding the reachable replicas that are behind."""
+        probes = [self._probe(member) for member in self.members]
+        decision = membership.decide(self.volume, probes, salvage=self.config.salvage)
+        by_name = {member.name: member for member in self.members}
+        self.generation = decision.generation
+        for member in self.members:
+            member.session(self.generation, int.from_bytes(os.urandom(8), "big"))
+        # Take over every reachable replica before anything else: its server then refuses
+        # the previous engine, which might otherwise still write to one we do not serve.
+        reachable = {p.name for p in [*decision.rw, *decision.stale]}
+        for member in self.members:
+            if member.name in reachable:
+                member.connect().close()
+        for probe in decision.rw:
+            member = by_name[probe.name]
+            member.replica_id, member.mode, member.reason = probe.replica_id, Mode.RW, ""
+        for probe in decision.stale:
+            member = by_name[probe.name]
+            member.replica_id, member.reason = probe.replica_id, "behind: needs a rebuild"
+        for probe in decision.unreachable:
+            by_name[probe.name].reason = f"unreachable at start: {probe.error}"
+        self.size = decision.rw[0].size
+        self.epoch = decision.epoch
+        with self._membership:
+            self._update_targets()
+            self._record(clean=False)
+        if not self._readers:
+            raise Unavailable(f"volume {self.volume}: no replica could be taken over")
+        if decision.salvaged:
+            log.warning("volume %s salvaged from %s", self.volume,
+                        ", ".join(p.name for p in decision.rw))
+        log.info("volume %s started: generation %d, RW %s, behind %s, unreachable %s",
+                 self.volume, self.generation, [p.name for p in decision.rw],
+                 [p.name for p in decision.stale], [p.name for p in decision.unreachable])
+        for probe in decision.stale:
+            self._start_rebuild(by_name[probe.name])
+
+    def _probe(self, member: Member) -> membership.Probe:
+        try:
+            with member.connect(role=proto.Role.READER) as conn:
+                status = conn.status()
+        except ApplianceError as exc:
+            return membership.Probe(member.name, False, error=str(exc))
+        return membership.Probe(
+            member.name, True, status["replica_id"], status["size"], status["revision"],
+            status["generation"], status["volume_record"], tuple(status["snapshots"]))
+
+    def close(self) -> None:
+        """Stop cleanly: drain writes, flush every replica, record a clean stop."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._io.exclusive():
+            if self._readers:
+                try:
+                    self._flush_all()
+                    with self._membership:
+                        self._record(clean=True)
+                except ApplianceError as exc:
+                    log.warning("volume %s: the clean stop was not recorded: %s",
+                                self.volume, exc)
+        for thread in list(self._rebuilds.values()):
+            thread.join(timeout=self.config.timeout)
+        for member in self.members:
+            member.close_connections()
+
+    # -- membership -------------------------------------------------------------------------
+
+    def _update_targets(self) -> None:
+        rw = [m for m in self.members if m.mode == Mode.RW]
+        self._targets = tuple(m for m in self.members if m.mode in (Mode.RW, Mode.WO))
+        self._readers = tuple(sorted(rw, key=lambda m: not m.local))
+
+    def _record(self, *, clean: bool) -> None:
+        """Write the next membership record to every RW and WO replica (callers hold the
+        membership lock). A replica that cannot take it leaves RW mode, and the record is
+        written again without it, until it stands on every replica in it."""
+        while True:
+            self.epoch += 1
+            record = membership.record(self.volume, self.epoch,
+                                       [m.replica_id for m in self._readers], clean=clean)
+            failed = None
+            for member in self._targets:
+                try:
+                    self._call(member, lambda conn, r=record: conn.set_volume_record(r))
+                except ApplianceError as exc:
+                    failed = (member, exc)
+                    break
+            if failed is None:
+                return
+            self._mark_failed(*failed)
+
+    def _fail(self, member: Member, exc: ApplianceError) -> None:
+        """Take *member* out of service and make that durable before returning."""
+        with self._membership:
+            if member.mode == Mode.ERR:
+                return
+            was_rw = member.mode == Mode.RW
+            self._mark_failed(member, exc)
+            if was_rw and self._readers:
+                self._record(clean=False)
+
+    def _mark_failed(self, member: Member, exc: ApplianceError) -> None:
+        member.mode, member.reason = Mode.ERR, str(exc)
+        member.stats["errors"] += 1
+        member.close_connections()
+        self._update_targets()
+        log.warning("volume %s: replica %s failed (%s); %d replica(s) remain in service",
+                    self.volume, member.name, exc, len(self._readers))
+
+    def _call(self, member: Member, action: Any, *, control: bool = False) -> Any:
+        conn = member.connect(timeout=self.config.control_timeout) if control else \
+            member.acquire()
+        try:
+            result = action(conn)
+        finally:
+            if control:
+                conn.close()
+            else:
+                member.release(conn)
+        return result
+
+    # -- fan-out ----------------------------------------------------------------------------
+
+    def _fan_out(self, targets: tuple[Member, ...], op: int, offset: int = 0, length: int = 0,
+                 flags: int = 0, payload: bytes | memoryview = b"") -> Outcome:
+        sent: list[tuple[Member, ReplicaConnection]] = []
+        failures: list[tuple[Member, ApplianceError]] = []
+        for member in targets:
+            try:
+                conn = member.acquire()
+                conn.send(op, offset, length, flags, payload)
+            except ApplianceError as exc:
+                failures.append((member, exc))
+                continue
+            sent.append((member, conn))
+        results: list[tuple[Member, bytes]] = []
+        for member, conn in sent:
+            try:
+                _response, data = conn.receive()
+            except ApplianceError as exc:
+                failures.append((member, exc))
+                member.release(conn)  # kept when the replica only reported an error
+                continue
+            member.release(conn)
+            results.append((member, data))
+        return results, failures
+
+    def _settle(self, what: str, outcome: Outcome) -> list[tuple[Member, bytes]]:
+        results, failures = outcome
+        if failures:
+            rw_ok = any(m.mode == Mode.RW for m, _ in results)
+            rw_failures = [e for m, e in failures if m.mode == Mode.RW]
+            if not rw_ok and rw_failures and all(isinstance(e, NoSpace) for e in rw_failures):
+                for member, exc in failures:
+                    if member.mode == Mode.WO:
+                        self._fail(member, exc)
+                self._count("errors")
+                raise NoSpace(f"volume {self.volume}: {what} failed: every replica is full")
+            for member, exc in failures:
+                self._fail(member, exc)
+        if not any(m.mode == Mode.RW for m, _ in results):
+            self._count("errors")
+            reasons = "; ".join(str(e) for _, e in failures) or "no replica in service"
+            raise StorageIOError(f"volume {self.volume}: {what} failed on every replica "
+                                 f"({reasons})")
+        return results
+
+    def _count(self, key: str, amount: int = 1, *more: tuple[str, int]) -> None:
+        with self._stats_lock:
+            self.stats[key] += amount
+            for other, value in more:
+                self.stats[other] += value
+
+    # -- the data path ----------------------------------------------------------------------
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgument(f"range offset {offset} length {length} is outside the "
+                                  f"volume of {self.size} bytes")
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        self._check(offset, len(buf))
+        while True:
+            readers = self._readers
+            if not readers:
+                self._count("errors")
+                raise StorageIOError(f"volume {self.volume}: no replica in service")
+            member = readers[0] if readers[0].local else \
+                readers[next(self._turn) % len(readers)]
+            try:
+                self._call(member, lambda conn: conn.read(buf, offset))
+            except InvalidArgument:
+                raise
+            except ApplianceError as exc:
+                self._fail(member, exc)
+                continue  # retried on the next replica
+            member.stats["reads"] += 1
+            self._count("read_ops", 1, ("read_bytes", len(buf)))
+            return
+
+    def write(self, data: memoryview, offset: int, *, fua: bool = False) -> None:
+        self._check(offset, len(data))
+        first, last = block_span(offset, len(data))
+        token = self._io.acquire_range(first, last)
+        try:
+            if offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
+                data, offset = self._widen(data, offset)
+            self._settle("write", self._fan_out(self._targets, Op.WRITE, offset, len(data),
+                                                FLAG_FUA if fua else 0, data))
+        finally:
+            self._io.release_range(token)
+        self._count("write_ops", 1, ("write_bytes", len(data)))
+
+    def _widen(self, data: memoryview, offset: int) -> tuple[memoryview, int]:
+        """Whole blocks around *data*: the edge blocks read from a replica, *data* laid over
+        them (the caller holds the block range)."""
+        first, last = block_span(offset, len(data))
+        whole = memoryview(bytearray((last - first) * BLOCK_SIZE))
+        self.read(whole[:BLOCK_SIZE], first * BLOCK_SIZE)
+        if last - first > 1:
+            self.read(whole[-BLOCK_SIZE:], (last - 1) * BLOCK_SIZE)
+        start = offset - first * BLOCK_SIZE
+        whole[start: start + len(data)] = data
+        return whole, first * BLOCK_SIZE
+
+    def zero(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Make the range read as zeros (space is returned where possible)."""
+        self._check(offset, length)
+        if not length:
+            return
+        first, last = block_span(offset, length)
+        pieces, whole_first, whole_last = split_blocks(offset, offset + length)
+        token = self._io.acquire_range(first, last)
+        try:
+            for start, end in pieces:  # partial blocks: written whole, zeros laid over them
+                data, at = self._widen(memoryview(bytes(end - start)), start)
+                self._settle("write zeroes", self._fan_out(
+                    self._targets, Op.WRITE, at, len(data), FLAG_FUA if fua else 0, data))
+            if whole_first < whole_last:
+                self._zero_blocks(whole_first, whole_last, fua)
+        finally:
+            self._io.release_range(token)
+        self._count("write_ops")
+
+    def _zero_blocks(self, first: int, last: int, fua: bool) -> None:
+        flags = FLAG_FUA if fua else 0
+        targets = self._targets
+        rebuilding = tuple(m for m in targets if m.mode == Mode.WO)
+        offset, length = first * BLOCK_SIZE, (last - first) * BLOCK_SIZE
+        if not rebuilding:
+            self._settle("write zeroes", self._fan_out(targets, Op.WRITE_ZEROES, offset,
+                                                       length, flags))
+            return
+        # A rebuilding replica lacks the lower layers that decide between holes and written
+        # zeros: it repeats what an RW replica decided.
+        rw = tuple(m for m in targets if m.mode == Mode.RW)
+        results = self._settle("write zeroes", self._fan_out(
+            rw, Op.WRITE_ZEROES, offset, length, flags | FLAG_REPORT_ZEROS))
+        explicit = proto.decode_runs(results[0][1])
+        _, failures = self._fan_out(rebuilding, Op.ZERO_EXACT, first, last - first, flags,
+                                    proto.encode_runs(explicit))
+        for member, exc in failures:
+            self._fail(member, exc)
+
+    def trim(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        first, last = block_span(offset, length)
+        token = self._io.acquire_range(first, last)
+        try:
+            self._settle("trim", self._fan_out(self._targets, Op.UNMAP, offset, length))
+        finally:
+            self._io.release_range(token)
+
+    def flush(self) -> None:
+        self._flush_all()
+        self._count("flush_ops")
+
+    def _flush_all(self) -> None:
+        self._settle("flush", self._fan_out(self._targets, Op.FLUSH))
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        self._check(offset, length)
+        while True:
+            readers = self._readers
+            if not readers:
+                raise StorageIOError(f"volume {self.volume}: no replica in service")
+            try:
+                result: list[tuple[int, int, bool]] = self._call(
+                    readers[0], lambda conn: conn.extents(offset, length))
+            except ApplianceError as exc:
+                self._fail(readers[0], exc)
+                continue
+            return result
+
+    # -- control ----------------------------------------------------------------------------
+
+    def snapshot(self, name: str, *, labels: Mapping[str, str] | None = None,
+                 user_created: bool = True) -> None:
+        """Snapshot every replica at the same point: no write in flight, none admitted."""
+        check_name(name)
+        with self._io.exclusive():
+            if any(m.mode == Mode.WO for m in self.members):
+                raise FailedPrecondition(f"volume {self.volume}: a rebuild is in progress; "
+                                         "snapshot when it is done")
+            self._snapshot_locked(self._targets, name, labels, user_created)
+
+    def _snapshot_locked(self, members: tuple[Member, ...], name: str,
+                         labels: Mapping[str, str] | None, user_created: bool) -> None:
+        failures: list[tuple[Member, ApplianceError]] = []
+        done = 0
+        for member in members:
+            try:
+                self._call(member, lambda conn: conn.snapshot(
+                    name, labels=labels, user_created=user_created), control=True)
+                done += 1
+            except ApplianceError as exc:
+                if not done and isinstance(exc, (AlreadyExists, InvalidArgument)):
+                    raise  # refused before anything changed
+                failures.append((member, exc))
+        for failed, error in failures:
+            self._fail(failed, error)
+        if not done:
+            raise StorageIOError(f"volume {self.volume}: snapshot {name!r} failed on every "
+                                 "replica")
+
+    def add_replica(self, address: tuple[str, int]) -> None:
+        """Bring a replica (new, or one that failed) in: WO, rebuilt, verified, then RW."""
+        with self._membership:
+            member = next((m for m in self.members if m.address == address), None)
+            if member is not None and (member.mode != Mode.ERR or member.name in self._rebuilds):
+                raise AlreadyExists(f"replica {member.name} is already in volume "
+                                    f"{self.volume} ({member.mode})")
+            if member is None:
+                member = Member(address, self.config.secret, self.config.timeout)
+                self.members.append(member)
+            member.session(self.generation, int.from_bytes(os.urandom(8), "big"))
+        self._start_rebuild(member)
+
+    def remove_replica(self, address: tuple[str, int]) -> None:
+        with self._membership:
+            member = next((m for m in self.members if m.address == address), None)
+            if member is None:
+                raise NotFound(f"replica {proto.format_address(address)} is not in volume "
+                               f"{self.volume}")
+            if member.mode == Mode.RW and len(self._readers) == 1:
+                raise FailedPrecondition(f"replica {member.name} is the last one in service "
+                                         f"of volume {self.volume}")
+            self._fail(member, FailedPrecondition("removed by the operator"))
+            self.members.remove(member)
+
+    def _start_rebuild(self, member: Member) -> None:
+        from appliance.replication.rebuild import rebuild_member  # noqa: PLC0415 - cycle
+
+        thread = threading.Thread(target=self._run_rebuild, args=(member, rebuild_member),
+                                  name=f"rebuild-{member.name}", daemon=True)
+        self._rebuilds[member.name] = thread
+        thread.start()
+
+    def _run_rebuild(self, member: Member, rebuild: Any) -> None:
+        try:
+            rebuild(self, member)
+        except Exception:
+            log.exception("volume %s: rebuild of %s failed", self.volume, member.name)
+        finally:
+            self._rebuilds.pop(member.name, None)
+
+    def wait_rebuilds(self, timeout: float) -> bool:
+        """Wait until no rebuild runs; False if one still runs after *timeout* seconds."""
+        for thread in list(self._rebuilds.values()):
+            thread.join(timeout)
+        return not self._rebuilds
+
+    def status(self) -> dict[str, Any]:
+        rw = sum(1 for m in self.members if m.mode == Mode.RW)
+        state = "faulted" if not rw else "healthy" if rw == len(self.members) else "degraded"
+        with self._stats_lock:
+            stats = dict(self.stats)
+        return {"volume": self.volume, "size": self.size, "generation": self.generation,
+                "epoch": self.epoch, "state": state,
+                "replicas": [m.describe() for m in self.members], "io": stats}

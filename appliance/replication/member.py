@@ -1,0 +1,85 @@
+"""One replica as the engine sees it: its mode, its pool of connections, its counters."""
+
+from __future__ import annotations
+
+import threading
+from enum import StrEnum
+from typing import Any
+
+from appliance.errors import Unavailable
+from appliance.replication import protocol as proto
+from appliance.replication.client import ReplicaConnection
+from appliance.replication.protocol import Role
+
+
+class Mode(StrEnum):
+    RW = "RW"  # in sync: receives writes, serves reads
+    WO = "WO"  # rebuilding: receives writes, serves no reads
+    ERR = "ERR"  # failed or not yet in sync: receives nothing
+
+
+class Member:
+    """A replica of the volume. Connections are pooled: a caller takes one for a request
+    (or a fan-out) and gives it back; a broken one is dropped."""
+
+    def __init__(self, address: tuple[str, int], secret: bytes, timeout: float) -> None:
+        self.address = address
+        self.name = proto.format_address(address)
+        self.replica_id = ""
+        self.mode = Mode.ERR
+        self.reason = "not connected"
+        self.local = address[0] in ("127.0.0.1", "::1", "localhost")
+        self._secret = secret
+        self.timeout = timeout
+        self._generation = 0
+        self._token = 0
+        self._idle: list[ReplicaConnection] = []
+        self._lock = threading.Lock()
+        self.rebuild: dict[str, Any] | None = None
+        self.stats = {"reads": 0, "writes": 0, "errors": 0}
+
+    def session(self, generation: int, token: int) -> None:
+        """Use writer sessions of this generation and attach token from now on."""
+        with self._lock:
+            self._generation, self._token = generation, token
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def connect(self, *, role: Role = Role.WRITER, timeout: float | None = None) -> \
+            ReplicaConnection:
+        return ReplicaConnection(self.address, self._secret, role=role,
+                                 generation=self._generation if role == Role.WRITER else 0,
+                                 token=self._token, timeout=timeout or self.timeout)
+
+    def acquire(self) -> ReplicaConnection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        if self.mode == Mode.ERR:
+            raise Unavailable(f"replica {self.name} is out of service ({self.reason})")
+        return self.connect()
+
+    def release(self, conn: ReplicaConnection) -> None:
+        if conn.closed:
+            return
+        with self._lock:
+            if self.mode != Mode.ERR:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close_connections(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"address": self.name, "mode": str(self.mode),
+                                "replica_id": self.replica_id, **self.stats}
+        if self.mode == Mode.ERR:
+            info["reason"] = self.reason
+        if self.rebuild is not None:
+            info["rebuild"] = dict(self.rebuild)
+        return info

@@ -1,0 +1,69 @@
+"""Replica servers on loopback, in this process, for engine tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.chain import Replica
+from appliance.replication.engine import Engine, EngineConfig
+from appliance.replication.serve import RunningServer
+
+SECRET = b"s3cret-for-tests-only-0123456789"
+MiB = 1 << 20
+
+
+class Cluster:
+    """Replica directories and their servers; servers can be stopped and started again on
+    the same address (a crash and a restart, as the engine sees them)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.servers: list[RunningServer] = []
+        self.directories: list[Path] = []
+
+    def add(self, size: int = 32 * MiB) -> RunningServer:
+        directory = self.root / f"replica{len(self.directories)}"
+        Replica.create(directory, size).close()
+        self.directories.append(directory)
+        server = RunningServer(directory, ("127.0.0.1", 0), SECRET)
+        self.servers.append(server)
+        return server
+
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(server.address for server in self.servers)
+
+    def crash(self, index: int) -> None:
+        self.servers[index].stop()
+
+    def restart(self, index: int) -> RunningServer:
+        old = self.servers[index]
+        old.stop()
+        self.servers[index] = RunningServer(self.directories[index], old.address, SECRET)
+        return self.servers[index]
+
+    def engine(self, *, salvage: bool = False, timeout: float = 5.0,
+               addresses: tuple[tuple[str, int], ...] | None = None) -> Engine:
+        engine = Engine(EngineConfig("vol", addresses or self.addresses(), SECRET,
+                                     timeout=timeout, salvage=salvage))
+        engine.start()
+        return engine
+
+    def heads(self) -> list[bytes]:
+        return [server.replica.read(0, server.replica.size) for server in self.servers
+                if not server.stop_event.is_set()]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    running = Cluster(tmp_path)
+    try:
+        yield running
+    finally:
+        running.close()
