@@ -171,3 +171,15 @@ class ProtocolError(ApplianceError):
     """A peer sent a malformed message: a bug or a damaged connection."""
 
     code = "protocol-error"
+
+
+def error_class(code: str) -> type[ApplianceError]:
+    """The most general error class with the machine-readable *code* (for errors that
+    crossed a process boundary as their code and message)."""
+    pending: list[type[ApplianceError]] = [ApplianceError]
+    while pending:
+        cls = pending.pop(0)
+        if cls.code == code:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return ApplianceError

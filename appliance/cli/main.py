@@ -9,6 +9,7 @@ import traceback
 import click
 
 from appliance import __version__
+from appliance.cli.engine import engine
 from appliance.cli.replica import replica
 from appliance.errors import ApplianceError, Corruption
 
@@ -20,6 +21,7 @@ def cli() -> None:
 
 
 cli.add_command(replica)
+cli.add_command(engine)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from appliance.errors import InvalidArgument
+from appliance.replication.protocol import parse_address
 from appliance.units import parse_size
 
 
@@ -45,3 +46,21 @@ LABEL = LabelType()
 output_option = click.option(
     "-o", "--output", "output", type=click.Choice(["table", "json"]), default="table",
     show_default=True, help="Output format.")
+
+
+class AddressType(click.ParamType[tuple[str, int], Any]):
+    """``HOST:PORT``."""
+
+    name = "host:port"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_address(str(value))
+        except InvalidArgument as exc:
+            self.fail(exc.message, param, ctx)
+
+
+ADDRESS = AddressType()

@@ -19,7 +19,11 @@ from appliance.chain.check import check
 from appliance.chain.format import FORMAT_NAME, FORMAT_VERSION
 from appliance.chain.image import export_image, import_image
 from appliance.cli.output import emit_json, table
-from appliance.cli.params import LABEL, SIZE, output_option
+from appliance.cli.params import ADDRESS, LABEL, SIZE, output_option
+from appliance.nbd.launch import replica_server_files, start_replica_server
+from appliance.replication.protocol import format_address
+from appliance.replication.serve import serve_forever
+from appliance.secrets import read_secret_file
 from appliance.units import format_size
 
 DIR = click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
@@ -202,3 +206,23 @@ def check_(ctx: click.Context, directory: Path, output: str) -> None:
             click.echo(f"  note: {note}")
     if not report.ok:
         ctx.exit(1)
+
+
+@replica.command()
+@DIR
+@click.option("--listen", required=True, type=ADDRESS, help="HOST:PORT to serve on.")
+@click.option("--secret-file", required=True, type=click.Path(path_type=Path),
+              help="File (mode 0600) holding the volume's shared secret.")
+@click.option("--foreground", is_flag=True, help="Serve in this process until SIGTERM.")
+def serve(directory: Path, listen: tuple[str, int], secret_file: Path, foreground: bool) -> None:
+    """Serve the replica in DIR over the replica protocol.
+
+    Without --foreground it starts in the background, in its own session, returns once it
+    answers, and records its pid in DIR/server.pid (its log: DIR/server.log).
+    """
+    if foreground:
+        serve_forever(directory, listen, read_secret_file(secret_file),
+                      pid_file=replica_server_files(directory)[0])
+        return
+    pid = start_replica_server(directory, listen, secret_file)
+    click.echo(f"serving {directory} on {format_address(listen)} (pid {pid})")

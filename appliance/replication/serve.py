@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -64,3 +68,20 @@ class RunningServer:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.stop()
+
+
+def serve_forever(directory: Path, address: tuple[str, int], secret: bytes,
+                  pid_file: Path | None = None) -> None:
+    """Serve the replica in *directory* until SIGTERM or SIGINT (the foreground server)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with RunningServer(directory, address, secret) as running:
+        if pid_file is not None:
+            pid_file.write_text(f"{os.getpid()}\n")
+        stop = running.stop_event
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda *_: stop.set())
+        logging.getLogger(__name__).info("serving replica %s on %s:%d", directory,
+                                         *running.address)
+        while not stop.wait(1.0):
+            pass

@@ -1,0 +1,1 @@
+"""Frontends: how a volume reaches its users (local block device, iSCSI, NFS)."""

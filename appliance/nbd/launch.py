@@ -1,0 +1,172 @@
+"""Starting and stopping server processes: the engine (nbdkit with the plugin) and the
+replica server. In the background they run in their own session, log to a file, and are
+only reported started once they answer; a pid file records them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import appliance
+from appliance.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from appliance.nbd.daemon import spawn_daemon
+from appliance.nbd.settings import EngineSettings
+from appliance.replication import control
+from appliance.replication.client import ReplicaConnection
+from appliance.secrets import read_secret_file
+
+PLUGIN = Path(__file__).with_name("plugin.py")
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+
+
+def plugin_environment() -> dict[str, str]:
+    """nbdkit's embedded interpreter finds the project and the virtualenv's packages."""
+    paths = [str(Path(appliance.__file__).resolve().parents[1]), sysconfig.get_paths()["purelib"]]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def nbdkit_command(settings: EngineSettings) -> list[str]:
+    return ["nbdkit", "-f", "-U", str(settings.socket), "-t", str(settings.threads),
+            "python", str(PLUGIN), *settings.plugin_parameters()]
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a unix socket file that a crashed engine left (nobody accepts on it)."""
+    if not path.is_socket():
+        if path.exists():
+            raise AlreadyExists(f"{path} exists and is not a socket")
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise AlreadyExists(f"something is already serving on {path}")
+
+
+def start_engine(settings: EngineSettings, *, foreground: bool) -> int:
+    read_secret_file(settings.secret_file)  # a clear error now, not in the engine's log
+    for path in (settings.socket, settings.control):
+        if not path.parent.is_dir():
+            raise NotFound(f"directory {path.parent} does not exist")
+    with contextlib.suppress(Unavailable):
+        control.call(settings.control, "status", timeout=5)
+        raise AlreadyExists(f"an engine is already running with control socket "
+                            f"{settings.control}")
+    _remove_stale_socket(settings.socket)
+    command = nbdkit_command(settings)
+    if foreground:
+        os.execvpe(command[0], command, plugin_environment())  # noqa: S606 - no shell wanted
+    pid = spawn_daemon(command, plugin_environment(), settings.log_file)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if not _alive(pid):
+            raise FailedPrecondition(f"the engine of volume {settings.volume} did not start:\n"
+                                     + _log_tail(settings.log_file))
+        try:
+            control.call(settings.control, "status", timeout=5)
+            if settings.socket.exists():
+                break
+        except Unavailable:
+            pass
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise Unavailable(f"the engine of volume {settings.volume} did not become ready "
+                              f"in {READY_TIMEOUT:.0f} s:\n" + _log_tail(settings.log_file))
+        time.sleep(0.1)
+    settings.pid_file.write_text(f"{pid}\n")
+    return pid
+
+
+def stop_engine(control_path: Path) -> None:
+    """Ask the engine to stop cleanly and wait until its process is gone."""
+    status = control.call(control_path, "status")
+    pid = int(status["pid"])
+    control.call(control_path, "stop")
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise Unavailable(f"the engine (pid {pid}) did not stop in {STOP_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+    with contextlib.suppress(FileNotFoundError):
+        Path(status["socket"] + ".pid").unlink()
+
+
+# -- replica servers ------------------------------------------------------------------------
+
+
+def replica_server_files(directory: Path) -> tuple[Path, Path]:
+    """The pid file and the log file of the server of the replica in *directory*."""
+    return directory / "server.pid", directory / "server.log"
+
+
+def start_replica_server(directory: Path, listen: tuple[str, int], secret_file: Path) -> int:
+    secret = read_secret_file(secret_file)
+    pid_file, log_file = replica_server_files(directory)
+    if not directory.is_dir():
+        raise NotFound(f"replica directory {directory} does not exist")
+    command = [sys.executable, "-m", "appliance", "replica", "serve", str(directory),
+               "--listen", f"{listen[0]}:{listen[1]}", "--secret-file", str(secret_file),
+               "--foreground"]
+    pid = spawn_daemon(command, dict(os.environ), log_file)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if not _alive(pid):
+            raise FailedPrecondition("the replica server did not start:\n"
+                                     + _log_tail(log_file))
+        try:
+            ReplicaConnection(listen, secret, timeout=2).close()
+            break
+        except Unavailable:
+            pass
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise Unavailable(f"the replica server did not become ready in "
+                              f"{READY_TIMEOUT:.0f} s:\n" + _log_tail(log_file))
+        time.sleep(0.05)
+    pid_file.write_text(f"{pid}\n")
+    return pid
+
+
+def stop_replica_server(directory: Path) -> None:
+    pid_file, _ = replica_server_files(directory)
+    try:
+        pid = int(pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        raise NotFound(f"no replica server is recorded for {directory}") from None
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise Unavailable(f"the replica server (pid {pid}) did not stop")
+        time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)

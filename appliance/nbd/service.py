@@ -1,0 +1,97 @@
+"""The engine service inside the nbdkit process: the engine, its control socket, and the
+optional TCP listener (a second nbdkit, C only, forwarding TLS-PSK NBD to the unix socket;
+nbdkit listens on one kind of socket only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from appliance.errors import InvalidArgument
+from appliance.nbd.settings import EngineSettings
+from appliance.replication import protocol as proto
+from appliance.replication.control import ControlServer
+from appliance.replication.engine import Engine, EngineConfig
+from appliance.secrets import read_secret_file, write_secret_file
+
+log = logging.getLogger(__name__)
+
+
+class EngineService:
+    def __init__(self, settings: EngineSettings, shutdown: Callable[[], None]) -> None:
+        self.settings = settings
+        self._shutdown = shutdown
+        self.engine = Engine(EngineConfig(
+            settings.volume, settings.replicas, read_secret_file(settings.secret_file),
+            timeout=settings.timeout, salvage=settings.salvage,
+            rebuild_bandwidth=settings.rebuild_bandwidth))
+        self.control: ControlServer | None = None
+        self.forwarder: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.engine.start()
+        self.control = ControlServer(self.settings.control, {
+            "status": self._status, "add-replica": self._add_replica,
+            "remove-replica": self._remove_replica, "snapshot": self._snapshot,
+            "stop": self._stop})
+        self.control.start()
+        if self.settings.listen:
+            self.forwarder = self._start_forwarder()
+
+    def _start_forwarder(self) -> subprocess.Popen[bytes]:
+        settings = self.settings
+        assert settings.listen is not None
+        psk = settings.psk_file or settings.control.with_name(settings.control.name + ".psk")
+        if not psk.exists():
+            write_secret_file(psk, b"appliance:" + os.urandom(32).hex().encode() + b"\n")
+        host, port = settings.listen
+        command = ["nbdkit", "--exit-with-parent", "-f", "-i", host, "-p", str(port),
+                   "--tls=require", f"--tls-psk={psk}", "nbd", f"socket={settings.socket}"]
+        log.info("serving NBD over TLS-PSK on %s (key file %s)",
+                 proto.format_address(settings.listen), psk)
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+        if self.forwarder is not None:
+            self.forwarder.terminate()
+            self.forwarder.wait(timeout=10)
+        self.engine.close()
+
+    # -- control operations -----------------------------------------------------------------
+
+    def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        status = self.engine.status()
+        status.update(socket=str(self.settings.socket), control=str(self.settings.control),
+                      pid=os.getpid(),
+                      listen=proto.format_address(self.settings.listen)
+                      if self.settings.listen else None)
+        return status
+
+    @staticmethod
+    def _address(request: dict[str, Any]) -> tuple[str, int]:
+        address = request.get("address")
+        if not isinstance(address, str):
+            raise InvalidArgument("'address' must be HOST:PORT")
+        return proto.parse_address(address)
+
+    def _add_replica(self, request: dict[str, Any]) -> None:
+        self.engine.add_replica(self._address(request))
+
+    def _remove_replica(self, request: dict[str, Any]) -> None:
+        self.engine.remove_replica(self._address(request))
+
+    def _snapshot(self, request: dict[str, Any]) -> None:
+        labels = request.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise InvalidArgument("'labels' must be an object")
+        self.engine.snapshot(str(request.get("name", "")), labels=labels)
+
+    def _stop(self, request: dict[str, Any]) -> None:
+        # Reply first; nbdkit then stops serving and calls the plugin's cleanup().
+        threading.Timer(0.05, self._shutdown).start()

@@ -1,0 +1,90 @@
+"""What an engine process needs to know, parsed once at each edge: from CLI options in the
+launching process, from nbdkit ``key=value`` parameters in the engine process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.chain.format import check_name
+from appliance.errors import InvalidArgument
+from appliance.replication.protocol import format_address, parse_address
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    volume: str
+    replicas: tuple[Address, ...]
+    secret_file: Path
+    socket: Path
+    control: Path
+    listen: Address | None = None
+    psk_file: Path | None = None
+    salvage: bool = False
+    timeout: float = 8.0
+    rebuild_bandwidth: int = 0
+    threads: int = 16
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        check_name(self.volume, "volume name")
+        if not self.replicas:
+            raise InvalidArgument("an engine needs at least one --replica")
+        if not 0 < self.timeout <= 3600:
+            raise InvalidArgument(f"invalid replica timeout {self.timeout}: 0 < seconds <= 3600")
+
+    @property
+    def log_file(self) -> Path:
+        return self.control.with_name(self.control.name + ".log")
+
+    @property
+    def pid_file(self) -> Path:
+        return self.socket.with_name(self.socket.name + ".pid")
+
+    def plugin_parameters(self) -> list[str]:
+        """``key=value`` parameters for the plugin (no secret: only the file's path)."""
+        parameters = [f"volume={self.volume}", f"secret-file={self.secret_file}",
+                      f"socket={self.socket}", f"control={self.control}",
+                      f"timeout={self.timeout}", f"rebuild-bandwidth={self.rebuild_bandwidth}"]
+        parameters += [f"replica={format_address(address)}" for address in self.replicas]
+        if self.listen:
+            parameters.append(f"listen={format_address(self.listen)}")
+        if self.psk_file:
+            parameters.append(f"psk-file={self.psk_file}")
+        if self.salvage:
+            parameters.append("salvage=1")
+        return parameters
+
+    @classmethod
+    def from_parameters(cls, pairs: list[tuple[str, str]]) -> EngineSettings:
+        values: dict[str, str] = {}
+        replicas: list[Address] = []
+        for key, value in pairs:
+            if key == "replica":
+                replicas.append(parse_address(value))
+            elif key in _SINGLE:
+                values[key] = value
+            else:
+                raise InvalidArgument(f"unknown engine parameter {key!r}")
+        missing = [key for key in ("volume", "secret-file", "socket", "control")
+                   if key not in values]
+        if missing:
+            raise InvalidArgument(f"missing engine parameter(s): {', '.join(missing)}")
+        try:
+            return cls(
+                volume=values["volume"], replicas=tuple(replicas),
+                secret_file=Path(values["secret-file"]), socket=Path(values["socket"]),
+                control=Path(values["control"]),
+                listen=parse_address(values["listen"]) if "listen" in values else None,
+                psk_file=Path(values["psk-file"]) if "psk-file" in values else None,
+                salvage=values.get("salvage") == "1",
+                timeout=float(values.get("timeout", 8.0)),
+                rebuild_bandwidth=int(values.get("rebuild-bandwidth", 0)))
+        except ValueError as exc:
+            raise InvalidArgument(f"invalid engine parameter: {exc}") from exc
+
+
+_SINGLE = {"volume", "secret-file", "socket", "control", "listen", "psk-file", "salvage",
+           "timeout", "rebuild-bandwidth"}
