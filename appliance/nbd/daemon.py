@@ -38,14 +38,14 @@ def _detach(command: list[str], env: dict[str, str], log_path: Path, read_end: i
     try:
         os.close(read_end)
         os.setsid()
+        intermediate = os.getpid()
         server = os.fork()
         if server:
             os.write(write_end, f"{server}\n".encode())
             os._exit(0)
         os.close(write_end)
-        parent = os.getppid()
         deadline = time.monotonic() + REPARENT_TIMEOUT
-        while os.getppid() == parent and time.monotonic() < deadline:
+        while os.getppid() == intermediate and time.monotonic() < deadline:
             time.sleep(0.001)
         null = os.open(os.devnull, os.O_RDONLY)
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

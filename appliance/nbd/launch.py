@@ -47,12 +47,17 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
-def _alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """True while *pid* runs (a zombie, exited but not yet reaped by init, is not running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -88,7 +93,7 @@ def start_engine(settings: EngineSettings, *, foreground: bool) -> int:
     pid = spawn_daemon(command, plugin_environment(), settings.log_file)
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
-        if not _alive(pid):
+        if not process_running(pid):
             raise FailedPrecondition(f"the engine of volume {settings.volume} did not start:\n"
                                      + _log_tail(settings.log_file))
         try:
@@ -112,7 +117,7 @@ def stop_engine(control_path: Path) -> None:
     pid = int(status["pid"])
     control.call(control_path, "stop")
     deadline = time.monotonic() + STOP_TIMEOUT
-    while _alive(pid):
+    while process_running(pid):
         if time.monotonic() > deadline:
             raise Unavailable(f"the engine (pid {pid}) did not stop in {STOP_TIMEOUT:.0f} s")
         time.sleep(0.05)
@@ -139,7 +144,7 @@ def start_replica_server(directory: Path, listen: tuple[str, int], secret_file: 
     pid = spawn_daemon(command, dict(os.environ), log_file)
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
-        if not _alive(pid):
+        if not process_running(pid):
             raise FailedPrecondition("the replica server did not start:\n"
                                      + _log_tail(log_file))
         try:
@@ -162,10 +167,10 @@ def stop_replica_server(directory: Path) -> None:
         pid = int(pid_file.read_text())
     except (FileNotFoundError, ValueError):
         raise NotFound(f"no replica server is recorded for {directory}") from None
-    if _alive(pid):
+    if process_running(pid):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while _alive(pid):
+    while process_running(pid):
         if time.monotonic() > deadline:
             raise Unavailable(f"the replica server (pid {pid}) did not stop")
         time.sleep(0.05)

@@ -1,0 +1,197 @@
+"""Running volumes the way an operator does: replica servers and an engine started with the
+real ``appliance`` program, real clients (fio, nbdcopy, qemu-img), and helpers to crash,
+stop, restart and compare replicas. Every wait is bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance.nbd.launch import process_running
+
+APPLIANCE = str(Path(sys.executable).parent / "appliance")
+MiB = 1 << 20
+
+
+def run(*args: str | Path, check: bool = True, timeout: float = 120,
+        prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*prefix, APPLIANCE, *map(str, args)], capture_output=True,
+                            text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"appliance {' '.join(map(str, args))} failed "
+                             f"({result.returncode}):\n{result.stdout}{result.stderr}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def alive(pid: int) -> bool:
+    return process_running(pid)
+
+
+class Volume:
+    """N replicas (directories served by replica servers) and an engine."""
+
+    def __init__(self, root: Path, replicas: int, size: str = "256M", *,
+                 hosts: Sequence[str] | None = None,
+                 namespaces: Sequence[str | None] | None = None) -> None:
+        self.root = root
+        self.secret = root / "secret"
+        if not self.secret.exists():
+            self.secret.write_bytes(os.urandom(24).hex().encode())
+            self.secret.chmod(0o600)
+        self.name = "vol"
+        self.size = size
+        self.socket = root / "nbd.sock"
+        self.control = root / "ctl.sock"
+        self.hosts = list(hosts or ["127.0.0.1"] * replicas)
+        self.namespaces = list(namespaces or [None] * replicas)
+        self.directories = [root / f"replica{index}" for index in range(replicas)]
+        self.ports = [free_port() for _ in range(replicas)]
+        for directory in self.directories:
+            run("replica", "create", directory, "--size", size)
+        self.engine_pid = 0
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def address(self, index: int) -> str:
+        return f"{self.hosts[index]}:{self.ports[index]}"
+
+    def _prefix(self, index: int) -> list[str]:
+        namespace = self.namespaces[index]
+        return ["ip", "netns", "exec", namespace] if namespace else []
+
+    def serve(self, index: int) -> None:
+        run("replica", "serve", self.directories[index], "--listen", self.address(index),
+            "--secret-file", self.secret, prefix=self._prefix(index))
+
+    def serve_all(self) -> None:
+        for index in range(len(self.directories)):
+            self.serve(index)
+
+    def server_pid(self, index: int) -> int:
+        return int((self.directories[index] / "server.pid").read_text())
+
+    def signal_server(self, index: int, number: int) -> None:
+        os.kill(self.server_pid(index), number)
+
+    def crash_server(self, index: int) -> None:
+        pid = self.server_pid(index)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not alive(pid), 30, f"replica server {index} to die")
+
+    def stop_server(self, index: int) -> None:
+        pid = self.server_pid(index)
+        if alive(pid):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: not alive(pid), 60, f"replica server {index} to stop")
+
+    def start_engine(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        replicas = [item for index in range(len(self.directories))
+                    for item in ("--replica", self.address(index))]
+        result = run("engine", "start", self.name, *replicas, "--secret-file", self.secret,
+                     "--socket", self.socket, "--control", self.control, *extra, check=check)
+        if result.returncode == 0:
+            self.engine_pid = int(Path(str(self.socket) + ".pid").read_text())
+        return result
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(
+            run("engine", "status", "--control", self.control, "-o", "json").stdout)
+        return result
+
+    def modes(self) -> list[str]:
+        return [replica["mode"] for replica in self.status()["replicas"]]
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        wait_for(lambda: self.status()["state"] == "healthy", timeout, "a healthy volume",
+                 interval=0.2)
+
+    def wait_mode(self, index: int, mode: str, timeout: float = 60) -> None:
+        address = self.address(index)
+        wait_for(lambda: any(r["address"] == address and r["mode"] == mode
+                             for r in self.status()["replicas"]), timeout,
+                 f"replica {address} in mode {mode}", interval=0.1)
+
+    def crash_engine(self) -> None:
+        os.kill(self.engine_pid, signal.SIGKILL)
+        wait_for(lambda: not alive(self.engine_pid), 30, "the engine to die")
+
+    def stop_engine(self) -> None:
+        if self.engine_pid and alive(self.engine_pid):
+            run("engine", "stop", "--control", self.control)
+
+    def export(self, index: int, output: Path) -> Path:
+        run("replica", "export", self.directories[index], "--force", output)
+        return output
+
+    def replicas_identical(self, indexes: Sequence[int] | None = None) -> list[Path]:
+        """Export the heads of the (stopped) replicas and prove them identical with
+        qemu-img compare; return the images."""
+        chosen = list(indexes if indexes is not None else range(len(self.directories)))
+        images = [self.export(index, self.root / f"head{index}.img") for index in chosen]
+        for image in images[1:]:
+            result = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
+                                     str(images[0]), str(image)], check=False)
+            assert result.returncode == 0, f"{images[0]} and {image} differ"
+        return images
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            run("engine", "detach", "--control", self.control, check=False, timeout=60)
+        if self.engine_pid and alive(self.engine_pid):
+            with contextlib.suppress(Exception):
+                run("engine", "stop", "--control", self.control, check=False, timeout=60)
+            if alive(self.engine_pid):
+                os.kill(self.engine_pid, signal.SIGKILL)
+        for index in range(len(self.directories)):
+            with contextlib.suppress(Exception):
+                self.stop_server(index)
+
+
+def fio(uri: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run fio against an NBD URI; the standard workload options come from the caller."""
+    return subprocess.run(["fio", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
+                           *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def fio_errors(result: subprocess.CompletedProcess[str]) -> int:
+    """Jobs that reported an error (verify failures included)."""
+    try:
+        report = json.loads(result.stdout[result.stdout.index("{"):])
+    except ValueError:
+        return -1
+    return sum(1 for job in report["jobs"] if job.get("error"))
+
+
+VERIFY = ["--rw=randwrite", "--bsrange=4k-64k", "--bs_unaligned=0", "--verify=crc32c",
+          "--verify_backlog=1024", "--verify_fatal=1", "--serialize_overlap=1",
+          "--iodepth=16", "--name=workload"]
