@@ -59,7 +59,8 @@ class Volume:
 
     def __init__(self, root: Path, replicas: int, size: str = "256M", *,
                  hosts: Sequence[str] | None = None,
-                 namespaces: Sequence[str | None] | None = None) -> None:
+                 namespaces: Sequence[str | None] | None = None,
+                 directories: Sequence[Path] | None = None) -> None:
         self.root = root
         self.secret = root / "secret"
         if not self.secret.exists():
@@ -71,7 +72,8 @@ class Volume:
         self.control = root / "ctl.sock"
         self.hosts = list(hosts or ["127.0.0.1"] * replicas)
         self.namespaces = list(namespaces or [None] * replicas)
-        self.directories = [root / f"replica{index}" for index in range(replicas)]
+        self.directories = list(directories or
+                                [root / f"replica{index}" for index in range(replicas)])
         self.ports = [free_port() for _ in range(replicas)]
         for directory in self.directories:
             run("replica", "create", directory, "--size", size)
@@ -175,6 +177,13 @@ class Volume:
         for index in range(len(self.directories)):
             with contextlib.suppress(Exception):
                 self.stop_server(index)
+
+
+def nbdsh(uri: str, code: str) -> None:
+    """Run Python *code* with ``h`` connected to *uri* (libnbd's shell, on the Debian
+    interpreter that has the ``nbd`` module)."""
+    subprocess.run(["/usr/bin/python3", "-m", "nbd", "-u", uri, "-c", code], check=True,
+                   timeout=120)
 
 
 def fio(uri: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -130,7 +130,9 @@ class Replica:
         except FileExistsError:
             if not path.is_dir():
                 raise InvalidArgument(f"{path} exists and is not a directory") from None
-            if any(path.iterdir()):
+            with os.scandir(path) as entries:
+                occupied = next(entries, None) is not None
+            if occupied:
                 raise AlreadyExists(f"{path} is not empty; a replica needs a new or empty "
                                     "directory") from None
         except FileNotFoundError:
