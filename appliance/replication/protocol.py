@@ -69,7 +69,6 @@ class Op(IntEnum):
     REBUILD = 27
     REBUILD_STATUS = 28
     SET_REVISION = 29
-    INSTALL_REBUILD = 30
 
 
 class Role(IntEnum):
