@@ -30,18 +30,31 @@ from appliance.replication.protocol import (
 
 class ReplicaConnection:
     def __init__(self, address: tuple[str, int], secret: bytes, *, role: Role = Role.READER,
-                 generation: int = 0, token: int = 0, timeout: float = 8.0) -> None:
+                 generation: int = 0, token: int = 0, timeout: float = 8.0,
+                 unix_path: str | None = None) -> None:
+        """Connect to the replica server at *address*, or through its unix socket
+        *unix_path* when the server is on this host."""
         self.address = address
         self.name = proto.format_address(address)
         self.timeout = timeout
         self._next_id = 1
         self._header = bytearray(proto.RESPONSE.size)
         try:
-            self.sock = socket.create_connection(address, timeout=timeout)
+            if unix_path:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                try:
+                    self.sock.connect(unix_path)
+                except OSError:
+                    self.sock.close()
+                    raise
+            else:
+                self.sock = socket.create_connection(address, timeout=timeout)
         except OSError as exc:
             raise Unavailable(f"replica {self.name}: cannot connect ({_reason(exc)})") from exc
         try:
-            proto.tune_socket(self.sock)
+            if not unix_path:
+                proto.tune_socket(self.sock)
             self.welcome = self._handshake(secret, role, generation, token)
         except BaseException:
             self.sock.close()
@@ -153,7 +166,40 @@ class ReplicaConnection:
     # -- operations -------------------------------------------------------------------------
 
     def read(self, buf: memoryview, offset: int) -> None:
-        self.call(Op.READ, offset, len(buf), into=buf)
+        """READ into *buf*. The reply's header and data arrive in one ``recvmsg_into`` (at
+        most one request may be in flight on the connection)."""
+        request_id = self.send(Op.READ, offset, len(buf))
+        header = memoryview(self._header)
+        size = len(header)
+        try:
+            got = 0
+            while got < size:
+                count = self.sock.recvmsg_into([header[got:], buf])[0]
+                if not count:
+                    raise proto.ConnectionClosed("the connection was closed by the peer")
+                got += count
+            response = proto.decode_response(header)
+            received = got - size
+            if response.error:
+                message = bytes(buf[:received]) + self._take(response.payload_length - received)
+                raise proto.error_from_code(response.error,
+                                            f"replica {self.name}: {message.decode()}")
+            if response.payload_length != len(buf) or response.id != request_id:
+                raise ProtocolError(f"replica {self.name} sent a reply that does not match "
+                                    f"read request {request_id}")
+            if received < len(buf):
+                proto.recv_exact(self.sock, buf[received:])
+        except ApplianceError as exc:
+            if isinstance(exc, (Unavailable, ProtocolError)):
+                self.close()
+            raise
+        except OSError as exc:
+            raise self._broken(exc) from exc
+
+    def _take(self, count: int) -> bytes:
+        data = bytearray(count)
+        proto.recv_exact(self.sock, memoryview(data))
+        return bytes(data)
 
     def write(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
         self.call(Op.WRITE, offset, len(data), FLAG_FUA if fua else 0, data)

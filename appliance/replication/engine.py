@@ -135,6 +135,7 @@ class Engine:
                 status = conn.status()
         except ApplianceError as exc:
             return membership.Probe(member.name, False, error=str(exc))
+        member.learn_unix_socket(status.get("unix_socket"))
         return membership.Probe(
             member.name, True, status["replica_id"], status["size"], status["revision"],
             status["generation"], status["volume_record"], tuple(status["snapshots"]))

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from enum import StrEnum
 from typing import Any
 
-from appliance.errors import Unavailable
+from appliance.errors import ApplianceError, Unavailable
 from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
 from appliance.replication.protocol import Role
+
+
+def is_local_address(host: str) -> bool:
+    """True when *host* is an address of this machine (in this network namespace)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        return False
+    return True
 
 
 class Mode(StrEnum):
@@ -28,7 +40,8 @@ class Member:
         self.replica_id = ""
         self.mode = Mode.ERR
         self.reason = "not connected"
-        self.local = address[0] in ("127.0.0.1", "::1", "localhost")
+        self.local = is_local_address(address[0])
+        self.unix_path: str | None = None  # the server's unix socket, when it is local
         self._secret = secret
         self.timeout = timeout
         self._generation = 0
@@ -50,7 +63,19 @@ class Member:
             ReplicaConnection:
         return ReplicaConnection(self.address, self._secret, role=role,
                                  generation=self._generation if role == Role.WRITER else 0,
-                                 token=self._token, timeout=timeout or self.timeout)
+                                 token=self._token, timeout=timeout or self.timeout,
+                                 unix_path=self.unix_path)
+
+    def learn_unix_socket(self, path: str | None) -> None:
+        """Use the server's unix socket from now on if it is on this host and answers."""
+        if not (self.local and path):
+            return
+        try:
+            ReplicaConnection(self.address, self._secret, timeout=self.timeout,
+                              unix_path=path).close()
+        except ApplianceError:
+            return  # the same address on another host, or in another mount namespace
+        self.unix_path = path
 
     def acquire(self) -> ReplicaConnection:
         with self._lock:

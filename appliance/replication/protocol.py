@@ -273,6 +273,40 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         view = view[count:]
 
 
+class BufferedReader:
+    """Reads a socket in large chunks: a message's header and payload (and often the next
+    message) arrive in one system call. A returned view is valid until the next read."""
+
+    def __init__(self, sock: socket.socket, size: int = 1 << 20) -> None:
+        self.sock = sock
+        self._buffer = bytearray(size)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+
+    def read(self, count: int) -> memoryview:
+        if self._end - self._start < count:
+            self._fill(count)
+        view = self._view[self._start: self._start + count]
+        self._start += count
+        return view
+
+    def _fill(self, count: int) -> None:
+        pending = self._end - self._start
+        if self._start + count > len(self._buffer):  # make room: move what is left to the front
+            if count > len(self._buffer):
+                self._buffer = bytearray(max(count, 2 * len(self._buffer)))
+                self._buffer[:pending] = self._view[self._start: self._end]
+                self._view = memoryview(self._buffer)
+            else:
+                self._view[:pending] = self._view[self._start: self._end]
+            self._start, self._end = 0, pending
+        while self._end - self._start < count:
+            received = self.sock.recv_into(self._view[self._end:])
+            if not received:
+                raise ConnectionClosed("the connection was closed by the peer")
+            self._end += received
+
+
 def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
     """Send every byte of *parts* (gathered, one system call when possible)."""
     total = sum(len(part) for part in parts)

@@ -271,6 +271,7 @@ def _attempt(engine: Engine, member: Member, created: list[str]) -> None:
                     target.expand(engine.size)
                 member.replica_id = status["replica_id"]
                 target.snapshot(name, user_created=False)
+            member.learn_unix_socket(status.get("unix_socket"))
         except TargetFailed:
             raise
         except ApplianceError as exc:

@@ -18,6 +18,23 @@ from appliance.replication.server import ReplicaServer
 ACCEPT_POLL = 0.2  # how often the accept loop looks at its stop flag
 
 
+UNIX_SOCKET = "server.sock"
+
+
+def open_unix_listener(path: Path) -> socket.socket:
+    """The replica's unix socket, for engines on the same host (mode 0600)."""
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    listener.listen(128)
+    listener.settimeout(ACCEPT_POLL)
+    return listener
+
+
 def open_listener(address: tuple[str, int]) -> socket.socket:
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -41,25 +58,33 @@ class RunningServer:
 
     def __init__(self, directory: str | Path, address: tuple[str, int], secret: bytes) -> None:
         self.replica = Replica.open(directory)
+        self.unix_path = (Path(directory) / UNIX_SOCKET).resolve()
         try:
             self.listener = open_listener(address)
+            self.unix_listener = open_unix_listener(self.unix_path)
         except BaseException:
             self.replica.close()
             raise
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
-        self.server = ReplicaServer(self.replica, secret)
+        self.server = ReplicaServer(self.replica, secret, unix_path=str(self.unix_path))
         self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self.server.serve,
-                                       args=(self.listener, self.stop_event),
-                                       name="replica-server", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self.server.serve,
+                                         args=(listener, self.stop_event),
+                                         name="replica-server", daemon=True)
+                        for listener in (self.listener, self.unix_listener)]
+        for thread in self.threads:
+            thread.start()
 
     def stop(self) -> None:
         if self.stop_event.is_set():
             return
         self.stop_event.set()
-        self.thread.join()
+        for thread in self.threads:
+            thread.join()
         self.listener.close()
+        self.unix_listener.close()
+        self.unix_path.unlink(missing_ok=True)
+        self.server.close()
         self.replica.close()
 
     def __enter__(self) -> RunningServer:

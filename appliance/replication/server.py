@@ -64,8 +64,10 @@ class Session:
 
 
 class ReplicaServer:
-    def __init__(self, replica: Replica, secret: bytes, *, workers: int = 4) -> None:
+    def __init__(self, replica: Replica, secret: bytes, *, workers: int = 4,
+                 unix_path: str | None = None) -> None:
         self.replica = replica
+        self.unix_path = unix_path
         self.secret = secret
         self._registration_lock = threading.Lock()
         self._writer: tuple[int, int] | None = None
@@ -97,9 +99,12 @@ class ReplicaServer:
                     break
                 log.error("accept failed: %s", exc)
                 continue
-            threading.Thread(target=self._connection, args=(sock, proto.format_address(peer[:2])),
-                             name=f"conn-{peer[0]}:{peer[1]}", daemon=True).start()
+            name = proto.format_address(peer[:2]) if isinstance(peer, tuple) else "unix"
+            threading.Thread(target=self._connection, args=(sock, name),
+                             name=f"conn-{name}", daemon=True).start()
         self.close_sessions()
+
+    def close(self) -> None:
         self._pool.shutdown(wait=True)
 
     def close_sessions(self) -> None:
@@ -109,7 +114,8 @@ class ReplicaServer:
 
     def _connection(self, sock: socket.socket, peer: str) -> None:
         try:
-            proto.tune_socket(sock)
+            if sock.family != socket.AF_UNIX:
+                proto.tune_socket(sock)
             sock.settimeout(HANDSHAKE_TIMEOUT)
             session = self._handshake(sock, peer)
             if session is None:
@@ -175,14 +181,11 @@ class ReplicaServer:
         return 0
 
     def _serve_session(self, session: Session) -> None:
-        header = bytearray(proto.REQUEST.size)
-        header_view = memoryview(header)
+        reader = proto.BufferedReader(session.sock)
+        size = proto.REQUEST.size
         while True:
-            proto.recv_exact(session.sock, header_view)
-            request = proto.decode_request(header)
-            payload = session.view(request.payload_length)
-            if request.payload_length:
-                proto.recv_exact(session.sock, payload)
+            request = proto.decode_request(reader.read(size))
+            payload = reader.read(request.payload_length)
             if session.role == Role.WRITER and session.key != self._writer:
                 session.reply_error(request, StaleSession(
                     "a newer engine session owns this replica"))
@@ -273,6 +276,7 @@ class ReplicaServer:
                 "revision": replica.revision, "generation": replica.generation,
                 "volume_record": replica.volume_record(),
                 "snapshots": [x.name for x in replica.layers() if x.name is not None],
+                "unix_socket": self.unix_path,
                 "head_parent": next(x.parent for x in replica.layers() if x.name is None)}
 
     def _read_layer(self, session: Session, request: Request, payload: memoryview) -> Parts:
