@@ -14,6 +14,7 @@ every run is kept in the results directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -110,7 +111,7 @@ def peer(root: Path, size: int) -> Target:
     previous = None
     for name in ("base", "mid", "top"):
         image = root / f"{name}.qcow2"
-        backing = ["-b", str(previous), "-F", "qcow2"] if previous else []
+        backing: list[str] = ["-b", str(previous), "-F", "qcow2"] if previous else []
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(image),
                         str(size)], check=True)
         process = subprocess.Popen(["qemu-nbd", "-t", "-k", str(socket), "-f", "qcow2",
@@ -163,10 +164,8 @@ def project(root: Path, size: int, replicas: int) -> Target:
 
 def stop_project(target: Target) -> None:
     for pid in target.pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     for pid in target.pids:
         deadline = time.monotonic() + 60
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
