@@ -71,5 +71,5 @@ fi
 echo "setup.sh: ready (.venv/bin/appliance)"
 
 if [ "$demo" = 1 ]; then
-    exec scripts/demo-replica.sh
+    exec scripts/demo.sh
 fi

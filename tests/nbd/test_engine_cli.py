@@ -45,6 +45,11 @@ def test_fio_verify_and_real_clients(tmp_path: Path, volumes: list[Volume],
     source.write_bytes(os.urandom(8 * MiB) + bytes(4 * MiB) + os.urandom(MiB))
     subprocess.run(["nbdcopy", "--destination-is-zero", str(source),
                     f"nbd+unix:///?socket={volume.socket}"], check=True)
+    extents = json.loads(subprocess.run(["nbdinfo", "--map", "--json", volume.uri],
+                                        capture_output=True, text=True, check=True).stdout)
+    beyond = next(e for e in extents if e["offset"] <= 200 * MiB < e["offset"] + e["length"])
+    assert beyond["description"] == "hole,zero"  # nothing was ever written there
+    assert any(e["description"] == "data" and e["offset"] == 0 for e in extents)
     back = tmp_path / "back.img"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", volume.uri, str(back)],
                    check=True)
