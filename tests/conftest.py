@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.faults import small_disk
 
 settings.register_profile("default", deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -37,13 +38,5 @@ def small_ext4(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB ext4 filesystem on a loop device, mounted: a disk that fills up quickly."""
     if os.geteuid() != 0:
         pytest.skip("mounting a loop device needs root")
-    image, mount = tmp_path / "disk.img", tmp_path / "disk"
-    with open(image, "wb") as file:
-        file.truncate(24 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
-    mount.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
-    try:
+    with small_disk(tmp_path, "disk", 24) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)

@@ -11,6 +11,7 @@ import socket
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import appliance
@@ -60,6 +61,23 @@ def process_running(pid: int) -> bool:
     return state != "Z"
 
 
+def _wait_ready(pid: int, ready: Callable[[], bool], what: str, log_file: Path) -> None:
+    """Wait until *ready* says the server *pid* answers; fail (with the end of its log) if
+    it exits first or takes longer than READY_TIMEOUT (it is then killed)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if not process_running(pid):
+            raise FailedPrecondition(f"{what} did not start:\n" + _log_tail(log_file))
+        with contextlib.suppress(Unavailable):
+            if ready():
+                return
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise Unavailable(f"{what} did not become ready in {READY_TIMEOUT:.0f} s:\n"
+                              + _log_tail(log_file))
+        time.sleep(0.05)
+
+
 def _remove_stale_socket(path: Path) -> None:
     """Remove a unix socket file that a crashed engine left (nobody accepts on it)."""
     if not path.is_socket():
@@ -91,22 +109,12 @@ def start_engine(settings: EngineSettings, *, foreground: bool) -> int:
     if foreground:
         os.execvpe(command[0], command, plugin_environment())  # noqa: S606 - no shell wanted
     pid = spawn_daemon(command, plugin_environment(), settings.log_file)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        if not process_running(pid):
-            raise FailedPrecondition(f"the engine of volume {settings.volume} did not start:\n"
-                                     + _log_tail(settings.log_file))
-        try:
-            control.call(settings.control, "status", timeout=5)
-            if settings.socket.exists():
-                break
-        except Unavailable:
-            pass
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            raise Unavailable(f"the engine of volume {settings.volume} did not become ready "
-                              f"in {READY_TIMEOUT:.0f} s:\n" + _log_tail(settings.log_file))
-        time.sleep(0.1)
+
+    def ready() -> bool:
+        control.call(settings.control, "status", timeout=5)
+        return settings.socket.exists()
+
+    _wait_ready(pid, ready, f"the engine of volume {settings.volume}", settings.log_file)
     settings.pid_file.write_text(f"{pid}\n")
     return pid
 
@@ -142,21 +150,12 @@ def start_replica_server(directory: Path, listen: tuple[str, int], secret_file: 
                "--listen", f"{listen[0]}:{listen[1]}", "--secret-file", str(secret_file),
                "--foreground"]
     pid = spawn_daemon(command, dict(os.environ), log_file)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        if not process_running(pid):
-            raise FailedPrecondition("the replica server did not start:\n"
-                                     + _log_tail(log_file))
-        try:
-            ReplicaConnection(listen, secret, timeout=2).close()
-            break
-        except Unavailable:
-            pass
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            raise Unavailable(f"the replica server did not become ready in "
-                              f"{READY_TIMEOUT:.0f} s:\n" + _log_tail(log_file))
-        time.sleep(0.05)
+
+    def ready() -> bool:
+        ReplicaConnection(listen, secret, timeout=2).close()
+        return True
+
+    _wait_ready(pid, ready, "the replica server", log_file)
     pid_file.write_text(f"{pid}\n")
     return pid
 

@@ -301,10 +301,12 @@ class Engine:
         try:
             if offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
                 data, offset = self._widen(data, offset)
-            self._settle("write", self._fan_out(self._targets, Op.WRITE, offset, len(data),
-                                                FLAG_FUA if fua else 0, data))
+            written = self._settle("write", self._fan_out(
+                self._targets, Op.WRITE, offset, len(data), FLAG_FUA if fua else 0, data))
         finally:
             self._io.release_range(token)
+        for member, _ in written:
+            member.stats["writes"] += 1
         self._count("write_ops", 1, ("write_bytes", len(data)))
 
     def _widen(self, data: memoryview, offset: int) -> tuple[memoryview, int]:

@@ -68,6 +68,7 @@ class RunningServer:
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self.server = ReplicaServer(self.replica, secret, unix_path=str(self.unix_path))
         self.stop_event = threading.Event()
+        self._stopped = False
         self.threads = [threading.Thread(target=self.server.serve,
                                          args=(listener, self.stop_event),
                                          name="replica-server", daemon=True)
@@ -76,8 +77,11 @@ class RunningServer:
             thread.start()
 
     def stop(self) -> None:
-        if self.stop_event.is_set():
+        """Stop serving and close the replica (flushed). Safe to call more than once, and
+        after something else set :attr:`stop_event` (a signal handler)."""
+        if self._stopped:
             return
+        self._stopped = True
         self.stop_event.set()
         for thread in self.threads:
             thread.join()

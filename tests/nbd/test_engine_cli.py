@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import VERIFY, MiB, Volume, fio, fio_errors, free_port, run
+from tests.harness import VERIFY, MiB, Volume, alive, fio, fio_errors, free_port, run, wait_for
 
 
 @pytest.fixture
@@ -181,3 +182,14 @@ def test_tcp_listener_requires_tls_psk(tmp_path: Path, volumes: list[Volume]) ->
                              f"nbds://appliance@127.0.0.1:{port}?tls-psk-file={psk}"],
                             capture_output=True, text=True, check=False)
     assert secure.returncode == 0 and secure.stdout.strip() == str(256 * MiB), secure.stderr
+
+
+def test_replica_server_stops_cleanly_on_sigterm(tmp_path: Path, volumes: list[Volume]) -> None:
+    volume = make(volumes, tmp_path, 1)
+    pid = volume.server_pid(0)
+    unix_socket = volume.directories[0] / "server.sock"
+    assert unix_socket.is_socket()
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not alive(pid), 30, "the replica server to exit")
+    assert not unix_socket.exists()  # it ran its clean stop, not just died
+    run("replica", "check", volume.directories[0])  # and left the replica usable

@@ -64,6 +64,18 @@ def verify_acknowledged(volume: Volume, cwd: Path) -> Completed:
          "--verify_only"], cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
 
 
+def salvage_and_verify(volume: Volume, cwd: Path) -> None:
+    """Restart the faulted volume with --salvage; every write the workload saw acknowledged
+    must be there, and the replicas must end up identical."""
+    volume.stop_engine()
+    volume.start_engine("--timeout", TIMEOUT, "--salvage")
+    check = verify_acknowledged(volume, cwd)
+    assert check.returncode == 0 and fio_errors(check) == 0, check.stdout[-2000:]
+    volume.wait_healthy()
+    stop_all(volume)
+    volume.replicas_identical()
+
+
 def stop_all(volume: Volume) -> None:
     volume.stop_engine()
     for index in range(len(volume.directories)):
@@ -174,13 +186,7 @@ def test_row4_partition_all_then_salvage(tmp_path: Path, volumes: list[Volume],
         wait_for(lambda: volume.status()["state"] == "faulted", 30, "the volume to fault")
         for node in nodes:
             node.heal()
-        volume.stop_engine()
-        volume.start_engine("--timeout", TIMEOUT, "--salvage")
-        check = verify_acknowledged(volume, tmp_path)
-        assert check.returncode == 0 and fio_errors(check) == 0, check.stdout[-2000:]
-        volume.wait_healthy()
-        stop_all(volume)
-        volume.replicas_identical()
+        salvage_and_verify(volume, tmp_path)
 
 
 # -- row 5: a slow replica -------------------------------------------------------------------
@@ -358,13 +364,7 @@ def test_row10_all_replicas_crash_then_salvage(tmp_path: Path, volumes: list[Vol
     assert fio_errors(result) > 0
     wait_for(lambda: volume.status()["state"] == "faulted", 30, "the volume to fault")
     volume.serve_all()
-    volume.stop_engine()
-    volume.start_engine("--timeout", TIMEOUT, "--salvage")
-    check = verify_acknowledged(volume, tmp_path)
-    assert check.returncode == 0 and fio_errors(check) == 0, check.stdout[-2000:]
-    volume.wait_healthy()
-    stop_all(volume)
-    volume.replicas_identical()
+    salvage_and_verify(volume, tmp_path)
 
 
 # -- row 11: crashes during a rebuild ----------------------------------------------------------
