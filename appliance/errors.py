@@ -183,3 +183,11 @@ def error_class(code: str) -> type[ApplianceError]:
             return cls
         pending.extend(cls.__subclasses__())
     return ApplianceError
+
+
+class Conflict(FailedPrecondition):
+    """The object changed since it was read (a compare-and-swap failed)."""
+
+    http_status = 409
+    grpc_status = "ABORTED"
+    code = "conflict"
