@@ -1,0 +1,142 @@
+"""The objects the node service keeps in its state store, and their keys.
+
+Each object has a *spec* (what the operator asked for, changed only through the API) and a
+*status* (what controllers observed, changed only by them). Both are plain data: JSON in
+the store, dataclasses here, decoded strictly so that a malformed entry is an error naming
+the field rather than a half-used object.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+from appliance.chain.format import BLOCK_SIZE, MAX_SIZE, check_labels, check_name
+from appliance.errors import Corruption, InvalidArgument
+
+T = TypeVar("T", bound="Record")
+MAX_REPLICAS = 8
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def check_tags(tags: list[str]) -> list[str]:
+    for tag in tags:
+        if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+            raise InvalidArgument(f"invalid tag {tag!r}: letters, digits, '.', '_', '-'")
+    return sorted(set(tags))
+
+
+def check_volume_size(size: int) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise InvalidArgument(f"invalid volume size {size!r}: must be a positive number of bytes")
+    if size % BLOCK_SIZE:
+        raise InvalidArgument(f"invalid volume size {size}: must be a multiple of "
+                              f"{BLOCK_SIZE} bytes")
+    if size > MAX_SIZE:
+        raise InvalidArgument(f"invalid volume size {size}: larger than {MAX_SIZE} bytes")
+    return size
+
+
+class Record:
+    """A dataclass stored as a JSON object under ``PREFIX + name``."""
+
+    PREFIX: ClassVar[str] = "/"
+
+    @classmethod
+    def key_of(cls, name: str) -> str:
+        return cls.PREFIX + name
+
+    @property
+    def key(self) -> str:
+        return self.key_of(self.name)  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload, no-any-return]
+
+    @classmethod
+    def from_dict(cls: type[T], value: dict[str, Any]) -> T:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(value) - names
+        if unknown:
+            raise Corruption(f"{cls.__name__}: unknown field {sorted(unknown)[0]!r}")
+        try:
+            return cls(**value)
+        except TypeError as exc:
+            raise Corruption(f"{cls.__name__}: {exc}") from exc
+
+
+@dataclass
+class Disk(Record):
+    PREFIX: ClassVar[str] = "/disks/"
+    name: str
+    path: str
+    tags: list[str] = field(default_factory=list)
+    allow_scheduling: bool = True
+    storage_reserved: int = 0  # bytes kept free for other uses
+
+
+@dataclass
+class Volume(Record):
+    PREFIX: ClassVar[str] = "/volumes/"
+    name: str
+    size: int
+    replicas: int
+    created: str
+    attached: bool = False  # desired: the operator wants a block device
+    disk_tags: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    source: dict[str, str] | None = None  # a clone: {"volume": ..., "snapshot": ...}
+    deleting: bool = False
+    # status, written by controllers
+    state: str = "creating"  # creating, detached, attaching, attached, detaching, deleting
+    robustness: str = "unknown"  # healthy, degraded, faulted, unknown
+    device: str | None = None
+    message: str = ""
+
+    def validate(self) -> Volume:
+        check_name(self.name, "volume name")
+        check_volume_size(self.size)
+        if not isinstance(self.replicas, int) or not 1 <= self.replicas <= MAX_REPLICAS:
+            raise InvalidArgument(f"invalid replica count {self.replicas!r}: 1 to "
+                                  f"{MAX_REPLICAS}")
+        check_tags(self.disk_tags)
+        check_labels(self.labels)
+        return self
+
+
+@dataclass
+class Replica(Record):
+    """One replica of a volume: a directory on a disk, served on a port."""
+
+    PREFIX: ClassVar[str] = "/replicas/"
+    name: str  # "<volume>-<id>"
+    volume: str
+    disk: str
+    directory: str
+    port: int
+    failed_at: float | None = None  # when the engine last reported it out of service
+
+    @classmethod
+    def prefix_of(cls, volume: str) -> str:
+        return f"{cls.PREFIX}{volume}-"
+
+
+@dataclass
+class Settings(Record):
+    PREFIX: ClassVar[str] = "/settings/"
+    name: str = "global"
+    over_provisioning_percentage: int = 100
+    minimal_available_percentage: int = 10
+    replica_soft_anti_affinity: bool = False
+    replica_replenishment_wait: float = 30.0  # seconds before a failed replica is rebuilt
+    auto_salvage: bool = True
+
+    def validate(self) -> Settings:
+        if not 1 <= self.over_provisioning_percentage <= 10000:
+            raise InvalidArgument("over_provisioning_percentage must be 1 to 10000")
+        if not 0 <= self.minimal_available_percentage <= 100:
+            raise InvalidArgument("minimal_available_percentage must be 0 to 100")
+        if not 0 <= self.replica_replenishment_wait <= 86400:
+            raise InvalidArgument("replica_replenishment_wait must be 0 to 86400 seconds")
+        return self

@@ -1,0 +1,81 @@
+"""Replica placement: which disks a volume's new replicas go to.
+
+Pure: it sees disks with their capacity, free space and the size already scheduled on
+them, and answers with disk names or an error that says why each disk was refused. Rules:
+
+* a disk takes new replicas only if scheduling is allowed on it and it carries every tag
+  the volume asks for;
+* the sizes scheduled on a disk (thin: what replicas may grow to) stay within
+  ``over_provisioning_percentage`` of its capacity minus its reserved space;
+* its free space stays above ``minimal_available_percentage`` of its capacity plus its
+  reserved space;
+* at most one replica of a volume per disk, unless ``replica_soft_anti_affinity`` lets a
+  disk take a second one when no other disk can;
+* among the eligible, the disk with the most free space goes first (spreading load).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from appliance.control.objects import Settings
+from appliance.errors import FailedPrecondition
+
+
+@dataclass(frozen=True)
+class DiskState:
+    name: str
+    capacity: int
+    available: int
+    scheduled: int  # sum of the sizes of the replicas already on it
+    reserved: int = 0
+    tags: tuple[str, ...] = ()
+    allow_scheduling: bool = True
+
+
+def refusal(disk: DiskState, size: int, tags: list[str], settings: Settings) -> str:
+    """Why *disk* cannot take a replica of *size* bytes, or an empty string."""
+    if not disk.allow_scheduling:
+        return "scheduling is disabled"
+    missing = sorted(set(tags) - set(disk.tags))
+    if missing:
+        return f"lacks tag(s) {', '.join(missing)}"
+    limit = (disk.capacity - disk.reserved) * settings.over_provisioning_percentage // 100
+    if disk.scheduled + size > limit:
+        return (f"{disk.scheduled + size} bytes would be scheduled, over the limit of "
+                f"{limit} ({settings.over_provisioning_percentage}% of its capacity)")
+    floor = disk.capacity * settings.minimal_available_percentage // 100 + disk.reserved
+    if disk.available < floor:
+        return f"only {disk.available} bytes free, under the minimum of {floor}"
+    return ""
+
+
+def place(size: int, count: int, disks: list[DiskState], taken: list[str], tags: list[str],
+          settings: Settings) -> list[str]:
+    """Disks for *count* new replicas of *size* bytes; *taken* lists the disks already
+    holding a replica of the volume (one entry per replica)."""
+    states = {disk.name: disk for disk in disks}
+    chosen: list[str] = []
+    reasons: dict[str, str] = {}
+    for _ in range(count):
+        used = taken + chosen
+        best = None
+        for disk in sorted(states.values(), key=lambda d: -d.available):
+            why = refusal(disk, size, tags, settings)
+            if not why and disk.name in used:
+                why = "already holds a replica of this volume"
+            if not why:
+                best = disk
+                break
+            reasons[disk.name] = why
+        if best is None and settings.replica_soft_anti_affinity:
+            best = next((d for d in sorted(states.values(), key=lambda d: -d.available)
+                         if not refusal(d, size, tags, settings)), None)
+        if best is None:
+            detail = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
+            raise FailedPrecondition(f"cannot place {count} replica(s) of {size} bytes "
+                                     f"({len(chosen)} placed): "
+                                     + (detail or "no disks"))
+        chosen.append(best.name)
+        states[best.name] = replace(best, scheduled=best.scheduled + size)
+    return chosen
