@@ -10,6 +10,7 @@ import click
 
 from appliance import __version__
 from appliance.cli.engine import engine
+from appliance.cli.node import disk, serve, volume
 from appliance.cli.replica import replica
 from appliance.errors import ApplianceError, Corruption
 
@@ -22,6 +23,9 @@ def cli() -> None:
 
 cli.add_command(replica)
 cli.add_command(engine)
+cli.add_command(serve)
+cli.add_command(disk)
+cli.add_command(volume)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,3 +20,15 @@ def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
         cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def emit(data: Any, output: str, render_table: Any) -> None:
+    """Print *data* as JSON, YAML, or with *render_table* (a function of the data)."""
+    if output == "json":
+        emit_json(data)
+    elif output == "yaml":
+        import yaml  # noqa: PLC0415 - only when asked for
+
+        click.echo(yaml.safe_dump(data, sort_keys=True).rstrip())
+    else:
+        click.echo(render_table(data))

@@ -52,6 +52,9 @@ def _detach(command: list[str], env: dict[str, str], log_path: Path, read_end: i
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
+        # Nothing else of the starter's survives the exec: inheritable descriptors (a
+        # daemon's listening socket) would otherwise stay open in the server for its life.
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         os.execvpe(command[0], command, env)  # noqa: S606 - no shell wanted
     except BaseException:
         os._exit(127)

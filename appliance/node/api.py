@@ -1,0 +1,145 @@
+"""The REST API: JSON over HTTP, an ASGI app (FastAPI) served by hypercorn on trio.
+
+Thin: parse and validate the request, call :class:`NodeService`, translate errors once.
+Every route but ``/healthz`` needs ``Authorization: Bearer <token>``; the token is the
+daemon's (DATA_DIR/token). Errors are ``{"error": {"code": CODE, "message": TEXT}}`` with
+the HTTP status of the error's class; a malformed request is 400 (``invalid-argument``).
+The OpenAPI document is at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from appliance import __version__
+from appliance.errors import ApplianceError, AuthenticationFailed
+from appliance.node.service import NodeService
+from appliance.units import parse_size
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DiskCreate(Strict):
+    path: str = Field(min_length=1, max_length=4096)
+    tags: list[str] = Field(default_factory=list, max_length=32)
+
+
+class VolumeCreate(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    size: int | str = Field(description="bytes, or a size such as 10G")
+    replicas: int = Field(default=2, ge=1, le=8)
+    disk_tags: list[str] = Field(default_factory=list, max_length=32)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        return parse_size(value) if isinstance(value, str) else value
+
+
+class SettingsUpdate(Strict):
+    over_provisioning_percentage: int | None = None
+    minimal_available_percentage: int | None = None
+    replica_soft_anti_affinity: bool | None = None
+    replica_replenishment_wait: float | None = None
+    auto_salvage: bool | None = None
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def _authenticated(request: Request, credentials: Annotated[
+        HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    token: str = request.app.state.token
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
+                                                      token.encode()):
+        raise AuthenticationFailed("a valid bearer token is required")
+
+
+def _error(exc: ApplianceError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationFailed) else None
+    return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
+                        status_code=exc.http_status, headers=headers)
+
+
+def create_app(service: NodeService, token: str,
+               metrics: Callable[[], Awaitable[bytes]]) -> FastAPI:
+    app = FastAPI(title="appliance node API", version=__version__,
+                  description="Volumes, disks and settings of one appliance node.")
+    app.state.token = token
+    auth = [Depends(_authenticated)]
+
+    @app.exception_handler(ApplianceError)
+    async def appliance_error(request: Request, exc: ApplianceError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
+                             for e in exc.errors())
+        return JSONResponse({"error": {"code": "invalid-argument",
+                                       "message": f"invalid request: {problems}"}},
+                            status_code=400)
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        return "ok"
+
+    @app.get("/metrics", dependencies=auth, response_class=Response)
+    async def get_metrics() -> Response:
+        return Response(await metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/disks", dependencies=auth)
+    async def list_disks() -> list[dict[str, Any]]:
+        return await service.list_disks()
+
+    @app.post("/v1/disks", dependencies=auth, status_code=201)
+    async def add_disk(body: DiskCreate) -> dict[str, Any]:
+        return await service.add_disk(body.path, body.tags)
+
+    @app.get("/v1/volumes", dependencies=auth)
+    async def list_volumes() -> list[dict[str, Any]]:
+        return await service.list_volumes()
+
+    @app.post("/v1/volumes", dependencies=auth, status_code=201)
+    async def create_volume(body: VolumeCreate) -> dict[str, Any]:
+        assert isinstance(body.size, int)
+        return await service.create_volume(body.name, body.size, body.replicas,
+                                           body.disk_tags, body.labels)
+
+    @app.get("/v1/volumes/{name}", dependencies=auth)
+    async def show_volume(name: str) -> dict[str, Any]:
+        return await service.show_volume(name)
+
+    @app.delete("/v1/volumes/{name}", dependencies=auth, status_code=202)
+    async def delete_volume(name: str) -> dict[str, str]:
+        await service.delete_volume(name)
+        return {"status": "deleting"}
+
+    @app.post("/v1/volumes/{name}/attach", dependencies=auth, status_code=202)
+    async def attach_volume(name: str) -> dict[str, Any]:
+        return await service.attach(name)
+
+    @app.post("/v1/volumes/{name}/detach", dependencies=auth, status_code=202)
+    async def detach_volume(name: str) -> dict[str, Any]:
+        return await service.detach(name)
+
+    @app.get("/v1/settings", dependencies=auth)
+    async def get_settings() -> dict[str, Any]:
+        return await service.settings()
+
+    @app.patch("/v1/settings", dependencies=auth)
+    async def update_settings(body: SettingsUpdate) -> dict[str, Any]:
+        return await service.update_settings(body.model_dump(exclude_none=True))
+
+    return app

@@ -1,0 +1,82 @@
+"""The daemon's configuration: command-line flags over an optional TOML file, parsed once
+into a frozen dataclass that is passed down."""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import InvalidArgument, NotFound
+from appliance.replication.protocol import parse_address
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_dir: Path
+    listen: Address
+    node_name: str
+    replica_address: str = "127.0.0.1"  # where replica servers listen (this node's address)
+    port_range: tuple[int, int] = (10100, 10999)  # replica server ports
+    reconcile_interval: float = 2.0  # seconds between looks at running processes
+    replica_timeout: float = 8.0
+
+    @property
+    def state_db(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @property
+    def token_file(self) -> Path:
+        return self.data_dir / "token"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    @property
+    def default_disk(self) -> Path:
+        return self.data_dir / "disks" / "default"
+
+
+_KEYS = {"listen", "node_name", "replica_address", "port_range", "reconcile_interval",
+         "replica_timeout"}
+
+
+def load_config(data_dir: Path, listen: str | None, config_file: Path | None) -> NodeConfig:
+    """Flags override the file; the file overrides the defaults."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values = tomllib.loads(config_file.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"config file {config_file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"config file {config_file}: {exc}") from exc
+        unknown = sorted(set(values) - _KEYS)
+        if unknown:
+            raise InvalidArgument(f"config file {config_file}: unknown key {unknown[0]!r}")
+    if listen is not None:
+        values["listen"] = listen
+    if "listen" not in values:
+        raise InvalidArgument("--listen HOST:PORT is required (or 'listen' in the config file)")
+    port_range = tuple(values.get("port_range", (10100, 10999)))
+    if len(port_range) != 2 or not 1024 <= port_range[0] <= port_range[1] <= 65535:
+        raise InvalidArgument(f"invalid port_range {values.get('port_range')!r}")
+    try:
+        return NodeConfig(
+            data_dir=data_dir.resolve(), listen=parse_address(str(values["listen"])),
+            node_name=str(values.get("node_name", socket.gethostname())),
+            replica_address=str(values.get("replica_address", "127.0.0.1")),
+            port_range=(int(port_range[0]), int(port_range[1])),
+            reconcile_interval=float(values.get("reconcile_interval", 2.0)),
+            replica_timeout=float(values.get("replica_timeout", 8.0)))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"invalid configuration: {exc}") from exc

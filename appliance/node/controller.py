@@ -1,0 +1,268 @@
+"""The volume controller: level-triggered and idempotent.
+
+Each pass compares every volume's spec with what is observed (replica directories, replica
+servers, the engine and its replicas' modes, the block device) and does the next step
+toward the spec; a pass after a crash or a restart simply continues. Passes run when the
+store changes and at least every ``reconcile_interval`` seconds (to notice processes that
+died). Blocking work (processes, files, sockets) runs in worker threads.
+
+For an attached volume: its replica servers run, its engine runs, its device exists. A
+replica the engine reports out of service is restarted if its server died, and added back
+(rebuilt) after ``replica_replenishment_wait``; a volume whose replicas all failed is
+restarted with salvage when ``auto_salvage`` is on. A detached volume has no processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from appliance.control.objects import Disk, Replica, Settings, Volume
+from appliance.control.scheduler import DiskState, place
+from appliance.control.store import StateStore
+from appliance.errors import ApplianceError, Conflict, FailedPrecondition
+from appliance.node.config import NodeConfig
+from appliance.node.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+def disk_state(disk: Disk, replicas: list[Replica], volumes: dict[str, Volume]) -> DiskState:
+    try:
+        stat = os.statvfs(disk.path)
+    except OSError:
+        return DiskState(disk.name, 0, 0, 0, allow_scheduling=False)
+    scheduled = sum(volumes[r.volume].size for r in replicas
+                    if r.disk == disk.name and r.volume in volumes)
+    return DiskState(disk.name, stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize,
+                     scheduled, disk.storage_reserved, tuple(disk.tags), disk.allow_scheduling)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class Controller:
+    def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig) -> None:
+        self.store = store
+        self.supervisor = supervisor
+        self.config = config
+        self.wake = trio.Event()
+        self.passes = 0
+        self._lock = trio.Lock()  # one pass at a time
+        self.placement = trio.Lock()  # replicas are placed one volume at a time
+
+    async def thread(self, function: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(function, *args)
+
+    # -- loop ---------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self.wake = trio.Event()
+            try:
+                await self.reconcile_all()
+            except Exception:
+                log.exception("a reconcile pass failed")
+            with trio.move_on_after(self.config.reconcile_interval):
+                await self.wake.wait()
+
+    def poke(self) -> None:
+        """Run a pass soon (the API calls this after a change)."""
+        self.wake.set()
+
+    async def reconcile_all(self) -> None:
+        async with self._lock:
+            entries, _ = await self.store.list(Volume.PREFIX)
+            for entry in entries:
+                volume = Volume.from_dict(entry.value)
+                try:
+                    await self.reconcile(volume, entry.revision)
+                except Conflict:
+                    self.poke()  # the volume changed meanwhile: look again
+                except ApplianceError as exc:
+                    log.warning("volume %s: %s", volume.name, exc)
+                    await self._status(volume.name, message=str(exc))
+            self.passes += 1
+
+    async def settings(self) -> Settings:
+        entry = await self.store.get(Settings.key_of("global"))
+        return Settings.from_dict(entry.value) if entry else Settings()
+
+    async def replicas_of(self, volume: str) -> list[Replica]:
+        entries, _ = await self.store.list(Replica.prefix_of(volume))
+        return [Replica.from_dict(e.value) for e in entries
+                if Replica.from_dict(e.value).volume == volume]
+
+    async def _status(self, name: str, **changes: Any) -> None:
+        """Write status fields of volume *name* (retrying on concurrent spec changes)."""
+        for _ in range(10):
+            entry = await self.store.get(Volume.key_of(name))
+            if entry is None:
+                return
+            volume = Volume.from_dict(entry.value)
+            updated = replace(volume, **changes)
+            if updated == volume:
+                return
+            try:
+                await self.store.put(updated.key, updated.to_dict(), expect=entry.revision)
+                return
+            except Conflict:
+                continue
+
+    # -- one volume ---------------------------------------------------------------------
+
+    async def reconcile(self, volume: Volume, revision: int) -> None:
+        if volume.deleting:
+            await self._delete(volume)
+            return
+        replicas = await self._ensure_replicas(volume)
+        if volume.attached:
+            await self._run_attached(volume, replicas)
+        else:
+            await self._run_detached(volume, replicas)
+
+    async def _ensure_replicas(self, volume: Volume) -> list[Replica]:
+        replicas = await self.replicas_of(volume.name)
+        missing = volume.replicas - len(replicas)
+        if missing > 0:
+            async with self.placement:
+                replicas += await self._place(volume, replicas, missing)
+        for replica in replicas:
+            await self.thread(self.supervisor.create_replica_dir, replica, volume.size)
+        if volume.state == "creating":
+            await self._status(volume.name, state="detached", message="")
+        return replicas
+
+    async def _place(self, volume: Volume, existing: list[Replica], count: int) -> list[Replica]:
+        replicas = await self.plan_replicas(volume, existing, count)
+        for replica in replicas:
+            await self.store.put(replica.key, replica.to_dict(), expect=0)
+            log.info("volume %s: replica %s placed on disk %s", volume.name, replica.name,
+                     replica.disk)
+        return replicas
+
+    async def plan_replicas(self, volume: Volume, existing: list[Replica],
+                            count: int) -> list[Replica]:
+        """New replica objects for *count* more replicas of *volume* (not stored yet);
+        raises FailedPrecondition naming why each disk was refused."""
+        disk_entries, _ = await self.store.list(Disk.PREFIX)
+        disks = [Disk.from_dict(e.value) for e in disk_entries]
+        all_replicas = [Replica.from_dict(e.value) for e in
+                        (await self.store.list(Replica.PREFIX))[0]]
+        volumes = {Volume.from_dict(e.value).name: Volume.from_dict(e.value)
+                   for e in (await self.store.list(Volume.PREFIX))[0]}
+        volumes[volume.name] = volume
+        states = [disk_state(d, all_replicas, volumes) for d in disks]
+        chosen = place(volume.size, count, states, [r.disk for r in existing],
+                       volume.disk_tags, await self.settings())
+        used_ports = {r.port for r in all_replicas}
+        by_name = {d.name: d for d in disks}
+        planned = []
+        for disk_name in chosen:
+            port = next((p for p in range(*self.config.port_range) if p not in used_ports
+                         and _port_free(self.config.replica_address, p)), None)
+            if port is None:
+                raise FailedPrecondition("no free replica server port in the configured range")
+            used_ports.add(port)
+            name = f"{volume.name}-{uuid.uuid4().hex[:8]}"
+            planned.append(Replica(name, volume.name, disk_name,
+                                   str(Path(by_name[disk_name].path) / "replicas" / name), port))
+        return planned
+
+    async def _run_attached(self, volume: Volume, replicas: list[Replica]) -> None:
+        sup = self.supervisor
+        if volume.state in ("detached", "creating"):
+            await self._status(volume.name, state="attaching")
+        for replica in replicas:
+            if not await self.thread(sup.replica_running, replica):
+                log.info("volume %s: starting replica server %s", volume.name, replica.name)
+                await self.thread(sup.start_replica, replica)
+        status = await self.thread(sup.engine_status, volume.name)
+        settings = await self.settings()
+        if status is None:
+            salvage = settings.auto_salvage and volume.robustness == "faulted"
+            log.info("volume %s: starting its engine%s", volume.name,
+                     " with salvage" if salvage else "")
+            await self.thread(partial(sup.start_engine, volume, replicas, salvage=salvage))
+            status = await self.thread(sup.engine_status, volume.name)
+            if status is None:
+                return
+        if status["state"] == "faulted" and settings.auto_salvage:
+            log.warning("volume %s: every replica failed; salvaging", volume.name)
+            await self._status(volume.name, robustness="faulted")
+            await self.thread(sup.stop_engine, volume.name)
+            return  # the next pass starts the engine again, with salvage
+        await self._replenish(volume, replicas, status, settings)
+        device = await self.thread(sup.attached_device, volume.name)
+        if device is None:
+            device = await self.thread(sup.attach, volume.name)
+        await self._status(volume.name, state="attached", robustness=status["state"],
+                           device=device, message="")
+
+    async def _replenish(self, volume: Volume, replicas: list[Replica], status: dict[str, Any],
+                         settings: Settings) -> None:
+        """Bring replicas the engine reports out of service back, after the wait."""
+        modes = {r["address"]: r for r in status["replicas"]}
+        for replica in replicas:
+            address = f"{self.config.replica_address}:{replica.port}"
+            info = modes.get(address)
+            if info is None or info["mode"] != "ERR" or info.get("rebuild", {}).get(
+                    "state") in ("queued", "starting", "running"):
+                if replica.failed_at is not None and info is not None and info["mode"] != "ERR":
+                    await self._put_replica(replace(replica, failed_at=None))
+                continue
+            if replica.failed_at is None:
+                await self._put_replica(replace(replica, failed_at=time.time()))
+                continue
+            if time.time() - replica.failed_at < settings.replica_replenishment_wait:
+                continue
+            log.info("volume %s: rebuilding replica %s", volume.name, replica.name)
+            try:
+                await self.thread(self.supervisor.engine_call, volume.name, "add-replica",
+                                  **{"address": address})
+            except ApplianceError as exc:
+                log.warning("volume %s: could not add replica %s back: %s", volume.name,
+                            replica.name, exc)
+            await self._put_replica(replace(replica, failed_at=None))
+
+    async def _put_replica(self, replica: Replica) -> None:
+        await self.store.put(replica.key, replica.to_dict())
+
+    async def _run_detached(self, volume: Volume, replicas: list[Replica]) -> None:
+        sup = self.supervisor
+        if await self.thread(sup.engine_status, volume.name) is not None or \
+                await self.thread(sup.attached_device, volume.name) is not None:
+            await self._status(volume.name, state="detaching")
+            await self.thread(sup.stop_engine, volume.name)
+        for replica in replicas:
+            if await self.thread(sup.replica_running, replica):
+                await self.thread(sup.stop_replica, replica)
+        await self._status(volume.name, state="detached", device=None)
+
+    async def _delete(self, volume: Volume) -> None:
+        sup = self.supervisor
+        await self._status(volume.name, state="deleting")
+        await self.thread(sup.stop_engine, volume.name)
+        for replica in await self.replicas_of(volume.name):
+            await self.thread(sup.stop_replica, replica)
+            await self.thread(sup.delete_replica_dir, replica)
+            await self.store.delete(replica.key)
+        await self.thread(sup.forget_volume, volume.name)
+        await self.store.delete(volume.key)
+        log.info("volume %s deleted", volume.name)

@@ -1,0 +1,138 @@
+"""Prometheus metrics: collected at scrape time from the store, the engines' status and
+the replica directories, rendered with prometheus-client (naming: appliance_*, base units,
+_total for counters)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from appliance import __version__
+from appliance.control.objects import Disk, Replica, Volume
+from appliance.control.store import StateStore
+from appliance.node.config import NodeConfig
+from appliance.node.controller import disk_state
+from appliance.node.supervisor import Supervisor
+
+STATES = ("creating", "detached", "attaching", "attached", "detaching", "deleting")
+ROBUSTNESS = ("healthy", "degraded", "faulted", "unknown")
+MODES = ("RW", "WO", "ERR")
+
+
+def allocated_bytes(directory: str) -> int:
+    total = 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("layer-") and entry.name.endswith(".img"):
+                    total += entry.stat().st_blocks * 512
+    except OSError:
+        return 0
+    return total
+
+
+class _Snapshot(Collector):
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Any:
+        return iter(self.families)
+
+
+class Metrics:
+    def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig) -> None:
+        self.store = store
+        self.supervisor = supervisor
+        self.config = config
+
+    async def render(self) -> bytes:
+        volumes = [Volume.from_dict(e.value) for e in (await self.store.list(Volume.PREFIX))[0]]
+        replicas = [Replica.from_dict(e.value) for e in (await self.store.list(Replica.PREFIX))[0]]
+        disks = [Disk.from_dict(e.value) for e in (await self.store.list(Disk.PREFIX))[0]]
+        engines = {}
+        for volume in volumes:
+            if volume.attached:
+                engines[volume.name] = await trio.to_thread.run_sync(
+                    self.supervisor.engine_status, volume.name)
+        families = await trio.to_thread.run_sync(self._families, volumes, replicas, disks,
+                                                 engines)
+        registry = CollectorRegistry()
+        registry.register(_Snapshot(families))
+        return generate_latest(registry)
+
+    def _families(self, volumes: list[Volume], replicas: list[Replica], disks: list[Disk],
+                  engines: dict[str, Any]) -> list[Any]:
+        by_volume = {v.name: v for v in volumes}
+        node = GaugeMetricFamily("appliance_node_info", "This node.",
+                                 labels=["node", "version"])
+        node.add_metric([self.config.node_name, __version__], 1)
+        families: list[Any] = [node]
+        capacity = GaugeMetricFamily("appliance_disk_capacity_bytes", "Disk capacity.",
+                                     labels=["disk"])
+        available = GaugeMetricFamily("appliance_disk_available_bytes", "Disk free space.",
+                                      labels=["disk"])
+        scheduled = GaugeMetricFamily("appliance_disk_scheduled_bytes",
+                                      "Sizes of the replicas placed on a disk.", labels=["disk"])
+        for disk in disks:
+            usage = disk_state(disk, replicas, by_volume)
+            capacity.add_metric([disk.name], usage.capacity)
+            available.add_metric([disk.name], usage.available)
+            scheduled.add_metric([disk.name], usage.scheduled)
+        families += [capacity, available, scheduled]
+        size = GaugeMetricFamily("appliance_volume_size_bytes", "Volume size.", labels=["volume"])
+        actual = GaugeMetricFamily("appliance_volume_actual_size_bytes",
+                                   "Space the volume's replicas take on disk.", labels=["volume"])
+        state = GaugeMetricFamily("appliance_volume_state", "Volume state (1 for the current).",
+                                  labels=["volume", "state"])
+        robust = GaugeMetricFamily("appliance_volume_robustness",
+                                   "Volume robustness (1 for the current).",
+                                   labels=["volume", "robustness"])
+        count = GaugeMetricFamily("appliance_volume_replicas", "Replicas wanted.",
+                                  labels=["volume"])
+        for volume in volumes:
+            size.add_metric([volume.name], volume.size)
+            actual.add_metric([volume.name], sum(allocated_bytes(r.directory) for r in replicas
+                                                 if r.volume == volume.name))
+            for name in STATES:
+                state.add_metric([volume.name, name], int(volume.state == name))
+            for name in ROBUSTNESS:
+                robust.add_metric([volume.name, name], int(volume.robustness == name))
+            count.add_metric([volume.name], volume.replicas)
+        families += [size, actual, state, robust, count]
+        families += self._engine_families(engines)
+        return families
+
+    def _engine_families(self, engines: dict[str, Any]) -> list[Any]:
+        mode = GaugeMetricFamily("appliance_replica_mode", "Replica mode (1 for the current).",
+                                 labels=["volume", "replica", "mode"])
+        progress = GaugeMetricFamily("appliance_replica_rebuild_progress_ratio",
+                                     "Rebuild progress, 0 to 1.", labels=["volume", "replica"])
+        counters = {key: CounterMetricFamily(f"appliance_volume_{key}", text, labels=["volume"])
+                    for key, text in (("read_bytes", "Bytes read."),
+                                      ("read_operations", "Read requests."),
+                                      ("write_bytes", "Bytes written."),
+                                      ("write_operations", "Write requests."),
+                                      ("flush_operations", "Flush requests."),
+                                      ("errors", "Failed requests."))}
+        sources = {"read_bytes": "read_bytes", "read_operations": "read_ops",
+                   "write_bytes": "write_bytes", "write_operations": "write_ops",
+                   "flush_operations": "flush_ops", "errors": "errors"}
+        for volume, status in engines.items():
+            if not status:
+                continue
+            for replica in status["replicas"]:
+                for name in MODES:
+                    mode.add_metric([volume, replica["address"], name],
+                                    int(replica["mode"] == name))
+                rebuild = replica.get("rebuild") or {}
+                if replica["mode"] == "WO" and rebuild.get("total_bytes"):
+                    progress.add_metric([volume, replica["address"]],
+                                        rebuild.get("copied_bytes", 0) / rebuild["total_bytes"])
+            for key, counter in counters.items():
+                counter.add_metric([volume], status["io"][sources[key]])
+        return [mode, progress, *counters.values()]

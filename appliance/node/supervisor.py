@@ -1,0 +1,138 @@
+"""Starting, stopping, adopting and observing the processes of the volumes on this node.
+
+Engines and replica servers are detached processes (their own sessions, pid files beside
+their sockets, see appliance/nbd/launch.py). They keep serving while the daemon is down;
+when it comes back it finds them again by their pid files and sockets (adoption) instead
+of starting new ones. Everything here blocks: the daemon runs it in worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from appliance.chain import Replica as ReplicaStore
+from appliance.control.objects import Replica, Volume
+from appliance.errors import ApplianceError, Unavailable
+from appliance.frontend import attach as frontend
+from appliance.nbd import launch
+from appliance.nbd.settings import EngineSettings
+from appliance.node.config import NodeConfig
+from appliance.replication import control
+from appliance.replication.client import ReplicaConnection
+from appliance.secrets import read_secret_file, write_secret_file
+
+
+class Supervisor:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        for directory in (config.run_dir, config.secrets_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- paths --------------------------------------------------------------------------
+
+    def volume_dir(self, volume: str) -> Path:
+        return self.config.run_dir / volume
+
+    def control_socket(self, volume: str) -> Path:
+        return self.volume_dir(volume) / "ctl.sock"
+
+    def nbd_socket(self, volume: str) -> Path:
+        return self.volume_dir(volume) / "nbd.sock"
+
+    def attach_state(self, volume: str) -> Path:
+        return self.volume_dir(volume) / "ctl.sock.attach"
+
+    def secret_file(self, volume: str) -> Path:
+        path = self.config.secrets_dir / volume
+        if not path.exists():
+            write_secret_file(path, os.urandom(32).hex().encode())
+        return path
+
+    def address(self, replica: Replica) -> tuple[str, int]:
+        return self.config.replica_address, replica.port
+
+    # -- replicas -----------------------------------------------------------------------
+
+    def create_replica_dir(self, replica: Replica, size: int) -> None:
+        directory = Path(replica.directory)
+        if (directory / "replica.json").exists():
+            return
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        ReplicaStore.create(directory, size).close()
+
+    def replica_running(self, replica: Replica) -> bool:
+        pid_file, _ = launch.replica_server_files(Path(replica.directory))
+        try:
+            pid = int(pid_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        if not launch.process_running(pid):
+            return False
+        try:
+            ReplicaConnection(self.address(replica), read_secret_file(
+                self.secret_file(replica.volume)), timeout=2).close()
+        except ApplianceError:
+            return False
+        return True
+
+    def start_replica(self, replica: Replica) -> None:
+        launch.start_replica_server(Path(replica.directory), self.address(replica),
+                                    self.secret_file(replica.volume))
+
+    def stop_replica(self, replica: Replica) -> None:
+        with contextlib.suppress(ApplianceError):
+            launch.stop_replica_server(Path(replica.directory))
+
+    def delete_replica_dir(self, replica: Replica) -> None:
+        shutil.rmtree(replica.directory, ignore_errors=True)
+
+    # -- engines ------------------------------------------------------------------------
+
+    def engine_status(self, volume: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = control.call(self.control_socket(volume), "status",
+                                                  timeout=10)
+        except Unavailable:
+            return None
+        return result
+
+    def start_engine(self, volume: Volume, replicas: list[Replica], *, salvage: bool) -> None:
+        self.volume_dir(volume.name).mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings = EngineSettings(
+            volume.name, tuple(self.address(r) for r in replicas),
+            self.secret_file(volume.name), self.nbd_socket(volume.name),
+            self.control_socket(volume.name), salvage=salvage,
+            timeout=self.config.replica_timeout)
+        launch.start_engine(settings, foreground=False)
+
+    def stop_engine(self, volume: str) -> None:
+        frontend.detach(self.attach_state(volume))
+        with contextlib.suppress(Unavailable):
+            launch.stop_engine(self.control_socket(volume))
+
+    def engine_call(self, volume: str, op: str, **arguments: Any) -> Any:
+        return control.call(self.control_socket(volume), op, timeout=600, **arguments)
+
+    # -- devices ------------------------------------------------------------------------
+
+    def attached_device(self, volume: str) -> str | None:
+        state = self.attach_state(volume)
+        if not state.exists():
+            return None
+        device: str = json.loads(state.read_text())["device"]
+        return device
+
+    def attach(self, volume: str) -> str:
+        return frontend.attach(volume, self.nbd_socket(volume), self.attach_state(volume))
+
+    def detach(self, volume: str) -> None:
+        frontend.detach(self.attach_state(volume))
+
+    def forget_volume(self, volume: str) -> None:
+        shutil.rmtree(self.volume_dir(volume), ignore_errors=True)
+        (self.config.secrets_dir / volume).unlink(missing_ok=True)
