@@ -204,3 +204,67 @@ def fio_errors(result: subprocess.CompletedProcess[str]) -> int:
 VERIFY = ["--rw=randwrite", "--bsrange=4k-64k", "--bs_unaligned=0", "--verify=crc32c",
           "--verify_backlog=1024", "--verify_fatal=1", "--serialize_overlap=1",
           "--iodepth=16", "--name=workload"]
+
+
+class Node:
+    """A node daemon (`appliance serve`) started as an operator would, and its client."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "daemon.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [APPLIANCE, "serve", "--data-dir", str(self.data), "--listen",
+                 f"127.0.0.1:{self.port}", *extra],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        wait_for(self._healthy, 60, "the daemon to answer")
+
+    def _healthy(self) -> bool:
+        import urllib.request  # noqa: PLC0415
+
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError("the daemon exited:\n" + self.log.read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=60)
+
+    @property
+    def token_file(self) -> Path:
+        return self.data / "token"
+
+    def cli(self, *args: str | Path, check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return run(*args, "--url", self.url, "--token-file", self.token_file, check=check,
+                   timeout=timeout)
+
+    def volume(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.cli("volume", "show", name, "-o", "json").stdout)
+        return result
+
+    def cleanup(self) -> None:
+        """Stop everything the daemon started, whatever state it is in."""
+        self.stop(signal.SIGKILL)
+        run_dir = self.data / "run"
+        for control in sorted(run_dir.glob("*/ctl.sock")) if run_dir.exists() else []:
+            run("engine", "stop", "--control", control, check=False, timeout=60)
+        for pid_file in sorted(self.data.rglob("server.pid")) + sorted(self.root.rglob(
+                "replicas/*/server.pid")):
+            with contextlib.suppress(Exception):
+                pid = int(pid_file.read_text())
+                if alive(pid):
+                    os.kill(pid, signal.SIGTERM)
+                    wait_for(lambda p=pid: not alive(p), 30, "a replica server to stop")

@@ -9,7 +9,7 @@ from typing import Any
 import click
 import httpx
 
-from appliance.errors import NotFound, Unavailable, error_class
+from appliance.errors import AuthenticationFailed, NotFound, Unavailable, error_class
 
 DEFAULT_URL = "http://127.0.0.1:9500"
 DEFAULT_TOKEN_FILE = "/var/lib/appliance/token"  # noqa: S105 - a path, not a secret
@@ -31,6 +31,7 @@ class ApiClient:
         except PermissionError:
             raise click.UsageError(f"token file {token_file} cannot be read") from None
         self.url = url.rstrip("/")
+        self.token_file = token_file
         self._client = httpx.Client(base_url=self.url, timeout=60,
                                     headers={"Authorization": f"Bearer {token}"})
 
@@ -44,6 +45,9 @@ class ApiClient:
                 error = response.json()["error"]
             except (ValueError, KeyError, TypeError):
                 error = {"code": "failed", "message": f"HTTP {response.status_code}"}
+            if response.status_code == 401:
+                raise AuthenticationFailed(f"authentication failed: {self.url} refused the token "
+                                           f"in {self.token_file}")
             cls = RemoteNotFound if error.get("code") == "not-found" else \
                 error_class(error.get("code", "failed"))
             raise cls(error.get("message", "failed"))

@@ -15,7 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import appliance
-from appliance.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from appliance import unixsock
+from appliance.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from appliance.nbd.daemon import spawn_daemon
 from appliance.nbd.settings import EngineSettings
 from appliance.replication import control
@@ -86,7 +93,7 @@ def _remove_stale_socket(path: Path) -> None:
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(str(path))
+        unixsock.connect(probe, path)
     except ConnectionRefusedError:
         path.unlink()
         return
@@ -100,6 +107,9 @@ def start_engine(settings: EngineSettings, *, foreground: bool) -> int:
     for path in (settings.socket, settings.control):
         if not path.parent.is_dir():
             raise NotFound(f"directory {path.parent} does not exist")
+    if len(os.fsencode(settings.socket)) > unixsock.MAX_PATH:
+        raise InvalidArgument(f"the NBD socket path {settings.socket} is longer than "
+                              f"{unixsock.MAX_PATH} bytes; choose a shorter runtime directory")
     with contextlib.suppress(Unavailable):
         control.call(settings.control, "status", timeout=5)
         raise AlreadyExists(f"an engine is already running with control socket "

@@ -98,6 +98,9 @@ class Controller:
                 except ApplianceError as exc:
                     log.warning("volume %s: %s", volume.name, exc)
                     await self._status(volume.name, message=str(exc))
+                except Exception as exc:  # a bug: keep reconciling the other volumes
+                    log.exception("volume %s: reconcile failed", volume.name)
+                    await self._status(volume.name, message=f"internal error: {exc}")
             self.passes += 1
 
     async def settings(self) -> Settings:
@@ -234,8 +237,8 @@ class Controller:
                 continue
             log.info("volume %s: rebuilding replica %s", volume.name, replica.name)
             try:
-                await self.thread(self.supervisor.engine_call, volume.name, "add-replica",
-                                  **{"address": address})
+                await self.thread(partial(self.supervisor.engine_call, volume.name,
+                                          "add-replica", address=address))
             except ApplianceError as exc:
                 log.warning("volume %s: could not add replica %s back: %s", volume.name,
                             replica.name, exc)

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from appliance import unixsock
 from appliance.errors import ApplianceError, AuthenticationFailed, ProtocolError, Unavailable
 from appliance.replication import protocol as proto
 from appliance.replication.protocol import (
@@ -44,7 +45,7 @@ class ReplicaConnection:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self.sock.settimeout(timeout)
                 try:
-                    self.sock.connect(unix_path)
+                    unixsock.connect(self.sock, unix_path)
                 except OSError:
                     self.sock.close()
                     raise

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance import unixsock
 from appliance.errors import ApplianceError, InvalidArgument, Unavailable, error_class
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class ControlServer:
             path.unlink()
         old_umask = os.umask(0o177)
         try:
-            self._sock.bind(str(path))
+            unixsock.bind(self._sock, path)
         finally:
             os.umask(old_umask)
         path.chmod(0o600)
@@ -99,7 +100,7 @@ def call(path: str | Path, op: str, *, timeout: float = 60.0, **arguments: Any) 
     sock.settimeout(timeout)
     try:
         try:
-            sock.connect(str(path))
+            unixsock.connect(sock, path)
         except FileNotFoundError:
             raise Unavailable(f"no engine control socket at {path}") from None
         except OSError as exc:

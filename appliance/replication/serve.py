@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
+from appliance import unixsock
 from appliance.chain import Replica
 from appliance.errors import InvalidArgument
 from appliance.replication.server import ReplicaServer
@@ -27,7 +28,7 @@ def open_unix_listener(path: Path) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        listener.bind(str(path))
+        unixsock.bind(listener, path)
     finally:
         os.umask(old_umask)
     listener.listen(128)

@@ -1,0 +1,154 @@
+"""The node service through its CLI against a real daemon: lifecycle with data checked by
+checksums, restart under load (RELIABILITY row 13), replica failure repaired by the
+controller, bad input and authentication (rows 17, 18)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import VERIFY, MiB, Node, alive, fio_errors, run, wait_for
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    running = Node(tmp_path)
+    running.start()
+    second = tmp_path / "disk2"
+    second.mkdir()
+    running.cli("disk", "add", second, "--tag", "second")
+    try:
+        yield running
+    finally:
+        running.cleanup()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lifecycle(node: Node, tmp_path: Path) -> None:
+    disks = json.loads(node.cli("disk", "list", "-o", "json").stdout)
+    assert len(disks) == 2 and {"second"} == set(disks[1]["tags"]) | set(disks[0]["tags"])
+    node.cli("volume", "create", "data", "--size", "128M", "--replicas", "2")
+    listed = json.loads(node.cli("volume", "list", "-o", "json").stdout)
+    assert [(v["name"], v["size"], v["replicas"], v["state"]) for v in listed] == \
+        [("data", 128 * MiB, 2, "detached")]
+    assert {r["disk"] for r in listed[0]["replica_list"]} == {d["name"] for d in disks}
+    device = node.cli("volume", "attach", "data").stdout.strip()
+    assert Path("/dev/appliance/data").resolve() == Path(device).resolve()
+    info = node.volume("data")
+    assert (info["state"], info["robustness"], info["device"]) == ("attached", "healthy", device)
+    payload = os.urandom(5 * MiB)
+    with open(device, "r+b") as block:
+        block.seek(MiB)
+        block.write(payload)
+        block.flush()
+        os.fsync(block.fileno())
+    node.cli("volume", "detach", "data")
+    assert node.volume("data")["state"] == "detached"
+    assert not Path("/dev/appliance/data").exists()
+    device = node.cli("volume", "attach", "data").stdout.strip()
+    with open(device, "rb") as block:
+        block.seek(MiB)
+        assert block.read(len(payload)) == payload  # the data survived detach and attach
+    assert "yaml" not in node.cli("volume", "show", "data", "-o", "yaml").stdout
+    node.cli("volume", "delete", "data")
+    assert json.loads(node.cli("volume", "list", "-o", "json").stdout) == []
+    assert not list((node.data / "disks" / "default" / "replicas").iterdir())
+
+
+def test_daemon_restart_under_load(node: Node, tmp_path: Path) -> None:
+    node.cli("volume", "create", "busy", "--size", "128M", "--replicas", "2")
+    node.cli("volume", "attach", "busy")
+    uri = f"nbd+unix:///?socket={node.data / 'run' / 'busy' / 'nbd.sock'}"
+    workload = subprocess.Popen(
+        ["fio", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", *VERIFY,
+         "--size=64M", "--time_based", "--runtime=8"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    engine = int((node.data / "run" / "busy" / "nbd.sock.pid").read_text())
+    node.stop(signal.SIGKILL)  # the daemon dies; the data path must not notice
+    time.sleep(1)
+    node.start()
+    stdout, stderr = workload.communicate(timeout=120)
+    result = subprocess.CompletedProcess(workload.args, workload.returncode, stdout, stderr)
+    assert workload.returncode == 0 and fio_errors(result) == 0, stderr
+    assert alive(engine)  # re-adopted, not restarted
+    assert int((node.data / "run" / "busy" / "nbd.sock.pid").read_text()) == engine
+    info = node.volume("busy")
+    assert (info["state"], info["robustness"]) == ("attached", "healthy")
+
+
+def test_controller_rebuilds_a_killed_replica(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    httpx.patch(node.url + "/v1/settings", json={"replica_replenishment_wait": 1},
+                headers={"Authorization": f"Bearer {node.token_file.read_text().strip()}"})
+    node.cli("volume", "create", "heal", "--size", "64M", "--replicas", "2")
+    device = node.cli("volume", "attach", "heal").stdout.strip()
+    with open(device, "r+b") as block:
+        block.write(os.urandom(4 * MiB))
+        os.fsync(block.fileno())
+    victim = node.volume("heal")["replica_list"][1]
+    pid = int((Path(victim["directory"]) / "server.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    with open(device, "r+b") as block:  # a write finds it gone
+        block.write(os.urandom(MiB))
+        os.fsync(block.fileno())
+    wait_for(lambda: node.volume("heal")["robustness"] == "degraded", 60, "degraded")
+    wait_for(lambda: node.volume("heal")["robustness"] == "healthy", 120, "healthy again")
+    new_pid = int((Path(victim["directory"]) / "server.pid").read_text())
+    assert new_pid != pid and alive(new_pid)
+
+
+BAD = [
+    (["volume", "create", "a/b", "--size", "1G"], 2, "volume name"),
+    (["volume", "create", "ok", "--size", "1000"], 2, "multiple of 4096"),
+    (["volume", "create", "ok", "--size", "0"], 2, "positive"),
+    (["volume", "create", "ok", "--size", "1X"], 2, "unknown unit"),
+    (["volume", "create", "ok", "--size", "1G", "--replicas", "9"], 2, "9"),
+    (["volume", "create", "-x", "--size", "1G"], 2, ""),
+    (["volume", "create", "big", "--size", "1G", "--replicas", "3"], 1, "cannot place 3"),
+    (["volume", "show", "nope"], 3, "does not exist"),
+    (["volume", "attach", "nope"], 3, "does not exist"),
+    (["volume", "delete", "nope"], 3, "does not exist"),
+    (["disk", "add", "relative/path"], 2, "must be absolute"),
+    (["disk", "add", "/nonexistent/dir"], 3, "not a directory"),
+]
+
+
+@pytest.mark.parametrize(("args", "status", "message"), BAD,
+                         ids=[" ".join(a)[:40] for a, _, _ in BAD])
+def test_bad_input_changes_nothing(node: Node, args: list[str], status: int,
+                                   message: str) -> None:
+    before = node.cli("volume", "list", "-o", "json").stdout
+    result = node.cli(*args, check=False)
+    assert result.returncode == status, result.stderr
+    assert message in result.stderr
+    assert node.cli("volume", "list", "-o", "json").stdout == before
+
+
+def test_authentication(node: Node, tmp_path: Path) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+        response = httpx.get(node.url + "/v1/volumes", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthenticated"
+    assert httpx.get(node.url + "/metrics").status_code == 401
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("nope")
+    refused = run("volume", "list", "--url", node.url, "--token-file", wrong, check=False)
+    assert refused.returncode == 1 and "authentication" in refused.stderr.lower()
+    missing = run("volume", "list", "--url", node.url, "--token-file", tmp_path / "absent",
+                  check=False)
+    assert missing.returncode == 2 and "absent" in missing.stderr
+    token = node.token_file.read_text().strip()
+    assert node.token_file.stat().st_mode & 0o777 == 0o600
+    assert token not in node.log.read_text()
