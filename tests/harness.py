@@ -13,9 +13,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from appliance.frontend import attach as frontend
 from appliance.nbd.launch import process_running
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
@@ -206,6 +208,10 @@ VERIFY = ["--rw=randwrite", "--bsrange=4k-64k", "--bs_unaligned=0", "--verify=cr
           "--iodepth=16", "--name=workload"]
 
 
+def _dead(pid: int) -> bool:
+    return not alive(pid)
+
+
 class Node:
     """A node daemon (`appliance serve`) started as an operator would, and its client."""
 
@@ -260,6 +266,8 @@ class Node:
         self.stop(signal.SIGKILL)
         run_dir = self.data / "run"
         for control in sorted(run_dir.glob("*/ctl.sock")) if run_dir.exists() else []:
+            with contextlib.suppress(Exception):
+                frontend.detach(control.with_name("ctl.sock.attach"))
             run("engine", "stop", "--control", control, check=False, timeout=60)
         for pid_file in sorted(self.data.rglob("server.pid")) + sorted(self.root.rglob(
                 "replicas/*/server.pid")):
@@ -267,4 +275,4 @@ class Node:
                 pid = int(pid_file.read_text())
                 if alive(pid):
                     os.kill(pid, signal.SIGTERM)
-                    wait_for(lambda p=pid: not alive(p), 30, "a replica server to stop")
+                    wait_for(partial(_dead, pid), 30, "a replica server to stop")
