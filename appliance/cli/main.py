@@ -10,7 +10,7 @@ import click
 
 from appliance import __version__
 from appliance.cli.engine import engine
-from appliance.cli.node import disk, serve, volume
+from appliance.cli.node import disk, serve, snapshot, volume
 from appliance.cli.replica import replica
 from appliance.errors import ApplianceError, Corruption
 
@@ -26,6 +26,7 @@ cli.add_command(engine)
 cli.add_command(serve)
 cli.add_command(disk)
 cli.add_command(volume)
+cli.add_command(snapshot)
 
 
 def main(argv: list[str] | None = None) -> int:

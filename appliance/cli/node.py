@@ -11,8 +11,8 @@ import click
 
 from appliance.cli.client import ApiClient, RemoteNotFound, api, client_options
 from appliance.cli.output import emit, table
-from appliance.cli.params import SIZE
-from appliance.errors import Unavailable
+from appliance.cli.params import LABEL, SIZE
+from appliance.errors import FailedPrecondition, Unavailable
 from appliance.units import format_size
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]),
@@ -172,3 +172,98 @@ def volume_delete(name: str, url: str, token_file: Path) -> None:
     client.call("DELETE", f"/v1/volumes/{name}")
     _wait(client, name, lambda v: v is None, "deleting")
     click.echo(f"volume {name} deleted")
+
+
+@volume.command("expand")
+@click.argument("name")
+@click.option("--size", required=True, type=SIZE, help="The new size, e.g. 20G.")
+@click.option("--resize-fs", is_flag=True,
+              help="Grow the ext4 or xfs file system on the attached (unmounted) device too.")
+@client_options
+def volume_expand(name: str, size: int, resize_fs: bool, url: str, token_file: Path) -> None:
+    """Grow volume NAME to SIZE (attached or detached)."""
+    info = api(url, token_file).call("POST", f"/v1/volumes/{name}/expand",
+                                     {"size": size, "resize_fs": resize_fs})
+    click.echo(f"volume {name} expanded to {format_size(info['size'])}")
+
+
+@volume.command("clone")
+@click.argument("source")
+@click.argument("name")
+@click.option("--snapshot", help="The snapshot to clone (default: one taken now).")
+@click.option("--replicas", type=click.IntRange(1, 8), help="Default: as the source.")
+@client_options
+def volume_clone(source: str, name: str, snapshot: str | None, replicas: int | None, url: str,
+                 token_file: Path) -> None:
+    """Create volume NAME holding a snapshot of volume SOURCE."""
+    client = api(url, token_file)
+    client.call("POST", f"/v1/volumes/{source}/clone",
+                {"name": name, "snapshot": snapshot, "replicas": replicas})
+    info = _wait(client, name, lambda v: v and v["state"] not in ("creating",), "cloning")
+    assert info is not None
+    if info["state"] == "failed":
+        raise FailedPrecondition(info["message"] or f"the clone {name} failed")
+    click.echo(f"volume {name} cloned from {source}")
+
+
+# -- snapshots ------------------------------------------------------------------------------
+
+
+@click.group()
+def snapshot() -> None:
+    """Snapshots of a volume: create, list, revert, delete, purge."""
+
+
+@snapshot.command("create")
+@click.argument("volume_name", metavar="VOLUME")
+@click.argument("name")
+@click.option("--label", "labels", multiple=True, type=LABEL, help="KEY=VALUE; repeatable.")
+@client_options
+def snapshot_create(volume_name: str, name: str, labels: tuple[tuple[str, str], ...], url: str,
+                    token_file: Path) -> None:
+    """Take snapshot NAME of VOLUME (attached: every replica at the same point)."""
+    api(url, token_file).call("POST", f"/v1/volumes/{volume_name}/snapshots",
+                              {"name": name, "labels": dict(labels)})
+    click.echo(f"snapshot {name} of volume {volume_name} created")
+
+
+@snapshot.command("list")
+@click.argument("volume_name", metavar="VOLUME")
+@OUTPUT
+@client_options
+def snapshot_list(volume_name: str, output: str, url: str, token_file: Path) -> None:
+    """List the snapshots of VOLUME, oldest first."""
+    emit(api(url, token_file).call("GET", f"/v1/volumes/{volume_name}/snapshots"), output,
+         lambda items: table([[s["name"], s["parent"] or "-", s["created"] or "-",
+                               format_size(s["actual_size"]),
+                               "removed" if s["removed"] else "-"] for s in items],
+                             ["NAME", "PARENT", "CREATED", "ACTUAL SIZE", "STATE"]))
+
+
+@snapshot.command("revert")
+@click.argument("volume_name", metavar="VOLUME")
+@click.argument("name")
+@client_options
+def snapshot_revert(volume_name: str, name: str, url: str, token_file: Path) -> None:
+    """Revert the detached VOLUME to snapshot NAME (later writes are discarded)."""
+    api(url, token_file).call("POST", f"/v1/volumes/{volume_name}/snapshots/{name}/revert")
+    click.echo(f"volume {volume_name} reverted to snapshot {name}")
+
+
+@snapshot.command("delete")
+@click.argument("volume_name", metavar="VOLUME")
+@click.argument("name")
+@client_options
+def snapshot_delete(volume_name: str, name: str, url: str, token_file: Path) -> None:
+    """Remove snapshot NAME of VOLUME ('snapshot purge' reclaims its space)."""
+    api(url, token_file).call("DELETE", f"/v1/volumes/{volume_name}/snapshots/{name}")
+    click.echo(f"snapshot {name} of volume {volume_name} removed")
+
+
+@snapshot.command("purge")
+@click.argument("volume_name", metavar="VOLUME")
+@client_options
+def snapshot_purge(volume_name: str, url: str, token_file: Path) -> None:
+    """Reclaim the space of VOLUME's removed snapshots (online)."""
+    api(url, token_file).call("POST", f"/v1/volumes/{volume_name}/purge")
+    click.echo(f"snapshots of volume {volume_name} purged")

@@ -37,7 +37,11 @@ class EngineService:
         self.control = ControlServer(self.settings.control, {
             "status": self._status, "add-replica": self._add_replica,
             "remove-replica": self._remove_replica, "snapshot": self._snapshot,
-            "stop": self._stop})
+            "snapshots": lambda request: self.engine.snapshots(),
+            "remove-snapshot": lambda request: self.engine.remove_snapshot(
+                self._name(request)),
+            "purge": lambda request: self.engine.purge(),
+            "expand": self._expand, "stop": self._stop})
         self.control.start()
         if self.settings.listen:
             self.forwarder = self._start_forwarder()
@@ -91,6 +95,19 @@ class EngineService:
         if not isinstance(labels, dict):
             raise InvalidArgument("'labels' must be an object")
         self.engine.snapshot(str(request.get("name", "")), labels=labels)
+
+    @staticmethod
+    def _name(request: dict[str, Any]) -> str:
+        name = request.get("name")
+        if not isinstance(name, str):
+            raise InvalidArgument("'name' must be a snapshot name")
+        return name
+
+    def _expand(self, request: dict[str, Any]) -> None:
+        size = request.get("size")
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise InvalidArgument("'size' must be a number of bytes")
+        self.engine.expand(size)
 
     def _stop(self, request: dict[str, Any]) -> None:
         # Reply first; nbdkit then stops serving and calls the plugin's cleanup().

@@ -47,6 +47,27 @@ class VolumeCreate(Strict):
         return parse_size(value) if isinstance(value, str) else value
 
 
+class VolumeClone(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    snapshot: str | None = Field(default=None, min_length=1, max_length=128)
+    replicas: int | None = Field(default=None, ge=1, le=8)
+
+
+class VolumeExpand(Strict):
+    size: int | str = Field(description="bytes, or a size such as 20G")
+    resize_fs: bool = False
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        return parse_size(value) if isinstance(value, str) else value
+
+
+class SnapshotCreate(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
 class SettingsUpdate(Strict):
     over_provisioning_percentage: int | None = None
     minimal_available_percentage: int | None = None
@@ -133,6 +154,38 @@ def create_app(service: NodeService, token: str,
     @app.post("/v1/volumes/{name}/detach", dependencies=auth, status_code=202)
     async def detach_volume(name: str) -> dict[str, Any]:
         return await service.detach(name)
+
+    @app.post("/v1/volumes/{name}/clone", dependencies=auth, status_code=201)
+    async def clone_volume(name: str, body: VolumeClone) -> dict[str, Any]:
+        return await service.clone_volume(name, body.name, body.snapshot, body.replicas)
+
+    @app.post("/v1/volumes/{name}/expand", dependencies=auth)
+    async def expand_volume(name: str, body: VolumeExpand) -> dict[str, Any]:
+        assert isinstance(body.size, int)
+        return await service.expand_volume(name, body.size, resize_fs=body.resize_fs)
+
+    @app.get("/v1/volumes/{name}/snapshots", dependencies=auth)
+    async def list_snapshots(name: str) -> list[dict[str, Any]]:
+        return await service.list_snapshots(name)
+
+    @app.post("/v1/volumes/{name}/snapshots", dependencies=auth, status_code=201)
+    async def create_snapshot(name: str, body: SnapshotCreate) -> dict[str, Any]:
+        return await service.create_snapshot(name, body.name, body.labels)
+
+    @app.post("/v1/volumes/{name}/snapshots/{snapshot}/revert", dependencies=auth)
+    async def revert_snapshot(name: str, snapshot: str) -> dict[str, str]:
+        await service.revert_snapshot(name, snapshot)
+        return {"status": "reverted"}
+
+    @app.delete("/v1/volumes/{name}/snapshots/{snapshot}", dependencies=auth)
+    async def delete_snapshot(name: str, snapshot: str) -> dict[str, str]:
+        await service.delete_snapshot(name, snapshot)
+        return {"status": "removed"}
+
+    @app.post("/v1/volumes/{name}/purge", dependencies=auth)
+    async def purge_snapshots(name: str) -> dict[str, str]:
+        await service.purge_snapshots(name)
+        return {"status": "purged"}
 
     @app.get("/v1/settings", dependencies=auth)
     async def get_settings() -> dict[str, Any]:

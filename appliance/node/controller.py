@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from appliance.control.objects import Disk, Replica, Settings, Volume
-from appliance.control.scheduler import DiskState, place
+from appliance.control.scheduler import DiskState, place, refusal
 from appliance.control.store import StateStore
 from appliance.errors import ApplianceError, Conflict, FailedPrecondition
 from appliance.node.config import NodeConfig
@@ -65,6 +65,8 @@ class Controller:
         self.passes = 0
         self._lock = trio.Lock()  # one pass at a time
         self.placement = trio.Lock()  # replicas are placed one volume at a time
+        self._jobs: trio.Nursery | None = None  # long work (clones) beside the passes
+        self.cloning: dict[str, tuple[int, int]] = {}  # volume -> (copied, total) bytes
 
     async def thread(self, function: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(function, *args)
@@ -72,7 +74,12 @@ class Controller:
     # -- loop ---------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            self._jobs = nursery
+            task_status.started()
+            await self._loop()
+
+    async def _loop(self) -> None:
         while True:
             self.wake = trio.Event()
             try:
@@ -132,9 +139,12 @@ class Controller:
 
     async def reconcile(self, volume: Volume, revision: int) -> None:
         if volume.deleting:
-            await self._delete(volume)
+            if volume.name not in self.cloning:
+                await self._delete(volume)
             return
         replicas = await self._ensure_replicas(volume)
+        if volume.state in ("creating", "failed"):
+            return  # not usable (yet)
         if volume.attached:
             await self._run_attached(volume, replicas)
         else:
@@ -148,9 +158,37 @@ class Controller:
                 replicas += await self._place(volume, replicas, missing)
         for replica in replicas:
             await self.thread(self.supervisor.create_replica_dir, replica, volume.size)
-        if volume.state == "creating":
+        if volume.state == "creating" and volume.source:
+            if volume.name not in self.cloning and self._jobs is not None:
+                self.cloning[volume.name] = (0, 0)
+                self._jobs.start_soon(self._clone, volume, replicas)
+        elif volume.state == "creating":
             await self._status(volume.name, state="detached", message="")
         return replicas
+
+    async def _clone(self, volume: Volume, replicas: list[Replica]) -> None:
+        """Copy the source snapshot into the new volume's replicas, then make it usable."""
+        assert volume.source is not None
+        source, snapshot = volume.source["volume"], volume.source["snapshot"]
+        log.info("volume %s: cloning snapshot %s of volume %s", volume.name, snapshot, source)
+
+        def progress(done: int, total: int) -> None:
+            self.cloning[volume.name] = (done, total)
+
+        try:
+            source_replicas = await self.replicas_of(source)
+            copied = await self.thread(partial(
+                self.supervisor.clone_into, source, source_replicas, snapshot, volume.name,
+                replicas, progress))
+        except ApplianceError as exc:
+            log.warning("volume %s: the clone failed: %s", volume.name, exc)
+            await self._status(volume.name, state="failed", message=f"clone failed: {exc}")
+        else:
+            log.info("volume %s: cloned (%d bytes copied)", volume.name, copied)
+            await self._status(volume.name, state="detached", message="")
+        finally:
+            del self.cloning[volume.name]
+            self.poke()
 
     async def _place(self, volume: Volume, existing: list[Replica], count: int) -> list[Replica]:
         replicas = await self.plan_replicas(volume, existing, count)
@@ -187,6 +225,43 @@ class Controller:
             planned.append(Replica(name, volume.name, disk_name,
                                    str(Path(by_name[disk_name].path) / "replicas" / name), port))
         return planned
+
+    async def check_capacity(self, grown: Volume, replicas: list[Replica]) -> None:
+        """Refuse growing a volume to ``grown.size`` when a disk of its replicas would be
+        scheduled beyond its limits."""
+        entry = await self.store.get(grown.key)
+        current = Volume.from_dict(entry.value).size if entry else grown.size
+        disks = {Disk.from_dict(e.value).name: Disk.from_dict(e.value)
+                 for e in (await self.store.list(Disk.PREFIX))[0]}
+        all_replicas = [Replica.from_dict(e.value) for e in
+                        (await self.store.list(Replica.PREFIX))[0]]
+        volumes = {Volume.from_dict(e.value).name: Volume.from_dict(e.value)
+                   for e in (await self.store.list(Volume.PREFIX))[0]}
+        settings = await self.settings()
+        for replica in replicas:
+            disk = disks.get(replica.disk)
+            if disk is None:
+                raise FailedPrecondition(f"disk {replica.disk} of replica {replica.name} is "
+                                         "gone")
+            why = refusal(disk_state(disk, all_replicas, volumes), grown.size - current,
+                          [], settings)
+            if why:
+                raise FailedPrecondition(f"cannot expand volume {grown.name} to {grown.size} "
+                                         f"bytes: disk {disk.name}: {why}")
+
+    async def set_size(self, name: str, size: int) -> None:
+        """Record the new size of volume *name* (after its replicas grew)."""
+        for _ in range(10):
+            entry = await self.store.get(Volume.key_of(name))
+            if entry is None:
+                return
+            volume = replace(Volume.from_dict(entry.value), size=size)
+            try:
+                await self.store.put(volume.key, volume.to_dict(), expect=entry.revision)
+                return
+            except (Conflict, FailedPrecondition):
+                continue
+        raise Conflict(f"volume {name} keeps changing; its new size was not recorded")
 
     async def _run_attached(self, volume: Volume, replicas: list[Replica]) -> None:
         sup = self.supervisor

@@ -7,15 +7,25 @@ import os
 import re
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from appliance.chain.directory import probe_filesystem
-from appliance.control.objects import Disk, Replica, Settings, Volume, check_tags
+from appliance.chain.format import check_labels, check_name
+from appliance.control.objects import (
+    Disk,
+    Replica,
+    Settings,
+    Volume,
+    check_tags,
+    check_volume_size,
+)
 from appliance.control.store import StateStore
 from appliance.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from appliance.node import volumeops
 from appliance.node.controller import Controller, disk_state
 
 _DISK_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -81,9 +91,10 @@ class NodeService:
         return Volume.from_dict(entry.value), entry.revision
 
     async def create_volume(self, name: str, size: int, replicas: int,
-                            disk_tags: list[str], labels: dict[str, str]) -> dict[str, Any]:
+                            disk_tags: list[str], labels: dict[str, str],
+                            source: dict[str, str] | None = None) -> dict[str, Any]:
         volume = Volume(name, size, replicas, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        disk_tags=disk_tags, labels=labels).validate()
+                        disk_tags=disk_tags, labels=labels, source=source).validate()
         if not await self._disks():
             raise FailedPrecondition("no disks: add one with 'appliance disk add PATH'")
         if await self.store.get(volume.key) is not None:
@@ -98,6 +109,25 @@ class NodeService:
                 await self.store.put(replica.key, replica.to_dict(), expect=0)
         self.controller.poke()
         return await self.show_volume(name)
+
+    async def clone_volume(self, source: str, name: str, snapshot: str | None,
+                           replicas: int | None) -> dict[str, Any]:
+        """A new volume holding snapshot *snapshot* of volume *source* (a snapshot is taken
+        now when none is named); the copy runs in the background (state ``creating``)."""
+        original, _ = await self._volume(source)
+        check_name(name, "volume name")
+        if await self.store.get(Volume.key_of(name)) is not None:
+            raise AlreadyExists(f"volume {name!r} already exists")
+        if snapshot is None:
+            snapshot = f"clone-{name}"
+            await self.create_snapshot(source, snapshot, {"clone": name})
+        layer = next((x for x in await self.list_snapshots(source) if x["name"] == snapshot),
+                     None)
+        if layer is None:
+            raise NotFound(f"snapshot {snapshot!r} of volume {source!r} does not exist")
+        return await self.create_volume(name, layer["size"], replicas or original.replicas,
+                                        original.disk_tags, dict(original.labels),
+                                        {"volume": source, "snapshot": snapshot})
 
     async def list_volumes(self) -> list[dict[str, Any]]:
         return [await self._describe(v) for v in await self._volumes()]
@@ -135,6 +165,118 @@ class NodeService:
 
     async def delete_volume(self, name: str) -> None:
         await self._change(name, deleting=True, attached=False)
+
+    # -- snapshots and expansion ----------------------------------------------------------
+
+    async def _where(self, name: str) -> tuple[Volume, list[Path] | None]:
+        """Volume *name* and, when no engine serves it, its replica directories (None
+        when its engine serves it); refuses while it changes between the two."""
+        volume, _ = await self._volume(name)
+        if volume.deleting or volume.state in ("creating", "failed"):
+            state = "being deleted" if volume.deleting else volume.state
+            raise FailedPrecondition(f"volume {name!r} is {state}")
+        if volume.state == "attached" and volume.attached:
+            return volume, None
+        if volume.state == "detached" and not volume.attached:
+            replicas = await self.controller.replicas_of(name)
+            return volume, [Path(r.directory) for r in replicas]
+        raise FailedPrecondition(f"volume {name!r} is {volume.state}; try again when it is "
+                                 "attached or detached")
+
+    async def _engine(self, volume: str, op: str, **arguments: Any) -> Any:
+        return await trio.to_thread.run_sync(partial(
+            self.controller.supervisor.engine_call, volume, op, **arguments))
+
+    @staticmethod
+    async def _offline(directories: list[Path], what: str, action: Any) -> list[Any]:
+        return await trio.to_thread.run_sync(volumeops.change, directories, what, action)
+
+    async def create_snapshot(self, volume: str, name: str,
+                              labels: dict[str, str]) -> dict[str, Any]:
+        check_name(name, "snapshot name")
+        check_labels(labels)
+        _, directories = await self._where(volume)
+        if directories is None:
+            await self._engine(volume, "snapshot", name=name, labels=labels)
+        else:
+            await self._offline(directories, f"snapshot {name!r}",
+                                lambda r: r.snapshot(name, labels=labels))
+        return next(x for x in await self.list_snapshots(volume) if x["name"] == name)
+
+    async def list_snapshots(self, volume: str) -> list[dict[str, Any]]:
+        _, directories = await self._where(volume)
+        if directories is None:
+            layers = await self._engine(volume, "snapshots")
+        else:
+            layers = await trio.to_thread.run_sync(volumeops.layers, directories)
+        return [{"name": x["name"], "parent": x["parent"], "created": x["created"],
+                 "size": x["size"], "actual_size": x["allocated"], "removed": x["removed"],
+                 "user_created": x["user_created"], "labels": x["labels"]}
+                for x in layers if not x["head"]]
+
+    async def _snapshot_exists(self, volume: str, name: str) -> None:
+        check_name(name, "snapshot name")
+        if not any(x["name"] == name and not x["removed"]
+                   for x in await self.list_snapshots(volume)):
+            raise NotFound(f"snapshot {name!r} of volume {volume!r} does not exist")
+
+    async def revert_snapshot(self, volume: str, name: str) -> None:
+        await self._snapshot_exists(volume, name)
+        _, directories = await self._where(volume)
+        if directories is None:
+            raise FailedPrecondition(f"volume {volume!r} is attached: detach it before "
+                                     "reverting (its users would see their data change)")
+        await self._offline(directories, f"revert to {name!r}", lambda r: r.revert(name))
+
+    async def delete_snapshot(self, volume: str, name: str) -> None:
+        await self._snapshot_exists(volume, name)
+        _, directories = await self._where(volume)
+        if directories is None:
+            await self._engine(volume, "remove-snapshot", name=name)
+        else:
+            await self._offline(directories, f"remove snapshot {name!r}",
+                                lambda r: r.remove_snapshot(name))
+
+    async def purge_snapshots(self, volume: str) -> None:
+        _, directories = await self._where(volume)
+        if directories is None:
+            await self._engine(volume, "purge")
+        else:
+            await self._offline(directories, "purge", lambda r: r.purge())
+
+    async def expand_volume(self, name: str, size: int, *,
+                            resize_fs: bool = False) -> dict[str, Any]:
+        """Grow volume *name*. Attached, its device grows when nobody holds it (this node's
+        FUSE frontend cannot grow a device in use: it then keeps its size until the next
+        attach); *resize_fs* grows the file system on it too (unmounted)."""
+        volume, directories = await self._where(name)
+        check_volume_size(size)
+        if size < volume.size:
+            raise InvalidArgument(f"cannot shrink volume {name!r} from {volume.size} to {size} "
+                                  "bytes: volumes only grow")
+        supervisor = self.controller.supervisor
+        if resize_fs:
+            if directories is not None:
+                raise FailedPrecondition(f"--resize-fs needs volume {name!r} attached")
+            await trio.to_thread.run_sync(supervisor.check_growable, name)
+        if size == volume.size and not resize_fs:
+            return await self._describe(volume)
+        async with self.controller.placement:  # the disks must have room for the growth
+            grown = replace(volume, size=size)
+            replicas = await self.controller.replicas_of(name)
+            await self.controller.check_capacity(grown, replicas)
+            _, directories = await self._where(name)
+            if directories is None:
+                await self._engine(name, "expand", size=size)
+            else:
+                await self._offline(directories, f"expand to {size} bytes",
+                                    lambda r: r.expand(size))
+            await self.controller.set_size(name, size)
+        if directories is None:
+            await trio.to_thread.run_sync(partial(supervisor.grow_device, name,
+                                                  resize_fs=resize_fs))
+            self.controller.poke()
+        return await self.show_volume(name)
 
     # -- settings -----------------------------------------------------------------------
 

@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from appliance.chain import Replica as ReplicaStore
 from appliance.control.objects import Replica, Volume
-from appliance.errors import ApplianceError, Unavailable
+from appliance.errors import ApplianceError, FailedPrecondition, Unavailable
 from appliance.frontend import attach as frontend
+from appliance.frontend import filesystem
 from appliance.nbd import launch
 from appliance.nbd.settings import EngineSettings
+from appliance.node import volumeops
 from appliance.node.config import NodeConfig
 from appliance.replication import control
+from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
+from appliance.replication.protocol import Role
 from appliance.secrets import read_secret_file, write_secret_file
+
+log = logging.getLogger(__name__)
 
 
 class Supervisor:
@@ -91,6 +99,25 @@ class Supervisor:
     def delete_replica_dir(self, replica: Replica) -> None:
         shutil.rmtree(replica.directory, ignore_errors=True)
 
+    def clone_into(self, source: str, source_replicas: list[Replica], snapshot: str,
+                   volume: str, replicas: list[Replica],
+                   progress: Callable[[int, int], None]) -> int:
+        """Copy snapshot *snapshot* of volume *source* into the replicas of new volume
+        *volume*: from a replica server in service when the source is attached, else from
+        the source's replica directories."""
+        targets = [Path(r.directory) for r in replicas]
+        status = self.engine_status(source)
+        if status is not None:
+            address = next((r["address"] for r in status["replicas"] if r["mode"] == "RW"),
+                           None)
+            if address is None:
+                raise Unavailable(f"volume {source} has no replica in service to clone from")
+            with ReplicaConnection(proto.parse_address(address), read_secret_file(
+                    self.secret_file(source)), role=Role.READER) as connection:
+                return volumeops.copy_snapshot(connection, snapshot, volume, targets, progress)
+        with volumeops.local_source([Path(r.directory) for r in source_replicas]) as local:
+            return volumeops.copy_snapshot(local, snapshot, volume, targets, progress)
+
     # -- engines ------------------------------------------------------------------------
 
     def engine_status(self, volume: str) -> dict[str, Any] | None:
@@ -129,6 +156,33 @@ class Supervisor:
 
     def attach(self, volume: str) -> str:
         return frontend.attach(volume, self.nbd_socket(volume), self.attach_state(volume))
+
+    def check_growable(self, volume: str) -> None:
+        """Refuse --resize-fs unless the device is free and holds a growable file system."""
+        device = self.attached_device(volume)
+        if device is None:
+            raise FailedPrecondition(f"volume {volume} has no device")
+        if filesystem.in_use(device):
+            raise FailedPrecondition(
+                f"{device} is in use (mounted?): this node's FUSE frontend grows a device "
+                "only while nobody holds it; unmount it and expand again")
+        filesystem.check_growable(device)
+
+    def grow_device(self, volume: str, *, resize_fs: bool) -> None:
+        """Make the attached device show the volume's new size (set up again when nobody
+        holds it), then grow its file system when asked."""
+        device = self.attached_device(volume)
+        if device is None:
+            return
+        if filesystem.in_use(device):
+            log.info("volume %s: %s is in use; it keeps its size until the next attach",
+                     volume, device)
+            return
+        frontend.detach(self.attach_state(volume))
+        device = self.attach(volume)
+        if resize_fs:
+            kind = filesystem.grow(device)
+            log.info("volume %s: %s file system on %s grown", volume, kind, device)
 
     def detach(self, volume: str) -> None:
         frontend.detach(self.attach_state(volume))

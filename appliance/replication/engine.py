@@ -421,6 +421,80 @@ class Engine:
             raise StorageIOError(f"volume {self.volume}: snapshot {name!r} failed on every "
                                  "replica")
 
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The layers of the volume (snapshots and the head), from a replica in service."""
+        for member in self._readers:
+            try:
+                layers: list[dict[str, Any]] = self._call(member, lambda conn: conn.layers(),
+                                                          control=True)
+                return layers
+            except ApplianceError as exc:
+                self._fail(member, exc)
+        raise StorageIOError(f"volume {self.volume}: no replica in service to list snapshots")
+
+    def remove_snapshot(self, name: str) -> None:
+        """Mark snapshot *name* removed on every replica (``purge`` reclaims its space)."""
+        check_name(name)
+        self._on_every_replica(f"remove snapshot {name!r}",
+                               lambda conn: conn.remove_snapshot(name), pause_io=False)
+
+    def purge(self) -> dict[str, int]:
+        """Reclaim removed snapshots on every replica while I/O continues."""
+        results = self._on_every_replica("purge", lambda conn: conn.purge(), pause_io=False)
+        return {key: max(int(r.get(key, 0)) for r in results) for key in results[0]} \
+            if results and results[0] else {}
+
+    def expand(self, size: int) -> None:
+        """Grow the volume to *size* bytes on every replica, I/O paused; new NBD
+        connections see the new size."""
+        if size % BLOCK_SIZE or size <= 0:
+            raise InvalidArgument(f"invalid size {size}: a positive multiple of {BLOCK_SIZE}")
+        if size < self.size:
+            raise InvalidArgument(f"cannot shrink volume {self.volume} from {self.size} to "
+                                  f"{size} bytes: volumes only grow")
+        if size == self.size:
+            return
+        self._on_every_replica(f"expand to {size} bytes", lambda conn: conn.expand(size),
+                               pause_io=True)
+        self.size = size
+        log.info("volume %s expanded to %d bytes", self.volume, size)
+
+    def _on_every_replica(self, what: str, action: Any, *, pause_io: bool) -> list[Any]:
+        """Change the structure of every replica in service: one at a time, never during a
+        rebuild (whose snapshot the change could invalidate), with I/O paused when the
+        change affects what clients see. A replica that fails leaves service; the change
+        fails only if it failed everywhere, or was refused before anything changed."""
+        if not self.rebuild_lock.acquire(blocking=False):
+            raise FailedPrecondition(f"volume {self.volume}: a rebuild is in progress; "
+                                     f"{what} when it is done")
+        try:
+            if any(m.mode == Mode.WO for m in self.members):
+                raise FailedPrecondition(f"volume {self.volume}: a rebuild is in progress; "
+                                         f"{what} when it is done")
+            if pause_io:
+                with self._io.exclusive():
+                    return self._each_target(what, action)
+            return self._each_target(what, action)
+        finally:
+            self.rebuild_lock.release()
+
+    def _each_target(self, what: str, action: Any) -> list[Any]:
+        results: list[Any] = []
+        failures: list[tuple[Member, ApplianceError]] = []
+        for member in self._targets:
+            try:
+                results.append(self._call(member, action, control=True))
+            except ApplianceError as exc:
+                if not results and isinstance(exc, (AlreadyExists, InvalidArgument, NotFound,
+                                                    FailedPrecondition)):
+                    raise  # refused before anything changed
+                failures.append((member, exc))
+        for failed, error in failures:
+            self._fail(failed, error)
+        if not results:
+            raise StorageIOError(f"volume {self.volume}: {what} failed on every replica")
+        return results
+
     def add_replica(self, address: tuple[str, int]) -> None:
         """Bring a replica (new, or one that failed) in: WO, rebuilt, verified, then RW."""
         with self._membership:

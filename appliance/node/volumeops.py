@@ -1,0 +1,154 @@
+"""Operations on the replicas of a volume that no engine serves, done by the daemon on the
+replica directories themselves; and copying a snapshot's content into new replicas (clone).
+
+An offline change is applied to every replica in turn. Each replica that took it gets a
+revision above every replica's old one, so when the change failed half-way the replicas
+that did not take it are behind and the engine rebuilds them at the next attach (the
+membership rules, appliance/replication/membership.py). Every directory is opened before
+anything changes: a replica that cannot be opened refuses the whole change.
+
+Blocking; the daemon runs these in worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from appliance.chain import BLOCK_SIZE
+from appliance.chain import Replica as ReplicaStore
+from appliance.errors import ApplianceError, FailedPrecondition, NotFound, StorageIOError
+from appliance.replication import membership
+
+log = logging.getLogger(__name__)
+PIECE = 1 << 20
+
+
+@contextlib.contextmanager
+def _opened(directories: list[Path], *, writable: bool) -> Iterator[list[ReplicaStore]]:
+    with contextlib.ExitStack() as stack:
+        replicas = []
+        for directory in directories:
+            try:
+                replicas.append(stack.enter_context(ReplicaStore.open(directory,
+                                                                      writable=writable)))
+            except ApplianceError as exc:
+                raise FailedPrecondition(f"replica {directory} cannot be opened: {exc}") \
+                    from exc
+        yield replicas
+
+
+def change(directories: list[Path], what: str,
+           action: Callable[[ReplicaStore], Any]) -> list[Any]:
+    """Apply *action* to every replica; raise if it was refused or failed everywhere."""
+    with _opened(directories, writable=True) as replicas:
+        newest = max(r.revision for r in replicas)
+        results: list[Any] = []
+        changed: list[ReplicaStore] = []
+        for replica in replicas:
+            try:
+                results.append(action(replica))
+            except ApplianceError as exc:
+                if not changed:
+                    raise  # the first refusal: nothing changed anywhere
+                log.warning("%s failed on replica %s (it will be rebuilt): %s", what,
+                            replica.path, exc)
+                continue
+            changed.append(replica)
+        for replica in changed:
+            replica.set_revision(newest + 1)
+            replica.flush()
+        if not changed:
+            raise StorageIOError(f"{what} failed on every replica")
+        return results
+
+
+def layers(directories: list[Path]) -> list[dict[str, Any]]:
+    """The layers of the most recent replica, parents first."""
+    with _opened(directories, writable=False) as replicas:
+        best = max(replicas, key=lambda r: r.revision)
+        return [layer.as_dict() for layer in best.layers()]
+
+
+# -- copying a snapshot ---------------------------------------------------------------------
+
+
+class LayerSource(Protocol):
+    """Where a snapshot's layers are read from: a replica server (a reader connection) or
+    a replica directory (:class:`LocalSource`)."""
+
+    def layers(self) -> list[dict[str, Any]]: ...
+
+    def layer_extents(self, name: str) -> list[tuple[int, int]]:
+        """Runs of blocks ``(first, end)`` the layer itself holds."""
+
+    def read_layer(self, name: str, buf: memoryview, offset: int) -> None: ...
+
+
+class LocalSource:
+    def __init__(self, replica: ReplicaStore) -> None:
+        self.replica = replica
+
+    def layers(self) -> list[dict[str, Any]]:
+        return [layer.as_dict() for layer in self.replica.layers()]
+
+    def layer_extents(self, name: str) -> list[tuple[int, int]]:
+        return [(e.offset // BLOCK_SIZE, (e.offset + e.length) // BLOCK_SIZE)
+                for e in self.replica.layer_extents(name)]
+
+    def read_layer(self, name: str, buf: memoryview, offset: int) -> None:
+        self.replica.read_layer(name, buf, offset)
+
+
+@contextlib.contextmanager
+def local_source(directories: list[Path]) -> Iterator[LocalSource]:
+    with _opened(directories, writable=False) as replicas:
+        yield LocalSource(max(replicas, key=lambda r: r.revision))
+
+
+def ancestry(layer_list: list[dict[str, Any]], snapshot: str) -> list[dict[str, Any]]:
+    """The layers whose data make up *snapshot*, root first."""
+    by_name = {layer["name"]: layer for layer in layer_list if not layer["head"]}
+    layer = by_name.get(snapshot)
+    if layer is None or layer["removed"]:
+        raise NotFound(f"snapshot {snapshot!r} does not exist")
+    chain = []
+    while layer is not None:
+        chain.append(layer)
+        layer = by_name.get(layer["parent"]) if layer["parent"] else None
+    return list(reversed(chain))
+
+
+def copy_snapshot(source: LayerSource, snapshot: str, volume: str, targets: list[Path],
+                  progress: Callable[[int, int], None] = lambda done, total: None) -> int:
+    """Write the content of *snapshot* into the new, empty replicas *targets* of volume
+    *volume*, and mark them as equal members; return the bytes copied."""
+    chain = ancestry(source.layers(), snapshot)
+    runs = [(layer["name"], first * BLOCK_SIZE, end * BLOCK_SIZE) for layer in chain
+            for first, end in source.layer_extents(layer["name"])]
+    total = sum(end - start for _, start, end in runs)
+    done = 0
+    buffer = memoryview(bytearray(PIECE))
+    with _opened(targets, writable=True) as replicas:
+        size = chain[-1]["size"]
+        for replica in replicas:
+            if replica.size != size:
+                replica.expand(size)
+        for name, start, end in runs:
+            for offset in range(start, end, PIECE):
+                piece = buffer[:min(PIECE, end - offset)]
+                source.read_layer(name, piece, offset)
+                for replica in replicas:
+                    replica.write(piece, offset)
+                done += len(piece)
+                progress(done, total)
+        revision = max(r.revision for r in replicas)
+        record = membership.record(volume, 1, [r.replica_id for r in replicas], clean=True)
+        for replica in replicas:
+            replica.set_revision(revision)
+            replica.set_volume_record(record)
+            replica.flush()
+    return done
