@@ -25,6 +25,7 @@ packages=(
     qemu-utils e2fsprogs xfsprogs util-linux       # images, filesystems, loop devices
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fio   # the NBD data path and its clients
     fuse3 libfuse3-dev nftables iproute2           # attach, and test hosts in network namespaces
+    prometheus                                     # promtool checks the metrics exposition
 )
 
 missing=()

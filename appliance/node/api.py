@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.errors import ApplianceError, AuthenticationFailed
@@ -111,6 +112,13 @@ def create_app(service: NodeService, token: str,
         return JSONResponse({"error": {"code": "invalid-argument",
                                        "message": f"invalid request: {problems}"}},
                             status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthenticated", 404: "not-found",
+                405: "method-not-allowed"}.get(exc.status_code, "invalid-argument")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:

@@ -9,7 +9,11 @@ from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from appliance import __version__
@@ -19,7 +23,7 @@ from appliance.node.config import NodeConfig
 from appliance.node.controller import disk_state
 from appliance.node.supervisor import Supervisor
 
-STATES = ("creating", "detached", "attaching", "attached", "detaching", "deleting")
+STATES = ("creating", "detached", "attaching", "attached", "detaching", "deleting", "failed")
 ROBUSTNESS = ("healthy", "degraded", "faulted", "unknown")
 MODES = ("RW", "WO", "ERR")
 
@@ -119,6 +123,10 @@ class Metrics:
                                       ("write_operations", "Write requests."),
                                       ("flush_operations", "Flush requests."),
                                       ("errors", "Failed requests."))}
+        latency = {kind: HistogramMetricFamily(
+            f"appliance_volume_{kind}_latency_seconds",
+            f"Time from a {kind} request's arrival in the engine to its completion.",
+            labels=["volume"]) for kind in ("read", "write")}
         sources = {"read_bytes": "read_bytes", "read_operations": "read_ops",
                    "write_bytes": "write_bytes", "write_operations": "write_ops",
                    "flush_operations": "flush_ops", "errors": "errors"}
@@ -135,4 +143,19 @@ class Metrics:
                                         rebuild.get("copied_bytes", 0) / rebuild["total_bytes"])
             for key, counter in counters.items():
                 counter.add_metric([volume], status["io"][sources[key]])
-        return [mode, progress, *counters.values()]
+            for kind, histogram in latency.items():
+                observed = status["io"].get("latency", {}).get(kind)
+                if observed:
+                    histogram.add_metric([volume], _cumulative(observed),
+                                         observed["sum"])
+        return [mode, progress, *counters.values(), *latency.values()]
+
+
+def _cumulative(observed: dict[str, Any]) -> list[tuple[str, float]]:
+    """Prometheus buckets (cumulative counts, ending with +Inf) from per-bucket counts."""
+    buckets, total = [], 0
+    for bound, count in zip([*observed["buckets"], float("inf")], observed["counts"],
+                            strict=True):
+        total += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+    return buckets

@@ -19,10 +19,12 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,9 @@ from appliance.replication.member import Member, Mode
 from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op
 
 log = logging.getLogger(__name__)
+#: upper bounds (seconds) of the latency histogram buckets of reads and writes
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ class Engine:
         self.rebuild_lock = threading.Lock()
         self._closed = threading.Event()
         self._stats_lock = threading.Lock()
+        # latency histograms: counts per bucket of LATENCY_BUCKETS (the last: above all)
+        self.latency = {kind: [0] * (len(LATENCY_BUCKETS) + 1) for kind in ("read", "write")}
+        self.latency_sum = {"read": 0.0, "write": 0.0}
         self.stats = {"read_ops": 0, "read_bytes": 0, "write_ops": 0, "write_bytes": 0,
                       "flush_ops": 0, "errors": 0}
 
@@ -261,6 +269,16 @@ class Engine:
                                  f"({reasons})")
         return results
 
+    def _observe(self, kind: str, started: float, length: int) -> None:
+        """Count one completed read or write of *length* bytes begun at *started*."""
+        elapsed = time.perf_counter() - started
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, elapsed)
+        with self._stats_lock:
+            self.stats[f"{kind}_ops"] += 1
+            self.stats[f"{kind}_bytes"] += length
+            self.latency[kind][bucket] += 1
+            self.latency_sum[kind] += elapsed
+
     def _count(self, key: str, amount: int = 1, *more: tuple[str, int]) -> None:
         with self._stats_lock:
             self.stats[key] += amount
@@ -276,6 +294,7 @@ class Engine:
 
     def read(self, buf: memoryview, offset: int) -> None:
         self._check(offset, len(buf))
+        started = time.perf_counter()
         while True:
             readers = self._readers
             if not readers:
@@ -291,11 +310,13 @@ class Engine:
                 self._fail(member, exc)
                 continue  # retried on the next replica
             member.stats["reads"] += 1
-            self._count("read_ops", 1, ("read_bytes", len(buf)))
+            self._observe("read", started, len(buf))
             return
 
     def write(self, data: memoryview, offset: int, *, fua: bool = False) -> None:
         self._check(offset, len(data))
+        started = time.perf_counter()
+        length = len(data)
         first, last = block_span(offset, len(data))
         token = self._io.acquire_range(first, last)
         try:
@@ -307,7 +328,7 @@ class Engine:
             self._io.release_range(token)
         for member, _ in written:
             member.stats["writes"] += 1
-        self._count("write_ops", 1, ("write_bytes", len(data)))
+        self._observe("write", started, length)
 
     def _widen(self, data: memoryview, offset: int) -> tuple[memoryview, int]:
         """Whole blocks around *data*: the edge blocks read from a replica, *data* laid over
@@ -546,7 +567,11 @@ class Engine:
         rw = sum(1 for m in self.members if m.mode == Mode.RW)
         state = "faulted" if not rw else "healthy" if rw == len(self.members) else "degraded"
         with self._stats_lock:
-            stats = dict(self.stats)
+            stats: dict[str, Any] = dict(self.stats)
+            stats["latency"] = {kind: {"buckets": list(LATENCY_BUCKETS),
+                                       "counts": list(counts),
+                                       "sum": self.latency_sum[kind]}
+                                for kind, counts in self.latency.items()}
         return {"volume": self.volume, "size": self.size, "generation": self.generation,
                 "epoch": self.epoch, "state": state,
                 "replicas": [m.describe() for m in self.members], "io": stats}
