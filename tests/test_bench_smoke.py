@@ -17,3 +17,13 @@ def test_chain_bench_quick(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "4K random read" in result.stdout and "open 1G replica" in result.stdout
     assert (tmp_path / "out.json").exists()
+
+
+def test_node_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.node_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--port", "0", "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "GET /v1/volumes, 5 volumes" in result.stdout and "idle attached" in result.stdout
+    assert (tmp_path / "out.json").exists()
