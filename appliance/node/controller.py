@@ -34,6 +34,7 @@ from appliance.node.config import NodeConfig
 from appliance.node.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+RESYNC_INTERVAL = 60.0  # seconds: a detached, unchanged volume is looked at this often
 
 
 def disk_state(disk: Disk, replicas: list[Replica], volumes: dict[str, Volume]) -> DiskState:
@@ -67,6 +68,8 @@ class Controller:
         self.placement = trio.Lock()  # replicas are placed one volume at a time
         self._jobs: trio.Nursery | None = None  # long work (clones) beside the passes
         self.cloning: dict[str, tuple[int, int]] = {}  # volume -> (copied, total) bytes
+        # detached volumes found in order: skipped until they change or RESYNC_INTERVAL
+        self._settled: dict[str, tuple[tuple[Any, ...], float]] = {}
 
     async def thread(self, function: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(function, *args)
@@ -96,8 +99,13 @@ class Controller:
     async def reconcile_all(self) -> None:
         async with self._lock:
             entries, _ = await self.store.list(Volume.PREFIX)
+            now = time.monotonic()
             for entry in entries:
                 volume = Volume.from_dict(entry.value)
+                settled = self._settled.get(volume.name)
+                if settled and settled[0] == self._steady_key(volume) and \
+                        now - settled[1] < RESYNC_INTERVAL:
+                    continue  # detached and unchanged: nothing runs that could have died
                 try:
                     await self.reconcile(volume, entry.revision)
                 except Conflict:
@@ -109,6 +117,21 @@ class Controller:
                     log.exception("volume %s: reconcile failed", volume.name)
                     await self._status(volume.name, message=f"internal error: {exc}")
             self.passes += 1
+
+    @staticmethod
+    def _steady_key(volume: Volume) -> tuple[Any, ...] | None:
+        """What must stay the same for a detached volume to need no look, or None."""
+        if volume.attached or volume.deleting or volume.state != "detached" or volume.message:
+            return None
+        return (volume.size, volume.replicas, volume.state)
+
+    async def _settle(self, volume: str) -> None:
+        entry = await self.store.get(Volume.key_of(volume))
+        key = self._steady_key(Volume.from_dict(entry.value)) if entry else None
+        if key is None:
+            self._settled.pop(volume, None)
+        else:
+            self._settled[volume] = (key, time.monotonic())
 
     async def settings(self) -> Settings:
         entry = await self.store.get(Settings.key_of("global"))
@@ -149,6 +172,7 @@ class Controller:
             await self._run_attached(volume, replicas)
         else:
             await self._run_detached(volume, replicas)
+            await self._settle(volume.name)
 
     async def _ensure_replicas(self, volume: Volume) -> list[Replica]:
         replicas = await self.replicas_of(volume.name)
@@ -267,13 +291,33 @@ class Controller:
         sup = self.supervisor
         if volume.state in ("detached", "creating"):
             await self._status(volume.name, state="attaching")
-        for replica in replicas:
-            if not await self.thread(sup.replica_running, replica):
-                log.info("volume %s: starting replica server %s", volume.name, replica.name)
-                await self.thread(sup.start_replica, replica)
+        self._settled.pop(volume.name, None)
         status = await self.thread(sup.engine_status, volume.name)
+        # A server the engine has in service answers it: only its process is looked at
+        # (cheap); the others are probed with a connection.
+        in_service = {r["address"] for r in status["replicas"] if r["mode"] != "ERR"} \
+            if status else set()
+        async def ensure_server(replica: Replica) -> None:
+            check = sup.replica_process_alive \
+                if f"{self.config.replica_address}:{replica.port}" in in_service \
+                else sup.replica_running
+            if not await self.thread(check, replica):
+                log.info("volume %s: starting replica server %s", volume.name, replica.name)
+                try:
+                    await self.thread(sup.start_replica, replica)
+                except ApplianceError as exc:
+                    failures.append(exc)
+
+        failures: list[ApplianceError] = []
+        async with trio.open_nursery() as servers:  # started side by side
+            for replica in replicas:
+                servers.start_soon(ensure_server, replica)
+        if failures:
+            raise failures[0]
         settings = await self.settings()
         if status is None:
+            # A device left from an engine that died is dead too: set up again below.
+            await self.thread(sup.detach, volume.name)
             salvage = settings.auto_salvage and volume.robustness == "faulted"
             log.info("volume %s: starting its engine%s", volume.name,
                      " with salvage" if salvage else "")

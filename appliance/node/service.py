@@ -130,14 +130,21 @@ class NodeService:
                                         {"volume": source, "snapshot": snapshot})
 
     async def list_volumes(self) -> list[dict[str, Any]]:
-        return [await self._describe(v) for v in await self._volumes()]
+        entries, _ = await self.store.list(Replica.PREFIX)  # one query for every volume
+        by_volume: dict[str, list[Replica]] = {}
+        for entry in entries:
+            replica = Replica.from_dict(entry.value)
+            by_volume.setdefault(replica.volume, []).append(replica)
+        return [self._info(v, by_volume.get(v.name, [])) for v in await self._volumes()]
 
     async def show_volume(self, name: str) -> dict[str, Any]:
         volume, _ = await self._volume(name)
         return await self._describe(volume)
 
     async def _describe(self, volume: Volume) -> dict[str, Any]:
-        replicas = await self.controller.replicas_of(volume.name)
+        return self._info(volume, await self.controller.replicas_of(volume.name))
+
+    def _info(self, volume: Volume, replicas: list[Replica]) -> dict[str, Any]:
         info = volume.to_dict()
         info["replica_list"] = [{"name": r.name, "disk": r.disk, "port": r.port,
                                  "directory": r.directory} for r in replicas]

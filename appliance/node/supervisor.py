@@ -73,6 +73,13 @@ class Supervisor:
         directory.parent.mkdir(parents=True, exist_ok=True)
         ReplicaStore.create(directory, size).close()
 
+    def replica_process_alive(self, replica: Replica) -> bool:
+        pid_file, _ = launch.replica_server_files(Path(replica.directory))
+        try:
+            return launch.process_running(int(pid_file.read_text()))
+        except (FileNotFoundError, ValueError):
+            return False
+
     def replica_running(self, replica: Replica) -> bool:
         pid_file, _ = launch.replica_server_files(Path(replica.directory))
         try:

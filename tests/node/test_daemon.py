@@ -153,3 +153,43 @@ def test_authentication(node: Node, tmp_path: Path) -> None:
     token = node.token_file.read_text().strip()
     assert node.token_file.stat().st_mode & 0o777 == 0o600
     assert token not in node.log.read_text()
+
+
+def test_engine_crash_is_noticed(node: Node) -> None:
+    node.cli("volume", "create", "phoenix", "--size", "32M", "--replicas", "2")
+    device = node.cli("volume", "attach", "phoenix").stdout.strip()
+    payload = os.urandom(2 * MiB)
+    with open(device, "r+b") as block:
+        block.write(payload)
+        os.fsync(block.fileno())
+    pid_file = node.data / "run" / "phoenix" / "nbd.sock.pid"
+    engine = int(pid_file.read_text())
+    os.kill(engine, signal.SIGKILL)
+
+    def restarted() -> bool:
+        info = node.volume("phoenix")
+        return (info["state"], info["robustness"]) == ("attached", "healthy") and \
+            pid_file.exists() and int(pid_file.read_text()) != engine
+    wait_for(restarted, 60, "the engine to be started again")
+    device = node.volume("phoenix")["device"]
+    with open(device, "rb") as block:
+        assert block.read(len(payload)) == payload
+
+
+def test_all_replicas_lost_then_salvaged(node: Node) -> None:
+    node.cli("volume", "create", "lost", "--size", "32M", "--replicas", "2")
+    device = node.cli("volume", "attach", "lost").stdout.strip()
+    payload = os.urandom(2 * MiB)
+    with open(device, "r+b") as block:
+        block.write(payload)
+        os.fsync(block.fileno())  # acknowledged: must survive
+    for replica in node.volume("lost")["replica_list"]:
+        os.kill(int((Path(replica["directory"]) / "server.pid").read_text()), signal.SIGKILL)
+    with pytest.raises(OSError), open(device, "r+b") as block:  # nothing to write to
+        block.write(os.urandom(MiB))
+        os.fsync(block.fileno())
+    wait_for(lambda: node.volume("lost")["robustness"] == "faulted", 60, "faulted")
+    wait_for(lambda: node.volume("lost")["robustness"] == "healthy" and
+             node.volume("lost")["state"] == "attached", 120, "salvaged and rebuilt")
+    with open(node.volume("lost")["device"], "rb") as block:
+        assert block.read(len(payload)) == payload
