@@ -96,6 +96,11 @@ def _wait(client: ApiClient, name: str, done: Any, what: str) -> dict[str, Any] 
         if state != shown and sys.stderr.isatty():
             click.echo(f"{what}: {state}...", err=True)
             shown = state
+        progress = info.get("progress") if info else None
+        if progress and progress["total_bytes"] and sys.stderr.isatty():
+            done = progress["done_bytes"] / progress["total_bytes"]
+            bar = "#" * int(done * 40)
+            click.echo(f"\r{what}: [{bar:<40}] {done:4.0%}", err=True, nl=False)
         if info and info.get("message") and info["message"] != said:
             said = info["message"]
             click.echo(f"{what}: {said}", err=True)

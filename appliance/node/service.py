@@ -138,14 +138,30 @@ class NodeService:
         return [self._info(v, by_volume.get(v.name, [])) for v in await self._volumes()]
 
     async def show_volume(self, name: str) -> dict[str, Any]:
+        """The volume, and for an attached one each replica's mode and rebuild progress as
+        its engine reports them."""
         volume, _ = await self._volume(name)
-        return await self._describe(volume)
+        info = await self._describe(volume)
+        if volume.state == "attached":
+            status = await trio.to_thread.run_sync(
+                self.controller.supervisor.engine_status, name)
+            modes = {r["address"]: r for r in status["replicas"]} if status else {}
+            address = self.controller.config.replica_address
+            for replica in info["replica_list"]:
+                reported = modes.get(f"{address}:{replica['port']}", {})
+                replica["mode"] = reported.get("mode")
+                if reported.get("rebuild"):
+                    replica["rebuild"] = reported["rebuild"]
+        return info
 
     async def _describe(self, volume: Volume) -> dict[str, Any]:
         return self._info(volume, await self.controller.replicas_of(volume.name))
 
     def _info(self, volume: Volume, replicas: list[Replica]) -> dict[str, Any]:
         info = volume.to_dict()
+        if volume.name in self.controller.cloning:
+            copied, total = self.controller.cloning[volume.name]
+            info["progress"] = {"done_bytes": copied, "total_bytes": total}
         info["replica_list"] = [{"name": r.name, "disk": r.disk, "port": r.port,
                                  "directory": r.directory} for r in replicas]
         return info

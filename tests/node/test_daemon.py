@@ -106,6 +106,7 @@ def test_controller_rebuilds_a_killed_replica(node: Node, caplog: pytest.LogCapt
         os.fsync(block.fileno())
     wait_for(lambda: node.volume("heal")["robustness"] == "degraded", 60, "degraded")
     wait_for(lambda: node.volume("heal")["robustness"] == "healthy", 120, "healthy again")
+    assert [r["mode"] for r in node.volume("heal")["replica_list"]] == ["RW", "RW"]
     new_pid = int((Path(victim["directory"]) / "server.pid").read_text())
     assert new_pid != pid and alive(new_pid)
 
@@ -171,9 +172,8 @@ def test_engine_crash_is_noticed(node: Node) -> None:
         return (info["state"], info["robustness"]) == ("attached", "healthy") and \
             pid_file.exists() and int(pid_file.read_text()) != engine
     wait_for(restarted, 60, "the engine to be started again")
-    device = node.volume("phoenix")["device"]
-    with open(device, "rb") as block:
-        assert block.read(len(payload)) == payload
+    with open(node.volume("phoenix")["device"], "rb") as again:
+        assert again.read(len(payload)) == payload
 
 
 def test_all_replicas_lost_then_salvaged(node: Node) -> None:
