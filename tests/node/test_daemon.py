@@ -122,6 +122,14 @@ BAD = [
     (["volume", "show", "nope"], 3, "does not exist"),
     (["volume", "attach", "nope"], 3, "does not exist"),
     (["volume", "delete", "nope"], 3, "does not exist"),
+    (["volume", "create", "..", "--size", "1G"], 2, "volume name"),
+    (["volume", "create", "x" * 300, "--size", "1G"], 2, "name"),
+    (["volume", "create", "ok", "--size=-1"], 2, "size"),
+    (["volume", "create", "ok", "--size", "17T"], 2, "larger than"),
+    (["volume", "expand", "nope", "--size", "1G"], 3, "does not exist"),
+    (["volume", "clone", "nope", "copy"], 3, "does not exist"),
+    (["snapshot", "create", "nope", "s1"], 3, "does not exist"),
+    (["snapshot", "list", "nope"], 3, "does not exist"),
     (["disk", "add", "relative/path"], 2, "must be absolute"),
     (["disk", "add", "/nonexistent/dir"], 3, "not a directory"),
 ]
@@ -193,3 +201,34 @@ def test_all_replicas_lost_then_salvaged(node: Node) -> None:
              node.volume("lost")["state"] == "attached", 120, "salvaged and rebuilt")
     with open(node.volume("lost")["device"], "rb") as block:
         assert block.read(len(payload)) == payload
+
+
+HOSTILE = [
+    ("POST", "/v1/volumes", b"{not json", "invalid request"),
+    ("POST", "/v1/volumes", b'{"name": "v", "size": 4096, "colour": "red"}', "colour"),
+    ("POST", "/v1/volumes", b'{"name": "a\\u0000b", "size": 4096}', "volume name"),
+    ("POST", "/v1/volumes", b'{"name": "-lead", "size": 4096}', "volume name"),
+    ("POST", "/v1/volumes", b'{"name": "v", "size": -4096}', "size"),
+    ("POST", "/v1/volumes", b'{"name": "v", "size": "1Q"}', "unit"),
+    ("POST", "/v1/volumes", b'{"name": "v", "size": 4096, "replicas": 0}', "replicas"),
+    ("POST", "/v1/volumes", b'[]', "invalid request"),
+    ("PATCH", "/v1/settings", b'{"replica_replenishment_wait": -5}', "replenishment"),
+    ("PATCH", "/v1/settings", b'{"name": "other"}', "name"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "message"), HOSTILE,
+                         ids=[f"{m} {p} {b[:24]!r}" for m, p, b, _ in HOSTILE])
+def test_hostile_requests(node: Node, method: str, path: str, body: bytes,
+                          message: str) -> None:
+    """Row 17 at the API: a 4xx naming the problem, nothing changed, the daemon up."""
+    headers = {"Authorization": f"Bearer {node.token_file.read_text().strip()}",
+               "Content-Type": "application/json"}
+    before = httpx.get(node.url + "/v1/volumes", headers=headers).json()
+    settings = httpx.get(node.url + "/v1/settings", headers=headers).json()
+    response = httpx.request(method, node.url + path, content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid-argument" and message in error["message"], error
+    assert httpx.get(node.url + "/v1/volumes", headers=headers).json() == before
+    assert httpx.get(node.url + "/v1/settings", headers=headers).json() == settings
