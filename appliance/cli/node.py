@@ -21,12 +21,13 @@ WAIT_TIMEOUT = 300.0
 
 
 @click.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("/var/lib/appliance"),
-              show_default=True, help="State, token, runtime files and the default disk.")
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="State, token, runtime files and the default disk "
+                   "(default /var/lib/appliance).")
 @click.option("--listen", help="HOST:PORT for the API (default 127.0.0.1:9500).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="A TOML file; flags override it.")
-def serve(data_dir: Path, listen: str | None, config_file: Path | None) -> None:
+def serve(data_dir: Path | None, listen: str | None, config_file: Path | None) -> None:
     """Run the node daemon."""
     from appliance.node.config import load_config  # noqa: PLC0415 - trio only when serving
     from appliance.node.daemon import main  # noqa: PLC0415

@@ -46,11 +46,13 @@ class NodeConfig:
         return self.data_dir / "disks" / "default"
 
 
-_KEYS = {"listen", "node_name", "replica_address", "port_range", "reconcile_interval",
+DEFAULT_DATA_DIR = Path("/var/lib/appliance")
+_KEYS = {"data_dir", "listen", "node_name", "replica_address", "port_range", "reconcile_interval",
          "replica_timeout"}
 
 
-def load_config(data_dir: Path, listen: str | None, config_file: Path | None) -> NodeConfig:
+def load_config(data_dir: Path | None, listen: str | None,
+                config_file: Path | None) -> NodeConfig:
     """Flags override the file; the file overrides the defaults."""
     values: dict[str, Any] = {}
     if config_file is not None:
@@ -65,6 +67,8 @@ def load_config(data_dir: Path, listen: str | None, config_file: Path | None) ->
             raise InvalidArgument(f"config file {config_file}: unknown key {unknown[0]!r}")
     if listen is not None:
         values["listen"] = listen
+    if data_dir is not None:
+        values["data_dir"] = str(data_dir)
     if "listen" not in values:
         raise InvalidArgument("--listen HOST:PORT is required (or 'listen' in the config file)")
     port_range = tuple(values.get("port_range", (10100, 10999)))
@@ -72,7 +76,8 @@ def load_config(data_dir: Path, listen: str | None, config_file: Path | None) ->
         raise InvalidArgument(f"invalid port_range {values.get('port_range')!r}")
     try:
         return NodeConfig(
-            data_dir=data_dir.resolve(), listen=parse_address(str(values["listen"])),
+            data_dir=Path(values.get("data_dir", DEFAULT_DATA_DIR)).resolve(),
+            listen=parse_address(str(values["listen"])),
             node_name=str(values.get("node_name", socket.gethostname())),
             replica_address=str(values.get("replica_address", "127.0.0.1")),
             port_range=(int(port_range[0]), int(port_range[1])),

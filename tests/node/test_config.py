@@ -1,0 +1,42 @@
+"""The daemon's configuration: flags over a TOML file over defaults; bad files refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import InvalidArgument, NotFound
+from appliance.node.config import DEFAULT_DATA_DIR, load_config
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'listen = "127.0.0.1:7000"\ndata_dir = "{tmp_path / "from-file"}"\n'
+                      'node_name = "n1"\nport_range = [20000, 20100]\n')
+    loaded = load_config(None, None, config)
+    assert (loaded.listen, loaded.data_dir, loaded.node_name, loaded.port_range) == \
+        (("127.0.0.1", 7000), tmp_path / "from-file", "n1", (20000, 20100))
+    flagged = load_config(tmp_path / "flag", "127.0.0.1:7001", config)
+    assert (flagged.listen, flagged.data_dir, flagged.node_name) == \
+        (("127.0.0.1", 7001), tmp_path / "flag", "n1")
+    assert load_config(None, "127.0.0.1:7002", None).data_dir == DEFAULT_DATA_DIR
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('listen = "127.0.0.1:7000"\ncolour = 1\n', "unknown key 'colour'"),
+    ('listen = "127.0.0.1:7000"\nport_range = [10, 5]\n', "port_range"),
+    ('listen = "nowhere"\n', "nowhere"),
+    ("listen = \n", "config file"),
+    ('node_name = "x"\n', "--listen"),
+])
+def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(text)
+    with pytest.raises(InvalidArgument, match=message):
+        load_config(None, None, config)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="does not exist"):
+        load_config(None, None, tmp_path / "absent.toml")
