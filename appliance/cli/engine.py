@@ -119,7 +119,8 @@ def snapshot(control_path: Path, name: str, labels: tuple[tuple[str, str], ...])
 def attach(control_path: Path) -> None:
     """Attach the volume as a local block device and print its path."""
     info = control.call(control_path, "status")
-    device = attach_device(info["volume"], Path(info["socket"]), attach_state(control_path))
+    device = attach_device(info["volume"], Path(info["socket"]), attach_state(control_path),
+                           int(info["size"]))
     click.echo(device)
 
 

@@ -10,6 +10,10 @@
   would add that second Python hop in series with the engine (bench/volume_bench.py
   measures the attach path against the NBD socket).
 
+The FUSE file is the engine's ``frontend`` export, as large as a volume may grow; the loop
+device's size limit is the volume's size, raised in place when the volume grows
+(:func:`resize`), so a device in use grows without being set up again.
+
 Either way ``/dev/appliance/<volume>`` links to the device. What was set up is recorded in a
 small JSON state file, so that detach (possibly from another process) undoes exactly that.
 """
@@ -17,16 +21,19 @@ small JSON state file, so that detach (possibly from another process) undoes exa
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import AlreadyExists, FailedPrecondition, StorageIOError, Unavailable
+from appliance.nbd.settings import FRONTEND_EXPORT
 
 LINK_DIRECTORY = Path("/dev/appliance")
 READY_TIMEOUT = 30.0
@@ -45,8 +52,9 @@ def _run(*command: str) -> str:
     return result.stdout.strip()
 
 
-def attach(volume: str, nbd_socket: Path, state_file: Path) -> str:
-    """Make the volume served on *nbd_socket* a block device; return its path."""
+def attach(volume: str, nbd_socket: Path, state_file: Path, size: int) -> str:
+    """Make the volume of *size* bytes served on *nbd_socket* a block device; return its
+    path."""
     if state_file.exists():
         existing = json.loads(state_file.read_text())
         raise AlreadyExists(f"volume {volume} is already attached at {existing['device']}")
@@ -55,7 +63,7 @@ def attach(volume: str, nbd_socket: Path, state_file: Path) -> str:
         if kernel_nbd_available():
             state.update(_attach_kernel(nbd_socket))
         else:
-            state.update(_attach_fuse(volume, nbd_socket, state_file))
+            state.update(_attach_fuse(volume, nbd_socket, state_file, size))
         LINK_DIRECTORY.mkdir(mode=0o755, exist_ok=True)
         link = LINK_DIRECTORY / volume
         with contextlib.suppress(FileNotFoundError):
@@ -81,11 +89,14 @@ def _attach_kernel(nbd_socket: Path) -> dict[str, Any]:
     raise FailedPrecondition("no free /dev/nbdX device")
 
 
-def _attach_fuse(volume: str, nbd_socket: Path, state_file: Path) -> dict[str, Any]:
+def _attach_fuse(volume: str, nbd_socket: Path, state_file: Path, size: int) -> dict[str, Any]:
     mountpoint = state_file.with_name(state_file.name + ".fuse")
     mountpoint.mkdir(mode=0o700, exist_ok=True)
     disk = mountpoint / volume
-    process = subprocess.Popen(["nbdfuse", str(disk), "--unix", str(nbd_socket)],
+    # The engine's "frontend" export is as large as the volume may grow; the loop device's
+    # size limit is the volume's size, raised when the volume grows (see resize()).
+    uri = f"nbd+unix:///{FRONTEND_EXPORT}?socket={nbd_socket}"
+    process = subprocess.Popen(["nbdfuse", str(disk), uri],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
     state: dict[str, Any] = {"kind": "fuse-loop", "mountpoint": str(mountpoint),
@@ -103,8 +114,41 @@ def _attach_fuse(volume: str, nbd_socket: Path, state_file: Path) -> dict[str, A
     if process.stderr:
         process.stderr.close()
     # Direct I/O: the filesystem above caches already; the loop device would cache it again.
-    state["device"] = _run("losetup", "--find", "--show", "--direct-io=on", str(disk))
+    state["device"] = _run("losetup", "--find", "--show", "--direct-io=on", "--sizelimit",
+                           str(size), str(disk))
     return state
+
+
+# struct loop_info64 (linux/loop.h): lo_sizelimit is the fifth 64-bit field
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_INFO64_SIZE = 232
+SIZELIMIT_OFFSET = 32
+
+
+def resize(state_file: Path, size: int) -> str:
+    """Make the attached device *size* bytes, while in use; return the device."""
+    if not state_file.exists():
+        raise FailedPrecondition("the volume is not attached")
+    state = json.loads(state_file.read_text())
+    if state.get("kind") != "fuse-loop":
+        raise FailedPrecondition(f"a {state.get('kind')} device cannot grow while attached; "
+                                 "detach and attach the volume")
+    device = str(state["device"])
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = bytearray(LOOP_INFO64_SIZE)
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+        struct.pack_into("=Q", info, SIZELIMIT_OFFSET, size)
+        fcntl.ioctl(fd, LOOP_SET_STATUS64, bytes(info))
+        current = os.lseek(fd, 0, os.SEEK_END)
+    except OSError as exc:
+        raise StorageIOError(f"cannot resize {device}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if current != size:
+        raise StorageIOError(f"{device} is {current} bytes after resizing to {size}")
+    return device
 
 
 def detach(state_file: Path) -> None:

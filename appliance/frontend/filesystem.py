@@ -1,5 +1,5 @@
-"""The file system on an attached volume's device: is the device in use, which file system
-it holds, and growing that file system after the volume grew."""
+"""The file system on an attached volume's device: which file system it holds, where it is
+mounted, and growing it after the volume grew (online when mounted)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,29 @@ def fs_type(device: str) -> str:
     return result.stdout.strip()
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def _capable(capability: int) -> bool:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> capability & 1)
+    return False
+
+
 def check_growable(device: str) -> str:
+    """The file system type on *device*, if this process can grow it as it is now."""
     kind = fs_type(device)
     if kind not in GROWABLE:
         raise InvalidArgument(f"--resize-fs: the device holds {kind or 'no file system'}; "
                               f"only {', '.join(GROWABLE)} can be grown")
+    if kind != "xfs" and mountpoint(device) and not _capable(CAP_SYS_RESOURCE):
+        # the kernel refuses an online ext4 resize without it (containers often drop it)
+        raise FailedPrecondition(
+            f"--resize-fs: growing the mounted {kind} file system on {device} needs "
+            "CAP_SYS_RESOURCE, which the daemon lacks here; unmount it and expand with "
+            "--resize-fs again (or run resize2fs where the capability exists)")
     return kind
 
 
@@ -48,19 +66,36 @@ def _run(*command: str) -> None:
                              f"{(result.stderr or result.stdout).strip()[-500:]}")
 
 
+def mountpoint(device: str) -> str | None:
+    """Where *device* is mounted (the first place), or None."""
+    result = subprocess.run(["findmnt", "-n", "-o", "TARGET", "--source", device],
+                            capture_output=True, text=True, check=False)
+    lines = result.stdout.splitlines()
+    return lines[0] if lines else None
+
+
 def grow(device: str) -> str:
-    """Grow the (unmounted) file system on *device* to the device's size; return its type."""
-    if in_use(device):
-        raise FailedPrecondition(f"{device} is in use: unmount it to grow its file system")
+    """Grow the file system on *device* to the device's size, mounted (online) or not;
+    return its type."""
     kind = check_growable(device)
+    mounted = mountpoint(device)
     if kind == "xfs":  # xfs grows only while mounted
-        with tempfile.TemporaryDirectory(prefix="appliance-grow-") as mountpoint:
-            _run("mount", "-t", "xfs", device, mountpoint)
+        if mounted:
+            _run("xfs_growfs", mounted)
+            return kind
+        if in_use(device):
+            raise FailedPrecondition(f"{device} is in use but not mounted here")
+        with tempfile.TemporaryDirectory(prefix="appliance-grow-") as scratch:
+            _run("mount", "-t", "xfs", device, scratch)
             try:
-                _run("xfs_growfs", mountpoint)
+                _run("xfs_growfs", scratch)
             finally:
-                _run("umount", mountpoint)
+                _run("umount", scratch)
+    elif mounted:
+        _run("resize2fs", device)  # ext4 grows online
     else:
+        if in_use(device):
+            raise FailedPrecondition(f"{device} is in use but not mounted here")
         _run("e2fsck", "-f", "-p", device)
         _run("resize2fs", device)
     return kind

@@ -15,7 +15,7 @@ import nbdkit  # type: ignore[import-not-found]
 
 from appliance.errors import ApplianceError
 from appliance.nbd.service import EngineService
-from appliance.nbd.settings import EngineSettings
+from appliance.nbd.settings import FRONTEND_EXPORT, FRONTEND_SIZE, EngineSettings
 from appliance.replication.engine import Engine
 
 API_VERSION = 2
@@ -51,52 +51,87 @@ def cleanup() -> None:
         _service.stop()
 
 
-def open(readonly: bool) -> Engine:  # nbdkit calls it by this name
+class FrontendView:
+    """The handle of the ``frontend`` export (what a local block device is attached
+    through): FRONTEND_SIZE bytes, of which the volume's size is real. The device above is
+    limited to the volume's size and grows when the volume does, on the same connection.
+    Reads beyond the volume read zeros; writes there fail (the device never sends any)."""
+
+    size = FRONTEND_SIZE
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.write, self.zero, self.trim = engine.write, engine.zero, engine.trim
+        self.flush = engine.flush
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        inside = min(len(buf), max(0, self.engine.size - offset))
+        if inside == len(buf):
+            self.engine.read(buf, offset)
+            return
+        if inside:
+            self.engine.read(buf[:inside], offset)
+        buf[inside:] = bytes(len(buf) - inside)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        inside = min(length, max(0, self.engine.size - offset))
+        found = self.engine.extents(offset, inside) if inside else []
+        if inside < length:
+            found.append((offset + inside, length - inside, False))
+        return found
+
+
+Handle = Engine | FrontendView
+
+
+def open(readonly: bool) -> Handle:  # nbdkit calls it by this name
     assert _service is not None
+    if nbdkit.export_name() == FRONTEND_EXPORT:
+        return FrontendView(_service.engine)
     return _service.engine
 
 
-def get_size(h: Engine) -> int:
+def get_size(h: Handle) -> int:
     return h.size
 
 
-def block_size(h: Engine) -> tuple[int, int, int]:
+def block_size(h: Handle) -> tuple[int, int, int]:
     return 1, 4096, 32 << 20
 
 
-def can_write(h: Engine) -> bool:
+def can_write(h: Handle) -> bool:
     return True
 
 
-def can_flush(h: Engine) -> bool:
+def can_flush(h: Handle) -> bool:
     return True
 
 
-def can_trim(h: Engine) -> bool:
+def can_trim(h: Handle) -> bool:
     return True
 
 
-def can_zero(h: Engine) -> bool:
+def can_zero(h: Handle) -> bool:
     return True
 
 
-def can_fast_zero(h: Engine) -> bool:
+def can_fast_zero(h: Handle) -> bool:
     return True
 
 
-def can_fua(h: Engine) -> int:
+def can_fua(h: Handle) -> int:
     return int(nbdkit.FUA_NATIVE)
 
 
-def can_multi_conn(h: Engine) -> bool:
+def can_multi_conn(h: Handle) -> bool:
     return True  # one engine serves every connection; a flush covers them all
 
 
-def can_extents(h: Engine) -> bool:
+def can_extents(h: Handle) -> bool:
     return True
 
 
-def is_rotational(h: Engine) -> bool:
+def is_rotational(h: Handle) -> bool:
     return False
 
 
@@ -104,7 +139,7 @@ def _failed(exc: ApplianceError) -> None:
     nbdkit.set_error(exc.errno)
 
 
-def pread(h: Engine, buf: Any, offset: int, flags: int) -> None:
+def pread(h: Handle, buf: Any, offset: int, flags: int) -> None:
     try:
         h.read(memoryview(buf), offset)
     except ApplianceError as exc:
@@ -112,7 +147,7 @@ def pread(h: Engine, buf: Any, offset: int, flags: int) -> None:
         raise
 
 
-def pwrite(h: Engine, buf: Any, offset: int, flags: int) -> None:
+def pwrite(h: Handle, buf: Any, offset: int, flags: int) -> None:
     try:
         h.write(memoryview(buf), offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except ApplianceError as exc:
@@ -120,7 +155,7 @@ def pwrite(h: Engine, buf: Any, offset: int, flags: int) -> None:
         raise
 
 
-def zero(h: Engine, count: int, offset: int, flags: int) -> None:
+def zero(h: Handle, count: int, offset: int, flags: int) -> None:
     try:
         h.zero(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
     except ApplianceError as exc:
@@ -128,7 +163,7 @@ def zero(h: Engine, count: int, offset: int, flags: int) -> None:
         raise
 
 
-def trim(h: Engine, count: int, offset: int, flags: int) -> None:
+def trim(h: Handle, count: int, offset: int, flags: int) -> None:
     try:
         h.trim(offset, count)
         if flags & nbdkit.FLAG_FUA:
@@ -138,7 +173,7 @@ def trim(h: Engine, count: int, offset: int, flags: int) -> None:
         raise
 
 
-def flush(h: Engine, flags: int) -> None:
+def flush(h: Handle, flags: int) -> None:
     try:
         h.flush()
     except ApplianceError as exc:
@@ -146,7 +181,7 @@ def flush(h: Engine, flags: int) -> None:
         raise
 
 
-def extents(h: Engine, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
     try:
         found = h.extents(offset, count)
     except ApplianceError as exc:

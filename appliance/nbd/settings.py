@@ -6,11 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.chain.format import check_name
+from appliance.chain.format import MAX_SIZE, check_name
 from appliance.errors import InvalidArgument
 from appliance.replication.protocol import format_address, parse_address
 
 Address = tuple[str, int]
+
+#: The export a local block device is attached through: as large as a volume may grow, so
+#: the device can grow while in use (its size is limited to the volume's by the frontend).
+FRONTEND_EXPORT = "frontend"
+FRONTEND_SIZE = MAX_SIZE
 
 
 @dataclass(frozen=True)

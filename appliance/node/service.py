@@ -269,9 +269,8 @@ class NodeService:
 
     async def expand_volume(self, name: str, size: int, *,
                             resize_fs: bool = False) -> dict[str, Any]:
-        """Grow volume *name*. Attached, its device grows when nobody holds it (this node's
-        FUSE frontend cannot grow a device in use: it then keeps its size until the next
-        attach); *resize_fs* grows the file system on it too (unmounted)."""
+        """Grow volume *name*, attached (its device grows at once, in use or not) or
+        detached; *resize_fs* grows the file system on the attached device too."""
         volume, directories = await self._where(name)
         check_volume_size(size)
         if size < volume.size:
@@ -296,7 +295,7 @@ class NodeService:
                                     lambda r: r.expand(size))
             await self.controller.set_size(name, size)
         if directories is None:
-            await trio.to_thread.run_sync(partial(supervisor.grow_device, name,
+            await trio.to_thread.run_sync(partial(supervisor.grow_device, name, size,
                                                   resize_fs=resize_fs))
             self.controller.poke()
         return await self.show_volume(name)

@@ -162,31 +162,23 @@ class Supervisor:
         return device
 
     def attach(self, volume: str) -> str:
-        return frontend.attach(volume, self.nbd_socket(volume), self.attach_state(volume))
+        status = self.engine_status(volume)
+        if status is None:
+            raise Unavailable(f"the engine of volume {volume} is not running")
+        return frontend.attach(volume, self.nbd_socket(volume), self.attach_state(volume),
+                               int(status["size"]))
 
     def check_growable(self, volume: str) -> None:
-        """Refuse --resize-fs unless the device is free and holds a growable file system."""
+        """Refuse --resize-fs unless the device holds a file system that can grow."""
         device = self.attached_device(volume)
         if device is None:
             raise FailedPrecondition(f"volume {volume} has no device")
-        if filesystem.in_use(device):
-            raise FailedPrecondition(
-                f"{device} is in use (mounted?): this node's FUSE frontend grows a device "
-                "only while nobody holds it; unmount it and expand again")
         filesystem.check_growable(device)
 
-    def grow_device(self, volume: str, *, resize_fs: bool) -> None:
-        """Make the attached device show the volume's new size (set up again when nobody
-        holds it), then grow its file system when asked."""
-        device = self.attached_device(volume)
-        if device is None:
-            return
-        if filesystem.in_use(device):
-            log.info("volume %s: %s is in use; it keeps its size until the next attach",
-                     volume, device)
-            return
-        frontend.detach(self.attach_state(volume))
-        device = self.attach(volume)
+    def grow_device(self, volume: str, size: int, *, resize_fs: bool) -> None:
+        """Make the attached device *size* bytes (in use or not), then grow its file
+        system when asked (mounted or not)."""
+        device = frontend.resize(self.attach_state(volume), size)
         if resize_fs:
             kind = filesystem.grow(device)
             log.info("volume %s: %s file system on %s grown", volume, kind, device)

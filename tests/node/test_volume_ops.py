@@ -123,7 +123,22 @@ def test_snapshot_revert_clone_purge(node: Node, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "snapshot name" in bad.stderr
 
 
-def test_expand_offline_and_online(node: Node) -> None:
+def ext4_bytes(device: str) -> int:
+    dumped = subprocess.run(["dumpe2fs", "-h", device], capture_output=True, text=True,
+                            check=True).stdout
+    fields = dict(line.split(":", 1) for line in dumped.splitlines() if ":" in line)
+    return int(fields["Block count"]) * int(fields["Block size"])
+
+
+def _capable(bit: int) -> bool:
+    status = Path("/proc/self/status").read_text()
+    return bool(int(status.split("CapEff:")[1].split()[0], 16) >> bit & 1)
+
+
+CAN_RESIZE_MOUNTED_EXT4 = _capable(24)  # CAP_SYS_RESOURCE
+
+
+def test_expand_offline_and_online(node: Node, tmp_path: Path) -> None:
     node.cli("volume", "create", "grow", "--size", "32M", "--replicas", "2")
     node.cli("volume", "expand", "grow", "--size", "48M")  # offline
     assert node.volume("grow")["size"] == 48 * MiB
@@ -132,20 +147,68 @@ def test_expand_offline_and_online(node: Node) -> None:
     payload = os.urandom(MiB)
     write_at(device, 47 * MiB, payload)  # the new space is usable
     subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", device], check=True)
-    node.cli("volume", "expand", "grow", "--size", "64M", "--resize-fs")  # online
-    device = node.volume("grow")["device"]
-    assert device_size(device) == 64 * MiB
-    dumped = subprocess.run(["dumpe2fs", "-h", device], capture_output=True, text=True,
-                            check=True).stdout
-    fields = dict(line.split(":", 1) for line in dumped.splitlines() if ":" in line)
-    assert int(fields["Block count"]) * int(fields["Block size"]) == 64 * MiB
+    node.cli("volume", "expand", "grow", "--size", "64M", "--resize-fs")  # online, unmounted
+    assert node.volume("grow")["device"] == device
+    assert device_size(device) == 64 * MiB and ext4_bytes(device) == 64 * MiB
     subprocess.run(["fsck.ext4", "-n", "-f", device], check=True, capture_output=True)
+
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    subprocess.run(["mount", device, str(mountpoint)], check=True)
+    try:
+        data = os.urandom(8 * MiB)
+        (mountpoint / "before").write_bytes(data)
+        node.cli("volume", "expand", "grow", "--size", "96M")  # the device grows in use
+        assert device_size(device) == 96 * MiB
+        if not CAN_RESIZE_MOUNTED_EXT4:
+            refused = node.cli("volume", "expand", "grow", "--size", "112M", "--resize-fs",
+                               check=False)
+            assert refused.returncode == 1 and "CAP_SYS_RESOURCE" in refused.stderr
+            assert node.volume("grow")["size"] == 96 * MiB  # refused before any change
+        else:
+            node.cli("volume", "expand", "grow", "--size", "112M", "--resize-fs")
+            (mountpoint / "after").write_bytes(os.urandom(60 * MiB))  # needs the new space
+        assert (mountpoint / "before").read_bytes() == data
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+    subprocess.run(["fsck.ext4", "-n", "-f", device], check=True, capture_output=True)
+    node.cli("volume", "expand", "grow", "--size", "112M", "--resize-fs")  # unmounted
+    assert ext4_bytes(device) == 112 * MiB
     shrink = node.cli("volume", "expand", "grow", "--size", "16M", check=False)
     assert shrink.returncode == 2 and "only grow" in shrink.stderr
     node.cli("volume", "detach", "grow")
     for replica in node.volume("grow")["replica_list"]:
         info = json.loads(run("replica", "inspect", replica["directory"], "-o", "json").stdout)
-        assert info["size"] == 64 * MiB
+        assert info["size"] == 112 * MiB
+    device = node.cli("volume", "attach", "grow").stdout.strip()
+    assert device_size(device) == 112 * MiB
+    subprocess.run(["mount", "-o", "ro", device, str(mountpoint)], check=True)
+    try:
+        assert (mountpoint / "before").read_bytes() == data
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_expand_mounted_xfs(node: Node, tmp_path: Path) -> None:
+    """A mounted xfs file system grows online with the volume."""
+    node.cli("volume", "create", "xfs", "--size", "320M", "--replicas", "2")
+    device = node.cli("volume", "attach", "xfs").stdout.strip()
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-K", device], check=True)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    subprocess.run(["mount", device, str(mountpoint)], check=True)
+    try:
+        data = os.urandom(8 * MiB)
+        (mountpoint / "before").write_bytes(data)
+        before = os.statvfs(mountpoint)
+        node.cli("volume", "expand", "xfs", "--size", "448M", "--resize-fs")
+        after = os.statvfs(mountpoint)
+        assert after.f_blocks * after.f_frsize >= before.f_blocks * before.f_frsize + 120 * MiB
+        assert device_size(device) == 448 * MiB
+        assert (mountpoint / "before").read_bytes() == data
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+    subprocess.run(["xfs_repair", "-n", device], check=True, capture_output=True)
 
 
 def test_trim_returns_space(node: Node, tmp_path: Path) -> None:
