@@ -65,10 +65,11 @@ class FrontendView:
         self.flush = engine.flush
 
     def read(self, buf: memoryview, offset: int) -> None:
-        inside = min(len(buf), max(0, self.engine.size - offset))
-        if inside == len(buf):
-            self.engine.read(buf, offset)
+        engine = self.engine
+        if offset + len(buf) <= engine.size:  # always, from the device above
+            engine.read(buf, offset)
             return
+        inside = max(0, engine.size - offset)
         if inside:
             self.engine.read(buf[:inside], offset)
         buf[inside:] = bytes(len(buf) - inside)
