@@ -38,10 +38,18 @@ def read_secret_file(path: str | Path) -> bytes:
 
 
 def write_secret_file(path: str | Path, secret: bytes) -> None:
-    """Create *path* (mode 0600) holding *secret*; refuse to replace an existing file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    """Create *path* (mode 0600) holding *secret*; refuse to replace an existing file
+    (:class:`FileExistsError`). The file appears complete or not at all: it is written
+    under a temporary name and linked into place."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, secret)
-        os.fsync(fd)
+        try:
+            os.write(fd, secret)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temporary, path)
     finally:
-        os.close(fd)
+        temporary.unlink(missing_ok=True)

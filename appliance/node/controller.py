@@ -309,6 +309,7 @@ class Controller:
                     failures.append(exc)
 
         failures: list[ApplianceError] = []
+        await self.thread(sup.secret_file, volume.name)  # made once, before they start
         async with trio.open_nursery() as servers:  # started side by side
             for replica in replicas:
                 servers.start_soon(ensure_server, replica)

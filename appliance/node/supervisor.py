@@ -58,7 +58,8 @@ class Supervisor:
     def secret_file(self, volume: str) -> Path:
         path = self.config.secrets_dir / volume
         if not path.exists():
-            write_secret_file(path, os.urandom(32).hex().encode())
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another thread
+                write_secret_file(path, os.urandom(32).hex().encode())
         return path
 
     def address(self, replica: Replica) -> tuple[str, int]:
