@@ -14,6 +14,15 @@ MAX_SECRET = 4096
 def read_secret_file(path: str | Path) -> bytes:
     """The secret in *path*, which must be a regular file that only its owner can read
     (mode 0600 or stricter), holding 16 to 4096 bytes (a final newline is dropped)."""
+    secret = read_private_file(path, MAX_SECRET + 1).removesuffix(b"\n")
+    if not 16 <= len(secret) <= MAX_SECRET:
+        raise InvalidArgument(f"secret file {path} must hold 16 to {MAX_SECRET} bytes")
+    return secret
+
+
+def read_private_file(path: str | Path, limit: int) -> bytes:
+    """Up to *limit* bytes of *path*, a regular file (not a symlink) that only its owner
+    can read."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -28,13 +37,9 @@ def read_secret_file(path: str | Path) -> bytes:
         if info.st_mode & 0o077:
             raise FailedPrecondition(f"secret file {path} can be read by others (mode "
                                      f"{stat.S_IMODE(info.st_mode):04o}); make it 0600")
-        data = os.read(fd, MAX_SECRET + 1)
+        return os.read(fd, limit)
     finally:
         os.close(fd)
-    secret = data.removesuffix(b"\n")
-    if not 16 <= len(secret) <= MAX_SECRET:
-        raise InvalidArgument(f"secret file {path} must hold 16 to {MAX_SECRET} bytes")
-    return secret
 
 
 def write_secret_file(path: str | Path, secret: bytes) -> None:

@@ -32,3 +32,14 @@ def test_chain_imports_no_framework_and_nothing_above_it() -> None:
 
 def test_errors_module_is_pure() -> None:
     assert imported_modules(PACKAGE / "errors.py") <= {"__future__", "errno"}
+
+
+def test_backup_format_and_codec_are_pure() -> None:
+    for name in ("format.py", "codec.py", "keys.py"):
+        for module in imported_modules(PACKAGE / "backup" / name):
+            top = module.split(".")[0]
+            assert top not in FRAMEWORKS, f"backup/{name} imports {module}"
+            if top == "appliance":
+                assert module.startswith(("appliance.chain.format", "appliance.errors",
+                                          "appliance.backup.keys", "appliance.secrets")), \
+                    f"backup/{name} imports {module}"
