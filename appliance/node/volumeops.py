@@ -16,11 +16,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from appliance.chain import BLOCK_SIZE
 from appliance.chain import Replica as ReplicaStore
-from appliance.errors import ApplianceError, FailedPrecondition, NotFound, StorageIOError
+from appliance.chain.source import LayerSource, LocalSource, ancestry
+from appliance.errors import ApplianceError, FailedPrecondition, StorageIOError
 from appliance.replication import membership
 
 log = logging.getLogger(__name__)
@@ -76,50 +77,10 @@ def layers(directories: list[Path]) -> list[dict[str, Any]]:
 # -- copying a snapshot ---------------------------------------------------------------------
 
 
-class LayerSource(Protocol):
-    """Where a snapshot's layers are read from: a replica server (a reader connection) or
-    a replica directory (:class:`LocalSource`)."""
-
-    def layers(self) -> list[dict[str, Any]]: ...
-
-    def layer_extents(self, name: str) -> list[tuple[int, int]]:
-        """Runs of blocks ``(first, end)`` the layer itself holds."""
-
-    def read_layer(self, name: str, buf: memoryview, offset: int) -> None: ...
-
-
-class LocalSource:
-    def __init__(self, replica: ReplicaStore) -> None:
-        self.replica = replica
-
-    def layers(self) -> list[dict[str, Any]]:
-        return [layer.as_dict() for layer in self.replica.layers()]
-
-    def layer_extents(self, name: str) -> list[tuple[int, int]]:
-        return [(e.offset // BLOCK_SIZE, (e.offset + e.length) // BLOCK_SIZE)
-                for e in self.replica.layer_extents(name)]
-
-    def read_layer(self, name: str, buf: memoryview, offset: int) -> None:
-        self.replica.read_layer(name, buf, offset)
-
-
 @contextlib.contextmanager
 def local_source(directories: list[Path]) -> Iterator[LocalSource]:
     with _opened(directories, writable=False) as replicas:
         yield LocalSource(max(replicas, key=lambda r: r.revision))
-
-
-def ancestry(layer_list: list[dict[str, Any]], snapshot: str) -> list[dict[str, Any]]:
-    """The layers whose data make up *snapshot*, root first."""
-    by_name = {layer["name"]: layer for layer in layer_list if not layer["head"]}
-    layer = by_name.get(snapshot)
-    if layer is None or layer["removed"]:
-        raise NotFound(f"snapshot {snapshot!r} does not exist")
-    chain = []
-    while layer is not None:
-        chain.append(layer)
-        layer = by_name.get(layer["parent"]) if layer["parent"] else None
-    return list(reversed(chain))
 
 
 def copy_snapshot(source: LayerSource, snapshot: str, volume: str, targets: list[Path],

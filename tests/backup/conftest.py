@@ -72,7 +72,8 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
     """An empty target of each kind."""
     if request.param == "file":
-        with opened(f"file://{tmp_path}") as store:
+        (tmp_path / "target").mkdir()
+        with opened(f"file://{tmp_path / 'target'}") as store:
             yield store
     else:
         endpoint: S3Endpoint = request.getfixturevalue("s3_endpoint")
