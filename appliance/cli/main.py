@@ -9,6 +9,7 @@ import traceback
 import click
 
 from appliance import __version__
+from appliance.cli.backup import backup, backup_target
 from appliance.cli.engine import engine
 from appliance.cli.node import disk, serve, snapshot, volume
 from appliance.cli.replica import replica
@@ -27,6 +28,8 @@ cli.add_command(serve)
 cli.add_command(disk)
 cli.add_command(volume)
 cli.add_command(snapshot)
+cli.add_command(backup_target)
+cli.add_command(backup)
 
 
 def main(argv: list[str] | None = None) -> int:

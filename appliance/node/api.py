@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.errors import ApplianceError, AuthenticationFailed
+from appliance.node.backups import BackupService
 from appliance.node.service import NodeService
 from appliance.units import parse_size
 
@@ -69,6 +70,29 @@ class SnapshotCreate(Strict):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+class BackupTargetSet(Strict):
+    url: str = Field(min_length=1, max_length=2048)
+    credentials: str | None = Field(default=None, max_length=65536,
+                                    description="the credentials file's content")
+    encryption_key: str | None = Field(default=None, min_length=64, max_length=64,
+                                       description="32 bytes as 64 hex digits")
+
+
+class BackupCreate(Strict):
+    volume: str = Field(min_length=1, max_length=128)
+    snapshot: str | None = Field(default=None, min_length=1, max_length=128)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class BackupRestore(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    replicas: int | None = Field(default=None, ge=1, le=8)
+
+
+class BackupVerify(Strict):
+    volume: str = Field(min_length=1, max_length=128)
+
+
 class SettingsUpdate(Strict):
     over_provisioning_percentage: int | None = None
     minimal_available_percentage: int | None = None
@@ -94,7 +118,7 @@ def _error(exc: ApplianceError) -> JSONResponse:
                         status_code=exc.http_status, headers=headers)
 
 
-def create_app(service: NodeService, token: str,
+def create_app(service: NodeService, backups: BackupService, token: str,
                metrics: Callable[[], Awaitable[bytes]]) -> FastAPI:
     app = FastAPI(title="appliance node API", version=__version__,
                   description="Volumes, disks and settings of one appliance node.")
@@ -194,6 +218,42 @@ def create_app(service: NodeService, token: str,
     async def purge_snapshots(name: str) -> dict[str, str]:
         await service.purge_snapshots(name)
         return {"status": "purged"}
+
+    @app.get("/v1/backup-target", dependencies=auth)
+    async def show_backup_target() -> dict[str, Any]:
+        return await backups.show_target()
+
+    @app.put("/v1/backup-target", dependencies=auth)
+    async def set_backup_target(body: BackupTargetSet) -> dict[str, Any]:
+        return await backups.set_target(body.url, body.credentials, body.encryption_key)
+
+    @app.get("/v1/backups", dependencies=auth)
+    async def list_backups(volume: str | None = None) -> dict[str, Any]:
+        return await backups.list_backups(volume)
+
+    @app.post("/v1/backups", dependencies=auth, status_code=202)
+    async def create_backup(body: BackupCreate) -> dict[str, Any]:
+        return await backups.create(body.volume, body.snapshot, body.labels)
+
+    @app.get("/v1/backups/{backup_id}", dependencies=auth)
+    async def show_backup(backup_id: str) -> dict[str, Any]:
+        return await backups.show(backup_id)
+
+    @app.delete("/v1/backups/{backup_id}", dependencies=auth)
+    async def delete_backup(backup_id: str) -> dict[str, Any]:
+        return await backups.delete(backup_id)
+
+    @app.post("/v1/backups/{backup_id}/restore", dependencies=auth, status_code=201)
+    async def restore_backup(backup_id: str, body: BackupRestore) -> dict[str, Any]:
+        return await backups.restore(backup_id, body.name, body.replicas)
+
+    @app.post("/v1/backups/{backup_id}/verify", dependencies=auth)
+    async def verify_backup(backup_id: str) -> dict[str, Any]:
+        return await backups.verify(backup_id, None)
+
+    @app.post("/v1/backup-volumes/verify", dependencies=auth)
+    async def verify_backup_volume(body: BackupVerify) -> dict[str, Any]:
+        return await backups.verify(None, body.volume)
 
     @app.get("/v1/settings", dependencies=auth)
     async def get_settings() -> dict[str, Any]:

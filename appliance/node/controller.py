@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -68,6 +69,9 @@ class Controller:
         self.placement = trio.Lock()  # replicas are placed one volume at a time
         self._jobs: trio.Nursery | None = None  # long work (clones) beside the passes
         self.cloning: dict[str, tuple[int, int]] = {}  # volume -> (copied, total) bytes
+        # restores a new volume from a backup: (backup id, volume, replicas, progress)
+        self.restorer: Callable[[str, str, list[Replica], Callable[[int, int], None]],
+                                int] | None = None
         # detached volumes found in order: skipped until they change or RESYNC_INTERVAL
         self._settled: dict[str, tuple[tuple[Any, ...], float]] = {}
 
@@ -193,22 +197,31 @@ class Controller:
     async def _clone(self, volume: Volume, replicas: list[Replica]) -> None:
         """Copy the source snapshot into the new volume's replicas, then make it usable."""
         assert volume.source is not None
-        source, snapshot = volume.source["volume"], volume.source["snapshot"]
-        log.info("volume %s: cloning snapshot %s of volume %s", volume.name, snapshot, source)
+        what = "restore" if "backup" in volume.source else "clone"
 
         def progress(done: int, total: int) -> None:
             self.cloning[volume.name] = (done, total)
 
         try:
-            source_replicas = await self.replicas_of(source)
-            copied = await self.thread(partial(
-                self.supervisor.clone_into, source, source_replicas, snapshot, volume.name,
-                replicas, progress))
+            if what == "restore":
+                if self.restorer is None:
+                    raise FailedPrecondition("backups are not available on this node")
+                log.info("volume %s: restoring backup %s", volume.name, volume.source["backup"])
+                copied = await self.thread(partial(
+                    self.restorer, volume.source["backup"], volume.name, replicas, progress))
+            else:
+                source, snapshot = volume.source["volume"], volume.source["snapshot"]
+                log.info("volume %s: cloning snapshot %s of volume %s", volume.name,
+                         snapshot, source)
+                source_replicas = await self.replicas_of(source)
+                copied = await self.thread(partial(
+                    self.supervisor.clone_into, source, source_replicas, snapshot,
+                    volume.name, replicas, progress))
         except ApplianceError as exc:
-            log.warning("volume %s: the clone failed: %s", volume.name, exc)
-            await self._status(volume.name, state="failed", message=f"clone failed: {exc}")
+            log.warning("volume %s: the %s failed: %s", volume.name, what, exc)
+            await self._status(volume.name, state="failed", message=f"{what} failed: {exc}")
         else:
-            log.info("volume %s: cloned (%d bytes copied)", volume.name, copied)
+            log.info("volume %s: %s done (%d bytes written)", volume.name, what, copied)
             await self._status(volume.name, state="detached", message="")
         finally:
             del self.cloning[volume.name]

@@ -20,6 +20,7 @@ from hypercorn.trio import serve as serve_http
 from appliance.control.objects import Disk
 from appliance.control.sqlite_store import SQLiteStore
 from appliance.node.api import create_app
+from appliance.node.backups import BackupService
 from appliance.node.config import NodeConfig
 from appliance.node.controller import Controller
 from appliance.node.metrics import Metrics
@@ -52,11 +53,14 @@ async def run_daemon(config: NodeConfig,
         supervisor = Supervisor(config)
         controller = Controller(store, supervisor, config)
         service = NodeService(store, controller)
+        backups = BackupService(store, service, config.secrets_dir)
+        service.backups = backups
         if not (await store.list(Disk.PREFIX))[0]:
             config.default_disk.mkdir(parents=True, exist_ok=True)
             await service.add_disk(str(config.default_disk), [])
         metrics = Metrics(store, supervisor, config)
-        app = create_app(service, token, metrics.render)
+        metrics.backups = backups
+        app = create_app(service, backups, token, metrics.render)
         http = HypercornConfig()
         http.bind = [format_address(config.listen)]
         http.accesslog = None
@@ -65,6 +69,7 @@ async def run_daemon(config: NodeConfig,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.run)
             await nursery.start(controller.run)
+            await nursery.start(backups.run)
             await nursery.start(partial(serve_http, app, http,  # type: ignore[arg-type]
                                         shutdown_trigger=shutdown.wait))
             log.info("node %s serving the API on %s (data in %s)", config.node_name,

@@ -5,6 +5,7 @@ _total for counters)."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import trio
@@ -53,6 +54,7 @@ class Metrics:
         self.store = store
         self.supervisor = supervisor
         self.config = config
+        self.backups: Any = None  # the BackupService
 
     async def render(self) -> bytes:
         volumes = [Volume.from_dict(e.value) for e in (await self.store.list(Volume.PREFIX))[0]]
@@ -109,7 +111,38 @@ class Metrics:
             count.add_metric([volume.name], volume.replicas)
         families += [size, actual, state, robust, count]
         families += self._engine_families(engines)
+        if self.backups is not None:
+            families += self._backup_families()
         return families
+
+    def _backup_families(self) -> list[Any]:
+        """This node's backup jobs since the daemon started (complete ones are listed on
+        the target too)."""
+        state = GaugeMetricFamily("appliance_backup_state", "Backup state (1 for the current).",
+                                  labels=["backup", "volume", "state"])
+        size = GaugeMetricFamily("appliance_backup_size_bytes", "Size of the backed-up volume.",
+                                 labels=["backup", "volume"])
+        uploaded = GaugeMetricFamily("appliance_backup_uploaded_bytes",
+                                     "Bytes a backup uploaded (new blocks only).",
+                                     labels=["backup", "volume"])
+        duration = GaugeMetricFamily("appliance_backup_duration_seconds",
+                                     "How long a backup took (so far, while running).",
+                                     labels=["backup", "volume"])
+        last = GaugeMetricFamily("appliance_volume_last_backup_timestamp_seconds",
+                                 "When the last backup of a volume completed.",
+                                 labels=["volume"])
+        for job in self.backups.metrics():
+            for name in ("in-progress", "complete", "failed", "cancelled"):
+                state.add_metric([job.id, job.volume, name], int(job.state == name))
+            if job.manifest is not None:
+                size.add_metric([job.id, job.volume], job.manifest.size)
+                uploaded.add_metric([job.id, job.volume],
+                                    job.manifest.stats.get("uploaded_bytes", 0))
+            duration.add_metric([job.id, job.volume],
+                                (job.finished or time.time()) - job.started)
+        for volume, when in self.backups.last_success.items():
+            last.add_metric([volume], when)
+        return [state, size, uploaded, duration, last]
 
     def _engine_families(self, engines: dict[str, Any]) -> list[Any]:
         mode = GaugeMetricFamily("appliance_replica_mode", "Replica mode (1 for the current).",

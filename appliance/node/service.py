@@ -35,6 +35,7 @@ class NodeService:
     def __init__(self, store: StateStore, controller: Controller) -> None:
         self.store = store
         self.controller = controller
+        self.backups: Any = None  # the BackupService, when the daemon has one
 
     # -- disks --------------------------------------------------------------------------
 
@@ -262,6 +263,9 @@ class NodeService:
 
     async def purge_snapshots(self, volume: str) -> None:
         _, directories = await self._where(volume)
+        if self.backups is not None and self.backups.running(volume):
+            raise FailedPrecondition(f"a backup of volume {volume!r} is running: purge "
+                                     "when it is done (it reads the snapshot's layers)")
         if directories is None:
             await self._engine(volume, "purge")
         else:

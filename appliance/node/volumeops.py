@@ -106,10 +106,17 @@ def copy_snapshot(source: LayerSource, snapshot: str, volume: str, targets: list
                     replica.write(piece, offset)
                 done += len(piece)
                 progress(done, total)
-        revision = max(r.revision for r in replicas)
-        record = membership.record(volume, 1, [r.replica_id for r in replicas], clean=True)
-        for replica in replicas:
-            replica.set_revision(revision)
-            replica.set_volume_record(record)
-            replica.flush()
+        mark_equal(volume, replicas)
     return done
+
+
+def mark_equal(volume: str, replicas: list[ReplicaStore]) -> None:
+    """Record that the new replicas *replicas* of *volume*, written with the same data,
+    are equal: one revision and a clean membership record naming them all, so the first
+    engine serves from every one of them (instead of rebuilding all but one)."""
+    revision = max(r.revision for r in replicas)
+    record = membership.record(volume, 1, [r.replica_id for r in replicas], clean=True)
+    for replica in replicas:
+        replica.set_revision(revision)
+        replica.set_volume_record(record)
+        replica.flush()

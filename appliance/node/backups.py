@@ -1,0 +1,358 @@
+"""Backups on a node: the backup target, backup jobs, listing, restore into a new volume,
+deletion and verification. The API (api.py) calls this; the work runs in worker threads.
+
+The target's URL is kept in the state store; its credentials and encryption key are kept
+in DATA_DIR/secrets (mode 0600), never in the store, the log or an error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from appliance.backup import format as fmt
+from appliance.backup.image import SnapshotImage
+from appliance.backup.jobs import BackupOptions, create_backup, restore_backup
+from appliance.backup.keys import BackupKey
+from appliance.backup.store import BackupStore
+from appliance.backup.targets import open_target, parse_target
+from appliance.chain import Replica as ReplicaStore
+from appliance.chain.format import check_labels, check_name
+from appliance.control.objects import Replica
+from appliance.control.store import StateStore
+from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, NotFound
+from appliance.node import volumeops
+from appliance.replication import protocol as proto
+from appliance.replication.client import ReplicaConnection
+from appliance.replication.protocol import Role
+from appliance.secrets import read_secret_file, write_secret_file
+
+log = logging.getLogger(__name__)
+TARGET_KEY = "/settings/backup-target"
+
+
+@dataclass
+class Job:
+    id: str
+    volume: str
+    snapshot: str
+    started: float
+    finished: float | None = None
+    state: str = "in-progress"  # in-progress, complete, failed, cancelled
+    done: int = 0
+    total: int = 0
+    error: str = ""
+    manifest: fmt.Manifest | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class BackupService:
+    def __init__(self, store: StateStore, service: Any, secrets_dir: Path) -> None:
+        self.store = store
+        self.service = service  # the NodeService: volumes, snapshots
+        self.controller = service.controller
+        self.supervisor = service.controller.supervisor
+        self.secrets_dir = secrets_dir
+        self.jobs: dict[str, Job] = {}
+        self._nursery: trio.Nursery | None = None
+        self.controller.restorer = self._restore_into
+        self.last_success: dict[str, float] = {}
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- the target -----------------------------------------------------------------------
+
+    @property
+    def _credentials_file(self) -> Path:
+        return self.secrets_dir / "backup-credentials"
+
+    @property
+    def _key_file(self) -> Path:
+        return self.secrets_dir / "backup-key"
+
+    async def set_target(self, url: str, credentials: str | None,
+                         encryption_key: str | None) -> dict[str, Any]:
+        """Check the target (parse, reach, read the credentials and key), then keep it."""
+        spec = parse_target(url)
+        key = None
+        if encryption_key is not None:
+            try:
+                key = BackupKey.from_bytes(bytes.fromhex(encryption_key.strip()))
+            except ValueError:
+                raise InvalidArgument("the encryption key must be 32 bytes, given as 64 hex "
+                                      "digits") from None
+        staged: Path | None = None
+        try:
+            if credentials is not None:
+                staged = self.secrets_dir / f".staged-credentials-{time.monotonic_ns()}"
+                write_secret_file(staged, credentials.encode())
+            elif spec.scheme == "s3":
+                raise InvalidArgument(f"backup target {spec.url} needs credentials "
+                                      "(--credentials FILE)")
+            await trio.to_thread.run_sync(self._probe, spec, staged)
+            self._replace_secret(self._credentials_file, staged)
+            staged = None
+            self._replace_secret(self._key_file, encryption_key.strip().encode()
+                                 if encryption_key is not None else None)
+        finally:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+        await self.store.put(TARGET_KEY, {"url": url, "credentials": credentials is not None,
+                                          "key_id": key.key_id if key else None})
+        return await self.show_target()
+
+    @staticmethod
+    def _probe(spec: Any, credentials: Path | None) -> None:
+        with open_target(spec, credentials) as target:
+            list(zip(range(1), target.list(f"{fmt.ROOT}/"), strict=False))
+
+    def _replace_secret(self, path: Path, source: Path | bytes | None) -> None:
+        path.unlink(missing_ok=True)
+        if isinstance(source, Path):
+            source.rename(path)
+        elif source is not None:
+            write_secret_file(path, source)
+
+    async def show_target(self) -> dict[str, Any]:
+        entry = await self.store.get(TARGET_KEY)
+        if entry is None:
+            return {"url": None, "credentials": False, "encrypted": False, "key_id": None}
+        value = entry.value
+        return {"url": value["url"], "credentials": value["credentials"],
+                "encrypted": value["key_id"] is not None, "key_id": value["key_id"]}
+
+    def _target_value(self, entry_value: dict[str, Any] | None) -> dict[str, Any]:
+        if entry_value is None:
+            raise FailedPrecondition("no backup target: set one with 'appliance backup-target "
+                                     "set URL'")
+        return entry_value
+
+    @contextlib.contextmanager
+    def _backup_store(self, value: dict[str, Any]) -> Iterator[BackupStore]:
+        spec = parse_target(value["url"])
+        key = None
+        if value.get("key_id"):
+            key = BackupKey.from_bytes(bytes.fromhex(read_secret_file(self._key_file).decode()))
+        credentials = self._credentials_file if value.get("credentials") else None
+        with open_target(spec, credentials) as target:
+            yield BackupStore(target, key)
+
+    async def _target(self) -> dict[str, Any]:
+        entry = await self.store.get(TARGET_KEY)
+        return self._target_value(entry.value if entry else None)
+
+    # -- backups --------------------------------------------------------------------------
+
+    async def create(self, volume: str, snapshot: str | None,
+                     labels: dict[str, str]) -> dict[str, Any]:
+        check_labels(labels)
+        target = await self._target()
+        info = await self.service.show_volume(volume)
+        if snapshot is None:
+            snapshot = "backup-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + \
+                f"-{time.monotonic_ns() % 1000:03d}"
+            await self.service.create_snapshot(volume, snapshot, {"backup": "true"})
+        else:
+            check_name(snapshot, "snapshot name")
+            if not any(s["name"] == snapshot and not s["removed"]
+                       for s in await self.service.list_snapshots(volume)):
+                raise NotFound(f"snapshot {snapshot!r} of volume {volume!r} does not exist")
+        job = Job(fmt.new_backup_id(), volume, snapshot, time.time())
+        self.jobs[job.id] = job
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_backup, job, target, labels, info)
+        return self._job_info(job)
+
+    async def _run_backup(self, job: Job, target: dict[str, Any], labels: dict[str, str],
+                          volume: dict[str, Any]) -> None:
+        def progress(done: int, total: int) -> None:
+            job.done, job.total = done, total
+
+        options = BackupOptions(labels=labels, cancel=job.cancel, progress=progress)
+        try:
+            job.manifest = await trio.to_thread.run_sync(partial(
+                self._backup_blocking, job, target, options, volume))
+        except ApplianceError as exc:
+            job.state, job.error = ("cancelled" if job.cancel.is_set() else "failed"), str(exc)
+            log.warning("backup %s of volume %s failed: %s", job.id, job.volume, exc)
+        except Exception as exc:  # a bug: the job fails, the daemon stays up
+            job.state, job.error = "failed", f"internal error: {exc}"
+            log.exception("backup %s of volume %s failed", job.id, job.volume)
+        else:
+            job.state = "complete"
+            self.last_success[job.volume] = time.time()
+        finally:
+            job.finished = time.time()
+
+    def _backup_blocking(self, job: Job, target: dict[str, Any], options: BackupOptions,
+                         volume: dict[str, Any]) -> fmt.Manifest:
+        with self._backup_store(target) as store, self._source(volume) as source:
+            return create_backup(store, job.volume, SnapshotImage(source, job.snapshot),
+                                 options, job.id)
+
+    @contextlib.contextmanager
+    def _source(self, volume: dict[str, Any]) -> Iterator[Any]:
+        """The volume's layers: from a replica server in service when it is attached, else
+        from its replica directories."""
+        name = volume["name"]
+        status = self.supervisor.engine_status(name) if volume["state"] == "attached" else None
+        if status is not None:
+            address = next((r["address"] for r in status["replicas"] if r["mode"] == "RW"),
+                           None)
+            if address is None:
+                raise FailedPrecondition(f"volume {name} has no replica in service")
+            with ReplicaConnection(proto.parse_address(address), read_secret_file(
+                    self.supervisor.secret_file(name)), role=Role.READER,
+                    timeout=120) as connection:
+                yield connection
+            return
+        with volumeops.local_source([Path(r["directory"]) for r in volume["replica_list"]]) \
+                as local:
+            yield local
+
+    def running(self, volume: str) -> bool:
+        return any(j.volume == volume and j.state == "in-progress" for j in self.jobs.values())
+
+    @staticmethod
+    def _manifest_info(manifest: fmt.Manifest) -> dict[str, Any]:
+        return {"id": manifest.id, "volume": manifest.volume, "snapshot": manifest.snapshot,
+                "created": manifest.created, "completed": manifest.completed,
+                "size": manifest.size, "state": "complete", "labels": manifest.labels,
+                "block_size": manifest.block_size, "compression": manifest.compression,
+                "encrypted": manifest.key_id is not None, "key_id": manifest.key_id,
+                "base": manifest.base,
+                "blocks": len(manifest.blocks), "stats": manifest.stats}
+
+    def _job_info(self, job: Job) -> dict[str, Any]:
+        if job.manifest is not None:
+            return {**self._manifest_info(job.manifest), "progress": 1.0}
+        return {"id": job.id, "volume": job.volume, "snapshot": job.snapshot,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.started)),
+                "size": None, "state": job.state, "error": job.error or None,
+                "progress": job.done / job.total if job.total else 0.0}
+
+    async def list_backups(self, volume: str | None) -> dict[str, Any]:
+        """Complete backups on the target, and this node's jobs that are not (yet)."""
+        if volume is not None:
+            check_name(volume, "volume name")
+        target = await self._target()
+        backups, problems = await trio.to_thread.run_sync(self._list_blocking, target, volume)
+        listed = {b["id"] for b in backups}
+        backups += [self._job_info(j) for j in self.jobs.values()
+                    if j.id not in listed and (volume is None or j.volume == volume)
+                    and j.state != "complete"]
+        return {"backups": backups, "problems": problems}
+
+    def _list_blocking(self, target: dict[str, Any], volume: str | None,
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        backups: list[dict[str, Any]] = []
+        problems: list[dict[str, str]] = []
+        with self._backup_store(target) as store:
+            if volume is None:
+                volumes, stray = store.volumes()
+                problems += [{"object": p.name, "problem": p.reason} for p in stray]
+            else:
+                volumes = [volume]
+            for name in volumes:
+                manifests, damaged = store.manifests(name)
+                backups += [self._manifest_info(m) for m in manifests]
+                problems += [{"object": p.name, "problem": p.reason} for p in damaged]
+        return backups, problems
+
+    async def show(self, backup_id: str) -> dict[str, Any]:
+        fmt.check_backup_id(backup_id)
+        job = self.jobs.get(backup_id)
+        if job is not None and job.state != "complete":
+            return self._job_info(job)
+        target = await self._target()
+        manifest = await trio.to_thread.run_sync(self._find, target, backup_id)
+        return self._manifest_info(manifest)
+
+    def _find(self, target: dict[str, Any], backup_id: str) -> fmt.Manifest:
+        with self._backup_store(target) as store:
+            return store.find(backup_id)
+
+    async def delete(self, backup_id: str) -> dict[str, Any]:
+        fmt.check_backup_id(backup_id)
+        job = self.jobs.get(backup_id)
+        if job is not None and job.state == "in-progress":
+            job.cancel.set()
+            return {"status": "cancelling"}
+        target = await self._target()
+
+        def blocking() -> int:
+            with self._backup_store(target) as store:
+                manifest = store.find(backup_id)
+                return store.delete_backup(manifest.volume, backup_id)
+
+        removed = await trio.to_thread.run_sync(blocking)
+        self.jobs.pop(backup_id, None)
+        return {"status": "deleted", "blocks_removed": removed}
+
+    async def verify(self, backup_id: str | None, volume: str | None) -> dict[str, Any]:
+        target = await self._target()
+
+        def blocking() -> dict[str, Any]:
+            with self._backup_store(target) as store:
+                listing: list[Any] = []
+                if backup_id is not None:
+                    manifests = [store.find(fmt.check_backup_id(backup_id))]
+                else:
+                    assert volume is not None
+                    store.open_volume(check_name(volume, "volume name"))
+                    manifests, listing = store.manifests(volume)
+                problems = [{"object": p.name, "problem": p.reason} for p in listing]
+                for manifest in manifests:
+                    problems += [{"object": p.name, "problem": p.reason, "backup": manifest.id}
+                                 for p in store.verify(manifest)]
+                return {"backups": [m.id for m in manifests], "problems": problems,
+                        "ok": not problems}
+
+        return await trio.to_thread.run_sync(blocking)
+
+    async def restore(self, backup_id: str, name: str,
+                      replicas: int | None) -> dict[str, Any]:
+        manifest_info = await self.show(backup_id)
+        if manifest_info["state"] != "complete":
+            raise FailedPrecondition(f"backup {backup_id} is {manifest_info['state']}")
+        have = (await self._target()).get("key_id")
+        if manifest_info["key_id"] != have:  # refused before a volume is made
+            raise FailedPrecondition(
+                f"backup {backup_id} is encrypted with key {manifest_info['key_id']}; "
+                + (f"the target's key is {have}" if have else "the target has no key")
+                if manifest_info["key_id"] else
+                f"backup {backup_id} is not encrypted; the target has a key ({have})")
+        created: dict[str, Any] = await self.service.create_volume(
+            name, manifest_info["size"], replicas or 2, [], {},
+            {"backup": backup_id})
+        return created
+
+    def _restore_into(self, backup_id: str, volume: str, replicas: list[Replica],
+                      progress: Callable[[int, int], None]) -> int:
+        """Blocking: write backup *backup_id* into the new volume's replica directories."""
+        entry = trio.from_thread.run(self.store.get, TARGET_KEY)
+        target = self._target_value(entry.value if entry else None)
+        with self._backup_store(target) as store:
+            manifest = store.find(backup_id)
+            with contextlib.ExitStack() as stack:
+                opened = [stack.enter_context(ReplicaStore.open(Path(r.directory)))
+                          for r in replicas]
+                written = restore_backup(store, manifest, opened, progress=progress)
+                volumeops.mark_equal(volume, opened)
+                return written
+
+    def metrics(self) -> list[Job]:
+        return list(self.jobs.values())
