@@ -27,3 +27,13 @@ def test_node_bench_quick(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "GET /v1/volumes, 5 volumes" in result.stdout and "idle attached" in result.stdout
     assert (tmp_path / "out.json").exists()
+
+
+def test_backup_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.backup_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "of the plain copy" in result.stdout and "incremental after" in result.stdout
+    assert (tmp_path / "out.json").exists()

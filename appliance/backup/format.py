@@ -82,7 +82,7 @@ def block_id_of(name: str) -> str | None:
 
 
 def _decode(data: bytes, what: str) -> dict[str, Any]:
-    if len(data) > 256 << 20:
+    if len(data) > 1 << 30:  # a 16 TiB volume's manifest is about 620 MiB
         raise Corruption(f"{what}: {len(data)} bytes, too large to be one")
     try:
         value = json.loads(data)

@@ -37,6 +37,22 @@ def now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _live(lock: fmt.Lock) -> bool:
+    """A lock holds until it expires, or until its holder is known dead: a process of this
+    host that no longer exists (a killed deleter need not block others for a lease)."""
+    if lock.expires <= time.time():
+        return False
+    host, _, pid = lock.owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True
+
+
 @dataclass(frozen=True)
 class Problem:
     """A damaged or stray item found while listing; listings report and keep going."""
@@ -202,8 +218,7 @@ class BackupStore:
         self.target.put(name, lock.encode())
         stop = threading.Event()
         try:
-            now = time.time()
-            others = [x for x in self.locks(volume) if x.id != lock.id and x.expires > now]
+            others = [x for x in self.locks(volume) if x.id != lock.id and _live(x)]
             conflicting = others if kind == "delete" else \
                 [x for x in others if x.kind == "delete"]
             if conflicting:
