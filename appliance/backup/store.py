@@ -103,10 +103,7 @@ class BackupStore:
                                          f"with key {record.key_id}; give that key")
             raise FailedPrecondition(f"the backups of volume {volume!r} are encrypted with "
                                      f"key {record.key_id}; the key given is {key_id}")
-        if block_size is not None and create and block_size != record.block_size:
-            raise InvalidArgument(f"the backups of volume {volume!r} use blocks of "
-                                  f"{record.block_size} bytes, not {block_size}")
-        return record
+        return record  # its block size stays what the first backup chose
 
     def codec(self, compression: str = "lz4") -> BlockCodec:
         return BlockCodec(compression, self.key)

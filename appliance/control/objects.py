@@ -131,8 +131,16 @@ class Settings(Record):
     replica_soft_anti_affinity: bool = False
     replica_replenishment_wait: float = 30.0  # seconds before a failed replica is rebuilt
     auto_salvage: bool = True
+    backup_compression: str = "lz4"  # lz4, zstd or none
+    backup_block_size: int = 2 << 20  # for a volume's first backup; fixed afterwards
 
     def validate(self) -> Settings:
+        if self.backup_compression not in ("lz4", "zstd", "none"):
+            raise InvalidArgument("backup_compression must be lz4, zstd or none")
+        size = self.backup_block_size
+        if not isinstance(size, int) or size & (size - 1) or not 64 << 10 <= size <= 64 << 20:
+            raise InvalidArgument("backup_block_size must be a power of two from 65536 to "
+                                  "67108864 bytes")
         if not 1 <= self.over_provisioning_percentage <= 10000:
             raise InvalidArgument("over_provisioning_percentage must be 1 to 10000")
         if not 0 <= self.minimal_available_percentage <= 100:

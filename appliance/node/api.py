@@ -99,6 +99,8 @@ class SettingsUpdate(Strict):
     replica_soft_anti_affinity: bool | None = None
     replica_replenishment_wait: float | None = None
     auto_salvage: bool | None = None
+    backup_compression: str | None = None
+    backup_block_size: int | None = None
 
 
 _bearer = HTTPBearer(auto_error=False)

@@ -181,7 +181,10 @@ class BackupService:
         def progress(done: int, total: int) -> None:
             job.done, job.total = done, total
 
-        options = BackupOptions(labels=labels, cancel=job.cancel, progress=progress)
+        settings = await self.controller.settings()
+        options = BackupOptions(compression=settings.backup_compression,
+                                block_size=settings.backup_block_size, labels=labels,
+                                cancel=job.cancel, progress=progress)
         try:
             job.manifest = await trio.to_thread.run_sync(partial(
                 self._backup_blocking, job, target, options, volume))

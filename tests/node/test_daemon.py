@@ -214,6 +214,8 @@ HOSTILE = [
     ("POST", "/v1/volumes", b'[]', "invalid request"),
     ("PATCH", "/v1/settings", b'{"replica_replenishment_wait": -5}', "replenishment"),
     ("PATCH", "/v1/settings", b'{"name": "other"}', "name"),
+    ("PATCH", "/v1/settings", b'{"backup_compression": "gzip"}', "backup_compression"),
+    ("PATCH", "/v1/settings", b'{"backup_block_size": 3000}', "backup_block_size"),
 ]
 
 
