@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import lz4.frame
@@ -49,8 +50,20 @@ class BlockCodec:
         self.compression = compression
         self.key = key
         self._aead = AESGCM(key.data_key) if key else None
-        self._zstd_c = zstandard.ZstdCompressor(level=3)
-        self._zstd_d = zstandard.ZstdDecompressor()
+        # zstandard's (de)compressors must not be shared between threads: one per thread
+        self._local = threading.local()
+
+    def _zstd(self) -> zstandard.ZstdCompressor:
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=3)
+        return compressor
+
+    def _unzstd(self) -> zstandard.ZstdDecompressor:
+        decompressor = getattr(self._local, "decompressor", None)
+        if decompressor is None:
+            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
+        return decompressor
 
     @property
     def hash_name(self) -> str:
@@ -65,7 +78,7 @@ class BlockCodec:
         if self.compression == "lz4":
             packed = lz4.frame.compress(plaintext, store_size=False)
         elif self.compression == "zstd":
-            packed = self._zstd_c.compress(plaintext)
+            packed = self._zstd().compress(plaintext)
         else:
             return 0, bytes(plaintext)
         if len(packed) >= len(plaintext):
@@ -93,7 +106,7 @@ class BlockCodec:
             if method == 1:
                 plaintext = bytes(lz4.frame.decompress(payload))
             elif method == 2:
-                plaintext = self._zstd_d.decompress(payload, max_output_size=length)
+                plaintext = self._unzstd().decompress(payload, max_output_size=length)
             else:
                 plaintext = bytes(payload)
         except (RuntimeError, zstandard.ZstdError) as exc:

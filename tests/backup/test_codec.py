@@ -112,3 +112,19 @@ def test_key_files(tmp_path: Path) -> None:
     with pytest.raises(FailedPrecondition, match="0600"):
         load_key(loose)
     assert repr(KEY) == f"BackupKey(key_id='{KEY.key_id}')"  # keys never printed
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd"])
+def test_one_codec_many_threads(compression: str) -> None:
+    """Backups share a codec between worker threads (zstandard's contexts must not be)."""
+    import concurrent.futures  # noqa: PLC0415
+
+    codec = BlockCodec(compression, KEY)
+    blocks = [os.urandom(4096) * 64 for _ in range(64)]
+
+    def round_trip(block: bytes) -> bool:
+        encoded = codec.encode(block)
+        return codec.decode(encoded.block_id, encoded.data) == block
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(round_trip, blocks * 4))
