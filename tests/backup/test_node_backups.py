@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.backup.conftest import S3Endpoint
@@ -101,6 +103,19 @@ def test_backups_under_load_restore_exactly(node: Node, tmp_path: Path, kind: st
     verified = json.loads(node.cli("backup", "verify", "--volume", "data", "-o",
                                    "json").stdout)
     assert verified["ok"] and len(verified["backups"]) == 4
+
+    token = node.token_file.read_text().strip()
+    scrape = httpx.get(node.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    for family in ("appliance_backup_state", "appliance_backup_uploaded_bytes",
+                   "appliance_backup_duration_seconds",
+                   "appliance_volume_last_backup_timestamp_seconds"):
+        assert family in scrape.text, family
+    assert f'appliance_backup_state{{backup="{backups[0]}",state="complete",volume="data"}} 1.0' \
+        in scrape.text
+    if shutil.which("promtool"):
+        checked = subprocess.run(["promtool", "check", "metrics"], input=scrape.text,
+                                 text=True, capture_output=True, check=False)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_backup_errors(node: Node, tmp_path: Path, s3_endpoint: S3Endpoint) -> None:
