@@ -14,6 +14,7 @@ restarted with salvage when ``auto_salvage`` is on. A detached volume has no pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -181,10 +182,14 @@ class Controller:
     async def _ensure_replicas(self, volume: Volume) -> list[Replica]:
         replicas = await self.replicas_of(volume.name)
         missing = volume.replicas - len(replicas)
+        placed: list[Replica] = []
         if missing > 0:
             async with self.placement:
-                replicas += await self._place(volume, replicas, missing)
-        for replica in replicas:
+                placed = await self._place(volume, replicas, missing)
+            replicas += placed
+        # Directories are made for new replicas only: one that vanished later is a failed
+        # replica (replaced after the wait), not something to recreate empty in its place.
+        for replica in replicas if volume.state == "creating" else placed:
             await self.thread(self.supervisor.create_replica_dir, replica, volume.size)
         if volume.state == "creating" and volume.source:
             if volume.name not in self.cloning and self._jobs is not None:
@@ -319,15 +324,17 @@ class Controller:
                 try:
                     await self.thread(sup.start_replica, replica)
                 except ApplianceError as exc:
-                    failures.append(exc)
+                    failures[replica.name] = exc
 
-        failures: list[ApplianceError] = []
+        failures: dict[str, ApplianceError] = {}
         await self.thread(sup.secret_file, volume.name)  # made once, before they start
         async with trio.open_nursery() as servers:  # started side by side
             for replica in replicas:
                 servers.start_soon(ensure_server, replica)
-        if failures:
-            raise failures[0]
+        if failures and (status is None or len(failures) == len(replicas)):
+            raise next(iter(failures.values()))
+        for name, exc in failures.items():  # the engine serves from the others meanwhile
+            log.warning("volume %s: replica %s cannot be served: %s", volume.name, name, exc)
         settings = await self.settings()
         if status is None:
             # A device left from an engine that died is dead too: set up again below.
@@ -344,7 +351,7 @@ class Controller:
             await self._status(volume.name, robustness="faulted")
             await self.thread(sup.stop_engine, volume.name)
             return  # the next pass starts the engine again, with salvage
-        await self._replenish(volume, replicas, status, settings)
+        await self._replenish(volume, replicas, status, settings, set(failures))
         device = await self.thread(sup.attached_device, volume.name)
         if device is None:
             device = await self.thread(sup.attach, volume.name)
@@ -352,8 +359,10 @@ class Controller:
                            device=device, message="")
 
     async def _replenish(self, volume: Volume, replicas: list[Replica], status: dict[str, Any],
-                         settings: Settings) -> None:
-        """Bring replicas the engine reports out of service back, after the wait."""
+                         settings: Settings, unservable: set[str]) -> None:
+        """Bring replicas the engine reports out of service back, after the wait: rebuilt
+        in place when their server runs, replaced by a new replica (placed like any other)
+        when it cannot be served (its directory or disk is gone or broken)."""
         modes = {r["address"]: r for r in status["replicas"]}
         for replica in replicas:
             address = f"{self.config.replica_address}:{replica.port}"
@@ -368,6 +377,9 @@ class Controller:
                 continue
             if time.time() - replica.failed_at < settings.replica_replenishment_wait:
                 continue
+            if replica.name in unservable:
+                await self._replace(volume, replicas, replica, address)
+                continue
             log.info("volume %s: rebuilding replica %s", volume.name, replica.name)
             try:
                 await self.thread(partial(self.supervisor.engine_call, volume.name,
@@ -376,6 +388,33 @@ class Controller:
                 log.warning("volume %s: could not add replica %s back: %s", volume.name,
                             replica.name, exc)
             await self._put_replica(replace(replica, failed_at=None))
+
+    async def _replace(self, volume: Volume, replicas: list[Replica], failed: Replica,
+                       address: str) -> None:
+        sup = self.supervisor
+        others = [r for r in replicas if r.name != failed.name]
+        async with self.placement:
+            try:
+                [new] = await self.plan_replicas(volume, others, 1)
+            except FailedPrecondition as exc:
+                log.warning("volume %s: replica %s cannot be replaced: %s", volume.name,
+                            failed.name, exc)
+                await self._status(volume.name, message=f"replica {failed.name} cannot be "
+                                   f"replaced: {exc}")
+                return
+            await self.store.put(new.key, new.to_dict(), expect=0)
+        log.info("volume %s: replacing replica %s (cannot be served) by %s on disk %s",
+                 volume.name, failed.name, new.name, new.disk)
+        await self.thread(sup.create_replica_dir, new, volume.size)
+        await self.thread(sup.start_replica, new)
+        with contextlib.suppress(ApplianceError):  # may be gone from the engine already
+            await self.thread(partial(sup.engine_call, volume.name, "remove-replica",
+                                      address=address))
+        await self.thread(partial(sup.engine_call, volume.name, "add-replica",
+                                  address=f"{self.config.replica_address}:{new.port}"))
+        await self.store.delete(failed.key)
+        await self.thread(sup.stop_replica, failed)
+        await self.thread(sup.delete_replica_dir, failed)
 
     async def _put_replica(self, replica: Replica) -> None:
         await self.store.put(replica.key, replica.to_dict())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -234,3 +235,38 @@ def test_hostile_requests(node: Node, method: str, path: str, body: bytes,
     assert error["code"] == "invalid-argument" and message in error["message"], error
     assert httpx.get(node.url + "/v1/volumes", headers=headers).json() == before
     assert httpx.get(node.url + "/v1/settings", headers=headers).json() == settings
+
+
+def test_a_lost_replica_is_replaced(node: Node) -> None:
+    """A replica whose directory is gone (a failed disk) is replaced by a new replica,
+    rebuilt online; the volume becomes healthy again with its data."""
+    httpx.patch(node.url + "/v1/settings", json={"replica_replenishment_wait": 1},
+                headers={"Authorization": f"Bearer {node.token_file.read_text().strip()}"})
+    node.cli("volume", "create", "lose", "--size", "32M", "--replicas", "2")
+    device = node.cli("volume", "attach", "lose").stdout.strip()
+    payload = os.urandom(4 * MiB)
+    with open(device, "r+b") as block:
+        block.write(payload)
+        os.fsync(block.fileno())
+    victim = node.volume("lose")["replica_list"][0]
+    os.kill(int((Path(victim["directory"]) / "server.pid").read_text()), signal.SIGKILL)
+    shutil.rmtree(victim["directory"])
+    with open(device, "r+b") as block:  # a write finds it gone
+        block.seek(8 * MiB)
+        block.write(payload)
+        os.fsync(block.fileno())
+
+    def replaced() -> bool:
+        info = node.volume("lose")
+        names = {r["name"] for r in info["replica_list"]}
+        return victim["name"] not in names and len(names) == 2 and \
+            info["robustness"] == "healthy"
+    wait_for(replaced, 120, "a new replica, rebuilt")
+    assert not Path(victim["directory"]).exists()
+    with open(node.volume("lose")["device"], "rb") as reader:
+        assert reader.read(len(payload)) == payload
+        reader.seek(8 * MiB)
+        assert reader.read(len(payload)) == payload
+    node.cli("volume", "detach", "lose")
+    node.cli("volume", "attach", "lose")  # the new set starts as equals
+    assert node.volume("lose")["robustness"] == "healthy"
