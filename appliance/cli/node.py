@@ -73,7 +73,7 @@ def disk_list(output: str, url: str, token_file: Path) -> None:
 
 @click.group()
 def volume() -> None:
-    """Volumes: create, attach, detach, delete."""
+    """Volumes: create, list, show, attach, detach, expand, clone, delete."""
 
 
 def _volume_rows(items: list[dict[str, Any]]) -> str:
