@@ -62,6 +62,7 @@ class EngineConfig:
     salvage: bool = False
     rebuild_bandwidth: int = 0  # bytes per second, 0 for no limit
     control_timeout: float = 600.0  # snapshots, checksums: long operations
+    monitor_interval: float = 5.0  # seconds between pings of the replicas in service
 
 
 Outcome = tuple[list[tuple[Member, bytes]], list[tuple[Member, ApplianceError]]]
@@ -136,6 +137,21 @@ class Engine:
                  [p.name for p in decision.stale], [p.name for p in decision.unreachable])
         for probe in decision.stale:
             self._start_rebuild(by_name[probe.name])
+        if self.config.monitor_interval > 0:
+            threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+
+    def _monitor(self) -> None:
+        """Ping every replica in service now and then: one that died is taken out of
+        service (and the volume reported degraded) without waiting for the next I/O."""
+        while not self._closed.wait(self.config.monitor_interval):
+            for member in self._targets:
+                if self._closed.is_set():
+                    return
+                try:
+                    self._call(member, lambda conn: conn.ping())
+                except ApplianceError as exc:
+                    if not self._closed.is_set():
+                        self._fail(member, exc)
 
     def _probe(self, member: Member) -> membership.Probe:
         try:
