@@ -42,7 +42,6 @@ class ControlServer:
             os.umask(old_umask)
         path.chmod(0o600)
         self._sock.listen(16)
-        self._sock.settimeout(0.2)
         self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
 
     def start(self) -> None:
@@ -50,6 +49,8 @@ class ControlServer:
 
     def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._thread.join()
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
@@ -59,8 +60,6 @@ class ControlServer:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
             except OSError:
                 if self._stop.is_set():
                     return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -16,9 +17,6 @@ from appliance.chain import Replica
 from appliance.errors import InvalidArgument
 from appliance.replication.server import ReplicaServer
 
-ACCEPT_POLL = 0.2  # how often the accept loop looks at its stop flag
-
-
 UNIX_SOCKET = "server.sock"
 
 
@@ -32,7 +30,6 @@ def open_unix_listener(path: Path) -> socket.socket:
     finally:
         os.umask(old_umask)
     listener.listen(128)
-    listener.settimeout(ACCEPT_POLL)
     return listener
 
 
@@ -47,7 +44,6 @@ def open_listener(address: tuple[str, int]) -> socket.socket:
     except OSError as exc:
         listener.close()
         raise InvalidArgument(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    listener.settimeout(ACCEPT_POLL)
     return listener
 
 
@@ -84,6 +80,9 @@ class RunningServer:
             return
         self._stopped = True
         self.stop_event.set()
+        for listener in (self.listener, self.unix_listener):
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+                listener.shutdown(socket.SHUT_RDWR)
         for thread in self.threads:
             thread.join()
         self.listener.close()

@@ -88,7 +88,8 @@ class ReplicaServer:
     # -- connections ------------------------------------------------------------------------
 
     def serve(self, listener: socket.socket, stop: threading.Event) -> None:
-        """Accept connections until *stop* is set (the listener must have a timeout)."""
+        """Accept connections until *stop* is set (and the listener shut down, which wakes
+        a blocked accept)."""
         while not stop.is_set():
             try:
                 sock, peer = listener.accept()
