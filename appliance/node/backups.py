@@ -37,7 +37,7 @@ from appliance.replication.protocol import Role
 from appliance.secrets import read_secret_file, write_secret_file
 
 log = logging.getLogger(__name__)
-TARGET_KEY = "/settings/backup-target"
+TARGET_KEY = "/backup/target"  # not under /settings/: it is not a Settings record
 
 
 @dataclass

@@ -91,6 +91,7 @@ class Engine:
         self.rebuild_lock = threading.Lock()
         self._closed = threading.Event()
         self._stats_lock = threading.Lock()
+        self._last_io = 0.0  # time.monotonic() of the last read or write
         # latency histograms: counts per bucket of LATENCY_BUCKETS (the last: above all)
         self.latency = {kind: [0] * (len(LATENCY_BUCKETS) + 1) for kind in ("read", "write")}
         self.latency_sum = {"read": 0.0, "write": 0.0}
@@ -141,10 +142,13 @@ class Engine:
             threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
 
     def _monitor(self) -> None:
-        """Ping every replica in service now and then: one that died is taken out of
-        service (and the volume reported degraded) without waiting for the next I/O."""
+        """Ping the replicas in service while the volume is idle: one that died is taken
+        out of service (and the volume reported degraded) without waiting for the next
+        I/O. A busy volume is left to its I/O, which fails such a replica anyway."""
         while not self._closed.wait(self.config.monitor_interval):
-            for member in self._targets:
+            if time.monotonic() - self._last_io < self.config.monitor_interval:
+                continue  # busy: I/O finds a failed replica by itself, as it always did
+            for member in self._readers:
                 if self._closed.is_set():
                     return
                 try:
@@ -288,6 +292,7 @@ class Engine:
     def _observe(self, kind: str, started: float, length: int) -> None:
         """Count one completed read or write of *length* bytes begun at *started*."""
         elapsed = time.perf_counter() - started
+        self._last_io = time.monotonic()
         bucket = bisect.bisect_left(LATENCY_BUCKETS, elapsed)
         with self._stats_lock:
             self.stats[f"{kind}_ops"] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class Cluster:
         self.root = root
         self.servers: list[RunningServer] = []
         self.directories: list[Path] = []
+        self.engines: list[Engine] = []
 
     def add(self, size: int = 32 * MiB) -> RunningServer:
         directory = self.root / f"replica{len(self.directories)}"
@@ -48,6 +50,7 @@ class Cluster:
                addresses: tuple[tuple[str, int], ...] | None = None) -> Engine:
         engine = Engine(EngineConfig("vol", addresses or self.addresses(), SECRET,
                                      timeout=timeout, salvage=salvage))
+        self.engines.append(engine)
         engine.start()
         return engine
 
@@ -56,6 +59,15 @@ class Cluster:
                 if not server.stop_event.is_set()]
 
     def close(self) -> None:
+        # Engines a test left running are stopped before their replicas (quietly: their
+        # replicas may be gone), so that none keeps working into the next test.
+        previous = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
+        try:
+            for engine in self.engines:
+                engine.close()
+        finally:
+            logging.disable(previous)
         for server in self.servers:
             server.stop()
 
