@@ -62,7 +62,6 @@ class EngineConfig:
     salvage: bool = False
     rebuild_bandwidth: int = 0  # bytes per second, 0 for no limit
     control_timeout: float = 600.0  # snapshots, checksums: long operations
-    monitor_interval: float = 5.0  # seconds between pings of the replicas in service
 
 
 Outcome = tuple[list[tuple[Member, bytes]], list[tuple[Member, ApplianceError]]]
@@ -91,7 +90,6 @@ class Engine:
         self.rebuild_lock = threading.Lock()
         self._closed = threading.Event()
         self._stats_lock = threading.Lock()
-        self._last_io = 0.0  # time.monotonic() of the last read or write
         # latency histograms: counts per bucket of LATENCY_BUCKETS (the last: above all)
         self.latency = {kind: [0] * (len(LATENCY_BUCKETS) + 1) for kind in ("read", "write")}
         self.latency_sum = {"read": 0.0, "write": 0.0}
@@ -138,24 +136,6 @@ class Engine:
                  [p.name for p in decision.stale], [p.name for p in decision.unreachable])
         for probe in decision.stale:
             self._start_rebuild(by_name[probe.name])
-        if self.config.monitor_interval > 0:
-            threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
-
-    def _monitor(self) -> None:
-        """Ping the replicas in service while the volume is idle: one that died is taken
-        out of service (and the volume reported degraded) without waiting for the next
-        I/O. A busy volume is left to its I/O, which fails such a replica anyway."""
-        while not self._closed.wait(self.config.monitor_interval):
-            if time.monotonic() - self._last_io < self.config.monitor_interval:
-                continue  # busy: I/O finds a failed replica by itself, as it always did
-            for member in self._readers:
-                if self._closed.is_set():
-                    return
-                try:
-                    self._call(member, lambda conn: conn.ping())
-                except ApplianceError as exc:
-                    if not self._closed.is_set():
-                        self._fail(member, exc)
 
     def _probe(self, member: Member) -> membership.Probe:
         try:
@@ -292,7 +272,6 @@ class Engine:
     def _observe(self, kind: str, started: float, length: int) -> None:
         """Count one completed read or write of *length* bytes begun at *started*."""
         elapsed = time.perf_counter() - started
-        self._last_io = time.monotonic()
         bucket = bisect.bisect_left(LATENCY_BUCKETS, elapsed)
         with self._stats_lock:
             self.stats[f"{kind}_ops"] += 1

@@ -271,16 +271,3 @@ def test_a_lost_replica_is_replaced(node: Node) -> None:
     node.cli("volume", "attach", "lose")  # the new set starts as equals
     assert node.volume("lose")["robustness"] == "healthy"
 
-
-def test_an_idle_volume_notices_a_dead_replica(node: Node) -> None:
-    """No I/O at all: the engine's pings find the dead server; the controller brings it
-    back and the volume is healthy again."""
-    httpx.patch(node.url + "/v1/settings", json={"replica_replenishment_wait": 1},
-                headers={"Authorization": f"Bearer {node.token_file.read_text().strip()}"})
-    node.cli("volume", "create", "idle", "--size", "32M", "--replicas", "2")
-    node.cli("volume", "attach", "idle")
-    victim = node.volume("idle")["replica_list"][1]
-    pid = int((Path(victim["directory"]) / "server.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: node.volume("idle")["robustness"] == "degraded", 60, "degraded")
-    wait_for(lambda: node.volume("idle")["robustness"] == "healthy", 120, "healthy again")

@@ -70,7 +70,7 @@ def salvage_and_verify(volume: Volume, cwd: Path) -> None:
     volume.stop_engine()
     volume.start_engine("--timeout", TIMEOUT, "--salvage")
     check = verify_acknowledged(volume, cwd)
-    assert check.returncode == 0 and fio_errors(check) == 0, check.stdout[-2000:]
+    assert check.returncode == 0 and fio_errors(check) == 0, check.stderr[-3000:]
     volume.wait_healthy()
     stop_all(volume)
     volume.replicas_identical()
@@ -312,7 +312,7 @@ def test_row9_engine_crash_loses_no_acknowledged_write(tmp_path: Path,
     finish(workload)  # fio stops with errors: its engine died
     volume.start_engine("--timeout", TIMEOUT)
     check = verify_acknowledged(volume, tmp_path)
-    assert check.returncode == 0 and fio_errors(check) == 0, check.stdout[-2000:]
+    assert check.returncode == 0 and fio_errors(check) == 0, check.stderr[-3000:]
     volume.wait_healthy()  # the others were resynchronized from the trusted one
     stop_all(volume)
     volume.replicas_identical()
