@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.faults import small_disk
+from tests.harness import Node
 
 settings.register_profile("default", deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -26,6 +27,21 @@ def _no_unexpected_log_records(caplog: pytest.LogCaptureFixture) -> Iterator[Non
     bad = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.get_records("call")
            if r.levelno >= logging.WARNING]
     assert not bad, f"unexpected log records: {bad}"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """A node daemon started as an operator would, with a second disk (tagged "second")
+    beside its default one; everything it started is stopped afterwards."""
+    running = Node(tmp_path)
+    running.start()
+    second = tmp_path / "disk2"
+    second.mkdir()
+    running.cli("disk", "add", second, "--tag", "second")
+    try:
+        yield running
+    finally:
+        running.cleanup()
 
 
 @pytest.fixture

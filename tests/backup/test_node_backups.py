@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +18,6 @@ import pytest
 
 from tests.backup.conftest import S3Endpoint
 from tests.harness import VERIFY, MiB, Node, free_port, run
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    running = Node(tmp_path)
-    running.start()
-    second = tmp_path / "disk2"
-    second.mkdir()
-    running.cli("disk", "add", second)
-    try:
-        yield running
-    finally:
-        running.cleanup()
 
 
 def export_sha(directory: str, snapshot: str | None, scratch: Path) -> str:

@@ -11,26 +11,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.harness import VERIFY, MiB, Node, alive, fio_errors, run, wait_for
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    running = Node(tmp_path)
-    running.start()
-    second = tmp_path / "disk2"
-    second.mkdir()
-    running.cli("disk", "add", second, "--tag", "second")
-    try:
-        yield running
-    finally:
-        running.cleanup()
 
 
 def sha256(path: Path) -> str:
@@ -62,7 +49,9 @@ def test_lifecycle(node: Node, tmp_path: Path) -> None:
     with open(device, "rb") as block:
         block.seek(MiB)
         assert block.read(len(payload)) == payload  # the data survived detach and attach
-    assert "yaml" not in node.cli("volume", "show", "data", "-o", "yaml").stdout
+    shown = node.cli("volume", "show", "data", "-o", "yaml").stdout
+    assert "yaml" not in shown
+    assert yaml.safe_load(shown)["name"] == "data" and yaml.safe_load(shown)["size"] == 128 * MiB
     node.cli("volume", "delete", "data")
     assert json.loads(node.cli("volume", "list", "-o", "json").stdout) == []
     assert not list((node.data / "disks" / "default" / "replicas").iterdir())

@@ -9,27 +9,11 @@ import os
 import struct
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.harness import MiB, Node, run, wait_for
 
 BLOCK = 4096
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    running = Node(tmp_path)
-    running.start()
-    second = tmp_path / "disk2"
-    second.mkdir()
-    running.cli("disk", "add", second)
-    try:
-        yield running
-    finally:
-        running.cleanup()
 
 
 def write_at(device: str, offset: int, data: bytes) -> None:
