@@ -77,6 +77,13 @@ class FailedPrecondition(ApplianceError):
     code = "failed-precondition"
 
 
+class Diverged(FailedPrecondition):
+    """Replicas of a volume hold diverged histories: each may have writes the other lacks,
+    and only an operator may choose which one serves."""
+
+    code = "diverged"
+
+
 class Busy(FailedPrecondition):
     """The object is in use by another process."""
 

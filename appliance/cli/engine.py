@@ -43,7 +43,11 @@ def engine() -> None:
 @click.option("--psk-file", type=click.Path(path_type=Path),
               help="TLS-PSK key file for --listen (default: created beside the control socket).")
 @click.option("--salvage", is_flag=True,
-              help="Start even if a replica that may hold the newest writes is unreachable.")
+              help="Start even if a member that may hold the newest writes is unreachable: "
+                   "serve the best reachable member.")
+@click.option("--salvage-from", type=ADDRESS, metavar="HOST:PORT",
+              help="Serve the replica at HOST:PORT alone (diverged replicas: the operator's "
+                   "choice); replicas that may hold data it lacks are kept, not rebuilt.")
 @click.option("--timeout", type=float, default=8.0, show_default=True,
               help="Seconds before an unresponsive replica is taken out of service.")
 @click.option("--rebuild-bandwidth", type=int, default=0,
@@ -51,14 +55,23 @@ def engine() -> None:
 @click.option("--foreground", is_flag=True, help="Run in this process (nbdkit -f).")
 def start(name: str, replicas: tuple[tuple[str, int], ...], secret_file: Path,
           socket_path: Path, control_path: Path, listen: tuple[str, int] | None,
-          psk_file: Path | None, salvage: bool, timeout: float, rebuild_bandwidth: int,
-          foreground: bool) -> None:
+          psk_file: Path | None, salvage: bool, salvage_from: tuple[str, int] | None,
+          timeout: float, rebuild_bandwidth: int, foreground: bool) -> None:
     """Start the engine of volume NAME on its replicas."""
     settings = EngineSettings(name, replicas, secret_file, socket_path, control_path,
                               listen=listen, psk_file=psk_file, salvage=salvage,
-                              timeout=timeout, rebuild_bandwidth=rebuild_bandwidth)
+                              salvage_from=salvage_from, timeout=timeout,
+                              rebuild_bandwidth=rebuild_bandwidth)
     pid = start_engine(settings, foreground=foreground)
     click.echo(f"engine of {name} serving on {socket_path} (pid {pid})")
+    info = control.call(control_path, "status")
+    started = info.get("started") or {}
+    for label, key in (("rebuilding (behind)", "behind"), ("kept (diverged)", "kept"),
+                       ("unreachable", "unreachable")):
+        if started.get(key):
+            click.echo(f"{label}: {', '.join(started[key])}")
+    if started.get("salvaged"):
+        click.echo(salvage_line(info["salvage"]))
 
 
 @engine.command()
@@ -71,10 +84,20 @@ def status(control_path: Path, output: str) -> None:
         emit_json(info)
         return
     click.echo(f"volume {info['volume']}  {format_size(info['size'])}  {info['state']}  "
-               f"generation {info['generation']}  socket {info['socket']}")
+               f"generation {info['generation']}  branch {info['branch'][:8]}  "
+               f"socket {info['socket']}")
+    if info.get("salvage"):
+        click.echo(salvage_line(info["salvage"]))
     rows = [[r["address"], r["mode"], r["replica_id"][:8] or "-", str(r["reads"]),
              str(r["writes"]), _note(r)] for r in info["replicas"]]
     click.echo(table(rows, ["REPLICA", "MODE", "ID", "READS", "WRITES", "NOTE"]))
+
+
+def salvage_line(salvage: dict[str, Any]) -> str:
+    """What a salvage chose and gave up, in one line."""
+    given = "; ".join(f"{item.get('replica') or item.get('replica_id')} ({item.get('why')})"
+                      for item in salvage.get("given_up") or []) or "nothing known"
+    return f"salvaged at {salvage.get('at')} from {salvage.get('from')}; given up: {given}"
 
 
 def _note(replica: dict[str, Any]) -> str:
@@ -89,9 +112,12 @@ def _note(replica: dict[str, Any]) -> str:
 @engine.command("add-replica")
 @CONTROL
 @click.argument("address", type=ADDRESS)
-def add_replica(control_path: Path, address: tuple[str, int]) -> None:
+@click.option("--discard", is_flag=True,
+              help="Also take a replica whose diverged branch a salvage kept (its data goes).")
+def add_replica(control_path: Path, address: tuple[str, int], discard: bool) -> None:
     """Add the replica at ADDRESS (HOST:PORT): it is rebuilt, then serves."""
-    control.call(control_path, "add-replica", address=format_address(address))
+    control.call(control_path, "add-replica", address=format_address(address),
+                 discard=discard)
     click.echo(f"replica {format_address(address)} added; rebuilding")
 
 

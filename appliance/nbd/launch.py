@@ -18,12 +18,14 @@ import appliance
 from appliance import unixsock
 from appliance.errors import (
     AlreadyExists,
+    ApplianceError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
 from appliance.nbd.daemon import spawn_daemon
+from appliance.nbd.failure import read_start_failure
 from appliance.nbd.settings import EngineSettings
 from appliance.replication import control
 from appliance.replication.client import ReplicaConnection
@@ -115,6 +117,7 @@ def start_engine(settings: EngineSettings, *, foreground: bool) -> int:
         raise AlreadyExists(f"an engine is already running with control socket "
                             f"{settings.control}")
     _remove_stale_socket(settings.socket)
+    settings.start_failure_file.unlink(missing_ok=True)
     command = nbdkit_command(settings)
     if foreground:
         os.execvpe(command[0], command, plugin_environment())  # noqa: S606 - no shell wanted
@@ -124,7 +127,13 @@ def start_engine(settings: EngineSettings, *, foreground: bool) -> int:
         control.call(settings.control, "status", timeout=5)
         return settings.socket.exists()
 
-    _wait_ready(pid, ready, f"the engine of volume {settings.volume}", settings.log_file)
+    try:
+        _wait_ready(pid, ready, f"the engine of volume {settings.volume}", settings.log_file)
+    except ApplianceError:
+        refusal = read_start_failure(settings.start_failure_file)
+        if refusal is not None:
+            raise refusal from None
+        raise
     settings.pid_file.write_text(f"{pid}\n")
     return pid
 

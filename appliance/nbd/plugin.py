@@ -8,12 +8,14 @@ nbdkit forked, and maps each NBD callback to the engine, translating errors once
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
 import nbdkit  # type: ignore[import-not-found]
 
 from appliance.errors import ApplianceError
+from appliance.nbd.failure import report_start_failure
 from appliance.nbd.service import EngineService
 from appliance.nbd.settings import FRONTEND_EXPORT, FRONTEND_SIZE, EngineSettings
 from appliance.replication.engine import Engine
@@ -42,8 +44,16 @@ def after_fork() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     assert _settings is not None
-    _service = EngineService(_settings, nbdkit.shutdown)
-    _service.start()
+    try:
+        _service = EngineService(_settings, nbdkit.shutdown)
+        _service.start()
+    except ApplianceError as exc:
+        # A refusal (or a failure) to start: one line in the log, the error for the
+        # launcher beside the control socket, and no serving of a volume we do not have.
+        logging.getLogger("appliance.nbd").error("the engine did not start: %s", exc)
+        report_start_failure(_settings.start_failure_file, exc)
+        logging.shutdown()
+        os._exit(1)
 
 
 def cleanup() -> None:

@@ -28,6 +28,7 @@ class EngineService:
         self.engine = Engine(EngineConfig(
             settings.volume, settings.replicas, read_secret_file(settings.secret_file),
             timeout=settings.timeout, salvage=settings.salvage,
+            salvage_from=settings.salvage_from,
             rebuild_bandwidth=settings.rebuild_bandwidth))
         self.control: ControlServer | None = None
         self.forwarder: subprocess.Popen[bytes] | None = None
@@ -85,7 +86,7 @@ class EngineService:
         return proto.parse_address(address)
 
     def _add_replica(self, request: dict[str, Any]) -> None:
-        self.engine.add_replica(self._address(request))
+        self.engine.add_replica(self._address(request), discard=request.get("discard") is True)
 
     def _remove_replica(self, request: dict[str, Any]) -> None:
         self.engine.remove_replica(self._address(request))

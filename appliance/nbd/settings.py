@@ -28,6 +28,7 @@ class EngineSettings:
     listen: Address | None = None
     psk_file: Path | None = None
     salvage: bool = False
+    salvage_from: Address | None = None
     timeout: float = 8.0
     rebuild_bandwidth: int = 0
     threads: int = 16
@@ -37,12 +38,20 @@ class EngineSettings:
         check_name(self.volume, "volume name")
         if not self.replicas:
             raise InvalidArgument("an engine needs at least one --replica")
+        if self.salvage_from is not None and self.salvage_from not in self.replicas:
+            raise InvalidArgument(f"--salvage-from {format_address(self.salvage_from)} is not "
+                                  "one of the --replica addresses")
         if not 0 < self.timeout <= 3600:
             raise InvalidArgument(f"invalid replica timeout {self.timeout}: 0 < seconds <= 3600")
 
     @property
     def log_file(self) -> Path:
         return self.control.with_name(self.control.name + ".log")
+
+    @property
+    def start_failure_file(self) -> Path:
+        """Where an engine that refused to start leaves its error (code and message)."""
+        return self.control.with_name(self.control.name + ".failed")
 
     @property
     def pid_file(self) -> Path:
@@ -60,6 +69,8 @@ class EngineSettings:
             parameters.append(f"psk-file={self.psk_file}")
         if self.salvage:
             parameters.append("salvage=1")
+        if self.salvage_from:
+            parameters.append(f"salvage-from={format_address(self.salvage_from)}")
         return parameters
 
     @classmethod
@@ -85,6 +96,8 @@ class EngineSettings:
                 listen=parse_address(values["listen"]) if "listen" in values else None,
                 psk_file=Path(values["psk-file"]) if "psk-file" in values else None,
                 salvage=values.get("salvage") == "1",
+                salvage_from=parse_address(values["salvage-from"])
+                if "salvage-from" in values else None,
                 timeout=float(values.get("timeout", 8.0)),
                 rebuild_bandwidth=int(values.get("rebuild-bandwidth", 0)))
         except ValueError as exc:
@@ -92,4 +105,4 @@ class EngineSettings:
 
 
 _SINGLE = {"volume", "secret-file", "socket", "control", "listen", "psk-file", "salvage",
-           "timeout", "rebuild-bandwidth"}
+           "salvage-from", "timeout", "rebuild-bandwidth"}

@@ -354,7 +354,7 @@ class BackupService:
                 opened = [stack.enter_context(ReplicaStore.open(Path(r.directory)))
                           for r in replicas]
                 written = restore_backup(store, manifest, opened, progress=progress)
-                volumeops.mark_equal(volume, opened)
+                volumeops.mark_equal(volume, opened, "restored from a backup")
                 return written
 
     def metrics(self) -> list[Job]:

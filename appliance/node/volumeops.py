@@ -106,16 +106,16 @@ def copy_snapshot(source: LayerSource, snapshot: str, volume: str, targets: list
                     replica.write(piece, offset)
                 done += len(piece)
                 progress(done, total)
-        mark_equal(volume, replicas)
+        mark_equal(volume, replicas, f"cloned from snapshot {snapshot}")
     return done
 
 
-def mark_equal(volume: str, replicas: list[ReplicaStore]) -> None:
+def mark_equal(volume: str, replicas: list[ReplicaStore], cause: str) -> None:
     """Record that the new replicas *replicas* of *volume*, written with the same data,
     are equal: one revision and a clean membership record naming them all, so the first
     engine serves from every one of them (instead of rebuilding all but one)."""
     revision = max(r.revision for r in replicas)
-    record = membership.record(volume, 1, [r.replica_id for r in replicas], clean=True)
+    record = membership.initial_record(volume, [r.replica_id for r in replicas], cause)
     for replica in replicas:
         replica.set_revision(revision)
         replica.set_volume_record(record)

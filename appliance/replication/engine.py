@@ -34,21 +34,24 @@ from appliance.chain.format import BLOCK_SIZE, block_span, check_name, split_blo
 from appliance.errors import (
     AlreadyExists,
     ApplianceError,
+    Corruption,
     FailedPrecondition,
     InvalidArgument,
     NoSpace,
     NotFound,
     StorageIOError,
-    Unavailable,
 )
 from appliance.replication import membership
 from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
 from appliance.replication.member import Member, Mode
 from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op
+from appliance.replication.roster import Roster
 
 log = logging.getLogger(__name__)
 #: upper bounds (seconds) of the latency histogram buckets of reads and writes
+HISTORY_SHOWN = 10  # branches of the history that the status shows
+REBUILD_LOCK_WAIT = 5.0  # seconds a structure change waits for a rebuild's last steps
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -59,9 +62,11 @@ class EngineConfig:
     replicas: tuple[tuple[str, int], ...]
     secret: bytes = field(repr=False)
     timeout: float = 8.0
-    salvage: bool = False
+    salvage: bool = False  # accept the best reachable member when a member is unreachable
+    salvage_from: tuple[str, int] | None = None  # the operator's choice: serve this replica
     rebuild_bandwidth: int = 0  # bytes per second, 0 for no limit
     control_timeout: float = 600.0  # snapshots, checksums: long operations
+    monitor_interval: float = 5.0  # seconds between pings of an idle volume's replicas (0: off)
 
 
 Outcome = tuple[list[tuple[Member, bytes]], list[tuple[Member, ApplianceError]]]
@@ -78,11 +83,14 @@ class Engine:
                         for address in dict.fromkeys(config.replicas)]
         self.size = 0
         self.generation = 0
-        self.epoch = 0
         self._io = AccessLock()
-        self._membership = threading.RLock()
         self._targets: tuple[Member, ...] = ()  # RW and WO: writes go here
         self._readers: tuple[Member, ...] = ()  # RW, local ones first
+        # Modes and membership records; it publishes a new set of targets and readers
+        # (on_change) only once the record describing it is durable.
+        self.roster = Roster(self.volume, self.members, self._store_record,
+                             on_change=self._update_targets)
+        self.started: dict[str, Any] = {}  # what the start decided (engine status)
         self._turn = itertools.count()
         self._rebuilds: dict[str, threading.Thread] = {}
         # One rebuild at a time: each takes a snapshot on the replicas in service and its
@@ -90,6 +98,7 @@ class Engine:
         self.rebuild_lock = threading.Lock()
         self._closed = threading.Event()
         self._stats_lock = threading.Lock()
+        self._last_io = 0.0  # time.monotonic() of the last completed read or write
         # latency histograms: counts per bucket of LATENCY_BUCKETS (the last: above all)
         self.latency = {kind: [0] * (len(LATENCY_BUCKETS) + 1) for kind in ("read", "write")}
         self.latency_sum = {"read": 0.0, "write": 0.0}
@@ -99,43 +108,57 @@ class Engine:
     # -- start and stop ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Probe every replica, choose the RW set, take over with a new generation, and
-        start rebuilding the reachable replicas that are behind."""
+        """Probe every replica, decide (membership.decide), take over every reachable
+        replica with a new generation, make the decision durable, and start rebuilding the
+        replicas that are behind. Diverged replicas a salvage kept are left untouched."""
         probes = [self._probe(member) for member in self.members]
-        decision = membership.decide(self.volume, probes, salvage=self.config.salvage)
+        chosen = self.config.salvage_from
+        decision = membership.decide(
+            self.volume, probes, salvage=self.config.salvage,
+            salvage_from=proto.format_address(chosen) if chosen else None)
         by_name = {member.name: member for member in self.members}
         self.generation = decision.generation
         for member in self.members:
             member.session(self.generation, int.from_bytes(os.urandom(8), "big"))
         # Take over every reachable replica before anything else: its server then refuses
         # the previous engine, which might otherwise still write to one we do not serve.
-        reachable = {p.name for p in [*decision.rw, *decision.stale]}
-        for member in self.members:
-            if member.name in reachable:
-                member.connect().close()
-        for probe in decision.rw:
-            member = by_name[probe.name]
-            member.replica_id, member.mode, member.reason = probe.replica_id, Mode.RW, ""
-        for probe in decision.stale:
-            member = by_name[probe.name]
-            member.replica_id, member.reason = probe.replica_id, "behind: needs a rebuild"
-        for probe in decision.unreachable:
-            by_name[probe.name].reason = f"unreachable at start: {probe.error}"
+        for probe in [*decision.rw, *decision.stale, *decision.diverged]:
+            by_name[probe.name].connect().close()
         self.size = decision.rw[0].size
-        self.epoch = decision.epoch
-        with self._membership:
-            self._update_targets()
-            self._record(clean=False)
-        if not self._readers:
-            raise Unavailable(f"volume {self.volume}: no replica could be taken over")
-        if decision.salvaged:
-            log.warning("volume %s salvaged from %s", self.volume,
-                        ", ".join(p.name for p in decision.rw))
-        log.info("volume %s started: generation %d, RW %s, behind %s, unreachable %s",
-                 self.volume, self.generation, [p.name for p in decision.rw],
-                 [p.name for p in decision.stale], [p.name for p in decision.unreachable])
+        self.roster.start(decision)
+        self.started = {"rw": [p.name for p in decision.rw],
+                        "behind": [p.name for p in decision.stale],
+                        "kept": [p.name for p in decision.diverged],
+                        "unreachable": [p.name for p in decision.unreachable],
+                        "new_branch": decision.branched, "salvaged": decision.salvaged}
+        if decision.salvage is not None:
+            log.warning("volume %s salvaged from %s; given up: %s", self.volume,
+                        decision.salvage["from"], describe_given_up(decision.salvage))
+        log.info("volume %s started: generation %d, branch %s, RW %s, behind %s, kept %s, "
+                 "unreachable %s", self.volume, self.generation, self.roster.branch[:8],
+                 self.started["rw"], self.started["behind"], self.started["kept"],
+                 self.started["unreachable"])
         for probe in decision.stale:
             self._start_rebuild(by_name[probe.name])
+        if self.config.monitor_interval > 0:
+            threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+
+    def _monitor(self) -> None:
+        """Ping the replicas in service while the volume is idle: one that died leaves
+        service (the volume is reported degraded, and can be rebuilt) without waiting for
+        the next I/O. A busy volume is left to its I/O, which finds such a replica anyway."""
+        interval = self.config.monitor_interval
+        while not self._closed.wait(interval):
+            if time.monotonic() - self._last_io < interval:
+                continue
+            for member in self._targets:
+                if self._closed.is_set():
+                    return
+                try:
+                    self._call(member, lambda conn: conn.ping())
+                except ApplianceError as exc:
+                    if not self._closed.is_set():
+                        self._fail(member, exc)
 
     def _probe(self, member: Member) -> membership.Probe:
         try:
@@ -144,9 +167,14 @@ class Engine:
         except ApplianceError as exc:
             return membership.Probe(member.name, False, error=str(exc))
         member.learn_unix_socket(status.get("unix_socket"))
+        try:
+            record = membership.Record.from_dict(status["volume_record"]) \
+                if status["volume_record"] else None
+        except Corruption as exc:
+            raise Corruption(f"replica {member.name}: {exc}") from exc
         return membership.Probe(
             member.name, True, status["replica_id"], status["size"], status["revision"],
-            status["generation"], status["volume_record"], tuple(status["snapshots"]))
+            status["generation"], record, tuple(status["snapshots"]))
 
     def close(self) -> None:
         """Stop cleanly: drain writes, flush every replica, record a clean stop."""
@@ -157,11 +185,14 @@ class Engine:
             if self._readers:
                 try:
                     self._flush_all()
-                    with self._membership:
-                        self._record(clean=True)
+                    if not self.roster.stop_clean():
+                        log.warning("volume %s: the clean stop was not recorded: no replica "
+                                    "in service", self.volume)
                 except ApplianceError as exc:
                     log.warning("volume %s: the clean stop was not recorded: %s",
                                 self.volume, exc)
+            with self.roster.lock:
+                self.roster.closing = True
         for thread in list(self._rebuilds.values()):
             thread.join(timeout=self.config.timeout)
         for member in self.members:
@@ -170,46 +201,18 @@ class Engine:
     # -- membership -------------------------------------------------------------------------
 
     def _update_targets(self) -> None:
+        """Publish who takes writes and who serves reads (the roster calls this once the
+        record describing the modes is durable)."""
         rw = [m for m in self.members if m.mode == Mode.RW]
         self._targets = tuple(m for m in self.members if m.mode in (Mode.RW, Mode.WO))
         self._readers = tuple(sorted(rw, key=lambda m: not m.local))
 
-    def _record(self, *, clean: bool) -> None:
-        """Write the next membership record to every RW and WO replica (callers hold the
-        membership lock). A replica that cannot take it leaves RW mode, and the record is
-        written again without it, until it stands on every replica in it."""
-        while True:
-            self.epoch += 1
-            record = membership.record(self.volume, self.epoch,
-                                       [m.replica_id for m in self._readers], clean=clean)
-            failed = None
-            for member in self._targets:
-                try:
-                    self._call(member, lambda conn, r=record: conn.set_volume_record(r))
-                except ApplianceError as exc:
-                    failed = (member, exc)
-                    break
-            if failed is None:
-                return
-            self._mark_failed(*failed)
+    def _store_record(self, member: Member, record: dict[str, Any]) -> None:
+        self._call(member, lambda conn: conn.set_volume_record(record))
 
     def _fail(self, member: Member, exc: ApplianceError) -> None:
         """Take *member* out of service and make that durable before returning."""
-        with self._membership:
-            if member.mode == Mode.ERR:
-                return
-            was_rw = member.mode == Mode.RW
-            self._mark_failed(member, exc)
-            if was_rw and self._readers:
-                self._record(clean=False)
-
-    def _mark_failed(self, member: Member, exc: ApplianceError) -> None:
-        member.mode, member.reason = Mode.ERR, str(exc)
-        member.stats["errors"] += 1
-        member.close_connections()
-        self._update_targets()
-        log.warning("volume %s: replica %s failed (%s); %d replica(s) remain in service",
-                    self.volume, member.name, exc, len(self._readers))
+        self.roster.fail(member, exc)
 
     def _call(self, member: Member, action: Any, *, control: bool = False) -> Any:
         conn = member.connect(timeout=self.config.control_timeout) if control else \
@@ -272,6 +275,7 @@ class Engine:
     def _observe(self, kind: str, started: float, length: int) -> None:
         """Count one completed read or write of *length* bytes begun at *started*."""
         elapsed = time.perf_counter() - started
+        self._last_io = time.monotonic()
         bucket = bisect.bisect_left(LATENCY_BUCKETS, elapsed)
         with self._stats_lock:
             self.stats[f"{kind}_ops"] += 1
@@ -485,9 +489,13 @@ class Engine:
         rebuild (whose snapshot the change could invalidate), with I/O paused when the
         change affects what clients see. A replica that fails leaves service; the change
         fails only if it failed everywhere, or was refused before anything changed."""
-        if not self.rebuild_lock.acquire(blocking=False):
-            raise FailedPrecondition(f"volume {self.volume}: a rebuild is in progress; "
-                                     f"{what} when it is done")
+        busy = FailedPrecondition(f"volume {self.volume}: a rebuild is in progress; {what} "
+                                  "when it is done")
+        if any(m.mode == Mode.WO for m in self.members):
+            raise busy
+        # No replica is rebuilding: wait briefly for one that is finishing (or starting).
+        if not self.rebuild_lock.acquire(timeout=REBUILD_LOCK_WAIT):
+            raise busy
         try:
             if any(m.mode == Mode.WO for m in self.members):
                 raise FailedPrecondition(f"volume {self.volume}: a rebuild is in progress; "
@@ -516,13 +524,20 @@ class Engine:
             raise StorageIOError(f"volume {self.volume}: {what} failed on every replica")
         return results
 
-    def add_replica(self, address: tuple[str, int]) -> None:
-        """Bring a replica (new, or one that failed) in: WO, rebuilt, verified, then RW."""
-        with self._membership:
+    def add_replica(self, address: tuple[str, int], *, discard: bool = False) -> None:
+        """Bring a replica (new, or one that failed) in: WO, rebuilt, verified, then RW.
+        A replica holding a diverged branch that a salvage kept is only taken when
+        *discard* says its data may go."""
+        with self.roster.lock:
             member = next((m for m in self.members if m.address == address), None)
             if member is not None and (member.mode != Mode.ERR or member.name in self._rebuilds):
                 raise AlreadyExists(f"replica {member.name} is already in volume "
                                     f"{self.volume} ({member.mode})")
+            if member is not None and member.kept is not None and not discard:
+                raise FailedPrecondition(
+                    f"replica {member.name} holds a diverged branch that a salvage kept "
+                    f"({member.kept['since']}); rebuilding it discards that data: add it "
+                    "with --discard once it is no longer needed")
             if member is None:
                 member = Member(address, self.config.secret, self.config.timeout)
                 self.members.append(member)
@@ -530,7 +545,7 @@ class Engine:
         self._start_rebuild(member)
 
     def remove_replica(self, address: tuple[str, int]) -> None:
-        with self._membership:
+        with self.roster.lock:
             member = next((m for m in self.members if m.address == address), None)
             if member is None:
                 raise NotFound(f"replica {proto.format_address(address)} is not in volume "
@@ -572,6 +587,19 @@ class Engine:
                                        "counts": list(counts),
                                        "sum": self.latency_sum[kind]}
                                 for kind, counts in self.latency.items()}
+        roster = self.roster
         return {"volume": self.volume, "size": self.size, "generation": self.generation,
-                "epoch": self.epoch, "state": state,
+                "epoch": roster.epoch, "branch": roster.branch,
+                "history": [b.to_dict() for b in roster.history[-HISTORY_SHOWN:]],
+                "salvage": dict(roster.salvage) if roster.salvage else None,
+                "started": dict(self.started), "state": state,
                 "replicas": [m.describe() for m in self.members], "io": stats}
+
+
+def describe_given_up(salvage: Mapping[str, Any]) -> str:
+    """One line naming what a salvage gave up."""
+    items = salvage.get("given_up") or []
+    if not items:
+        return "nothing known"
+    return "; ".join(f"{item.get('replica') or item.get('replica_id')}: {item.get('why')}"
+                     for item in items)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -49,6 +50,7 @@ class Member:
         self._idle: list[ReplicaConnection] = []
         self._lock = threading.Lock()
         self.rebuild: dict[str, Any] | None = None
+        self.kept: Mapping[str, Any] | None = None  # a diverged branch a salvage kept
         self.stats = {"reads": 0, "writes": 0, "errors": 0}
 
     def session(self, generation: int, token: int) -> None:
@@ -94,6 +96,11 @@ class Member:
                 return
         conn.close()
 
+    def leave(self) -> None:
+        """It left service (the roster marked it ERR): count it, drop its connections."""
+        self.stats["errors"] += 1
+        self.close_connections()
+
     def close_connections(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
@@ -107,4 +114,6 @@ class Member:
             info["reason"] = self.reason
         if self.rebuild is not None:
             info["rebuild"] = dict(self.rebuild)
+        if self.kept is not None:
+            info["diverged"] = dict(self.kept)
         return info

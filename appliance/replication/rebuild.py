@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PREFIX = "rebuild-"  # the names of the system snapshots rebuilds take
 PIECE = 4 << 20  # bytes per READ_LAYER request
 IN_FLIGHT = 4  # READ_LAYER requests kept in flight
 ATTEMPTS = 5
@@ -248,20 +249,19 @@ def _rebuild(engine: Engine, member: Member, created: list[str]) -> None:
         log.info("volume %s: replica %s rebuilt and in service", engine.volume,
                  member.name)
         return
-    with engine._membership:
-        if member.mode == Mode.WO:
-            engine._mark_failed(member, StorageIOError(
-                f"rebuild gave up after {ATTEMPTS} attempts"))
+    if member.mode == Mode.WO:
+        engine.roster.fail(member, StorageIOError(f"rebuild gave up after {ATTEMPTS} attempts"))
 
 
 def _attempt(engine: Engine, member: Member, created: list[str]) -> None:
-    rw = [m for m in engine.members if m.mode == Mode.RW]
+    rw = engine.roster.serving()
     if not rw:
         raise StorageIOError("no replica in service to rebuild from")
     source = sorted(rw, key=lambda m: not m.local)[0]
-    name = f"rebuild-{os.urandom(4).hex()}"
+    name = f"{PREFIX}{os.urandom(4).hex()}"
     member.rebuild = {"state": "starting", "source": source.name}
     with engine._io.exclusive():
+        _retire_leftovers(engine)
         try:
             with member.connect(timeout=engine.config.control_timeout) as target:
                 status = target.status()
@@ -282,10 +282,9 @@ def _attempt(engine: Engine, member: Member, created: list[str]) -> None:
         created.append(name)
         revision = engine._call(source, lambda conn: conn.status()["revision"])
         engine._call(member, lambda conn: conn.set_revision(revision), control=True)
-        with engine._membership:
-            member.mode, member.reason = Mode.WO, ""
-            engine._update_targets()
-            engine._record(clean=False)
+        if not engine.roster.begin_rebuild(member):
+            raise TargetFailed(f"replica {member.name} could not start rebuilding: "
+                               f"{member.reason or 'the engine is stopping'}")
     _run_job(engine, member, source, name)
     with engine._io.exclusive():
         if member.mode != Mode.WO:
@@ -293,10 +292,14 @@ def _attempt(engine: Engine, member: Member, created: list[str]) -> None:
         problem = _compare(engine, source, member)
         if problem:
             raise StorageIOError(f"verification failed: {problem}")
-        with engine._membership:
-            member.mode = Mode.RW
-            engine._update_targets()
-            engine._record(clean=False)
+        # The rebuild snapshot goes before the replica serves, so that a healthy volume has
+        # no rebuild left to finish (and every replica lists the same live snapshots).
+        _retire(engine, [name])
+        created.remove(name)
+    _purge(engine)
+    if not engine.roster.promote(member):
+        raise TargetFailed(f"replica {member.name} could not be made RW: "
+                           f"{member.reason or 'the engine is stopping'}")
     member.rebuild = {**(member.rebuild or {}), "state": "done"}
 
 
@@ -347,17 +350,55 @@ def _compare(engine: Engine, source: Member, target: Member) -> str:
 
 
 def _remove_snapshots(engine: Engine, names: list[str]) -> None:
-    """Mark the rebuild snapshots removed on every replica in service, and purge."""
-    if not names:
-        return
-    for member in [m for m in engine.members if m.mode in (Mode.RW, Mode.WO)]:
+    """Mark the snapshots of failed rebuild attempts removed on every replica in service,
+    and purge."""
+    if names:
+        _retire(engine, names)
+        _purge(engine)
+
+
+def _in_service(engine: Engine) -> list[Member]:
+    return [m for m in engine.members if m.mode in (Mode.RW, Mode.WO)]
+
+
+def _retire(engine: Engine, names: list[str]) -> None:
+    """Mark rebuild snapshots *names* removed on every replica in service (a metadata
+    change; purge then reclaims them)."""
+    for member in _in_service(engine):
         try:
             with member.connect(timeout=engine.config.control_timeout) as conn:
-                existing = {x["name"] for x in conn.layers()}
+                live = {x["name"] for x in conn.layers() if not x["removed"]}
                 for name in names:
-                    if name in existing:
+                    if name in live:
                         conn.remove_snapshot(name)
-                conn.purge(timeout=engine.config.control_timeout)
         except ApplianceError as exc:
             log.warning("volume %s: could not remove rebuild snapshots from %s: %s",
                         engine.volume, member.name, exc)
+
+
+def _retire_leftovers(engine: Engine) -> None:
+    """Rebuild snapshots an engine that died in a rebuild left behind: removed before the
+    next rebuild (which then copies them as removed layers, and purges them)."""
+    names: set[str] = set()
+    for member in engine.roster.serving():
+        try:
+            with member.connect(timeout=engine.config.control_timeout) as conn:
+                names.update(x["name"] for x in conn.layers() if x["name"] and
+                             x["name"].startswith(PREFIX) and not x["user_created"] and
+                             not x["removed"])
+        except ApplianceError:
+            continue  # a replica that fails is found by the rebuild's own steps
+    if names:
+        log.info("volume %s: removing %d rebuild snapshot(s) left by an earlier engine",
+                 engine.volume, len(names))
+        _retire(engine, sorted(names))
+
+
+def _purge(engine: Engine) -> None:
+    """Reclaim removed snapshots on every replica in service while I/O goes on."""
+    for member in _in_service(engine):
+        try:
+            with member.connect(timeout=engine.config.control_timeout) as conn:
+                conn.purge(timeout=engine.config.control_timeout)
+        except ApplianceError as exc:
+            log.warning("volume %s: could not purge %s: %s", engine.volume, member.name, exc)

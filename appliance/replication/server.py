@@ -32,6 +32,7 @@ from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op, Requ
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+JOB_STOP_TIMEOUT = 60.0  # seconds a stopping server waits for its rebuild job to stop
 Parts = list[bytes | memoryview]
 
 
@@ -106,6 +107,13 @@ class ReplicaServer:
         self.close_sessions()
 
     def close(self) -> None:
+        """Stop the work left running (a rebuild job, control operations) before the
+        replica is closed under it."""
+        job = self.rebuild
+        if job is not None:
+            job.cancel()
+            if job.thread.is_alive():
+                job.thread.join(timeout=JOB_STOP_TIMEOUT)
         self._pool.shutdown(wait=True)
 
     def close_sessions(self) -> None:
@@ -276,7 +284,8 @@ class ReplicaServer:
         return {"replica_id": replica.replica_id, "size": replica.size,
                 "revision": replica.revision, "generation": replica.generation,
                 "volume_record": replica.volume_record(),
-                "snapshots": [x.name for x in replica.layers() if x.name is not None],
+                "snapshots": [x.name for x in replica.layers()
+                              if x.name is not None and not x.removed],
                 "unix_socket": self.unix_path,
                 "head_parent": next(x.parent for x in replica.layers() if x.name is None)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,9 +48,9 @@ class Cluster:
         return self.servers[index]
 
     def engine(self, *, salvage: bool = False, timeout: float = 5.0,
-               addresses: tuple[tuple[str, int], ...] | None = None) -> Engine:
+               addresses: tuple[tuple[str, int], ...] | None = None, **options: Any) -> Engine:
         engine = Engine(EngineConfig("vol", addresses or self.addresses(), SECRET,
-                                     timeout=timeout, salvage=salvage))
+                                     timeout=timeout, salvage=salvage, **options))
         self.engines.append(engine)
         engine.start()
         return engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,20 @@ def test_all_replicas_full_fails_the_write_and_keeps_them(tmp_path: Path,
     finally:
         for server in servers:
             server.stop()
+
+
+def test_an_idle_volume_notices_a_dead_replica(cluster: Cluster,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    for _ in range(2):
+        cluster.add()
+    engine = cluster.engine(monitor_interval=0.2)
+    engine.write(mv(b"m" * BS), 0)
+    cluster.crash(1)
+    deadline = time.monotonic() + 20
+    while modes(engine) != ["RW", "ERR"]:  # no I/O: the engine's pings find it
+        assert time.monotonic() < deadline, engine.status()
+        time.sleep(0.05)
+    assert engine.status()["state"] == "degraded"
+    assert read(engine, 0, BS) == b"m" * BS
+    engine.close()
+    caplog.clear()

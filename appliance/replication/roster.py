@@ -1,0 +1,201 @@
+"""The engine's roster: which replica is in which mode, and the membership records that make
+each change durable before the engine acts on it (docs/membership.md, "Running").
+
+Pure logic over *seats* (the engine's :class:`~appliance.replication.member.Member`, or a
+simulated replica in the model-based tests) and one injected action, *store*, which makes a
+record durable on one replica or raises :class:`~appliance.errors.ApplianceError`.
+
+The rules it keeps:
+
+* a record names exactly the RW replicas, and is written to the RW replicas first, then to
+  the WO ones; a replica that cannot take it leaves (and a record without it follows);
+* a record never names no member: when the last RW replica fails, nothing is written and the
+  volume is faulted with its last good record intact where the data is;
+* a WO replica becomes RW only once every RW replica durably names it a member;
+* whenever an RW replica leaves, a new branch begins (the one that left stays on the old);
+* the engine's view of who takes writes (``on_change``) is published only after the record
+  describing it is durable, so a write sent to the new set is never acknowledged before
+  that; writes still aimed at a replica that left fail on it and wait for this lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from appliance.errors import ApplianceError, Unavailable
+from appliance.replication import membership
+from appliance.replication.member import Mode
+from appliance.replication.membership import Branch, Decision, Record
+
+log = logging.getLogger(__name__)
+
+
+class Seat(Protocol):
+    """What the roster needs of a replica."""
+
+    name: str
+    replica_id: str
+    mode: Mode
+    reason: str
+    kept: Mapping[str, Any] | None
+
+    def leave(self) -> None:
+        """Called when the replica leaves service: drop its connections."""
+
+
+Store = Callable[[Any, dict[str, Any]], None]
+
+
+class Roster:
+    def __init__(self, volume: str, seats: list[Any], store: Store, *,
+                 on_change: Callable[[], None] = lambda: None,
+                 clock: Callable[[], str] = membership.now,
+                 make_id: Callable[[], str] = membership.new_branch_id) -> None:
+        self.volume = volume
+        self.seats = seats  # shared with the engine, which adds and removes replicas
+        self.store = store
+        self._on_change = on_change
+        self._clock = clock
+        self._make_id = make_id
+        self.lock = threading.RLock()
+        self.epoch = 0
+        self.generation = 0
+        self.history: tuple[Branch, ...] = ()
+        self.salvage: Mapping[str, Any] | None = None
+        self.closing = False
+        self._clean = False
+
+    @property
+    def branch(self) -> str:
+        return self.history[-1].id if self.history else ""
+
+    def serving(self) -> list[Any]:
+        return [s for s in self.seats if s.mode == Mode.RW]
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def start(self, decision: Decision) -> None:
+        """Take the modes *decision* chose and make them durable on the RW replicas."""
+        by_name = {seat.name: seat for seat in self.seats}
+        with self.lock:
+            self.generation, self.epoch = decision.generation, decision.epoch
+            self.history = decision.history
+            self.salvage = decision.salvage or decision.previous_salvage
+            for probe in decision.rw:
+                seat = by_name[probe.name]
+                seat.replica_id, seat.mode, seat.reason = probe.replica_id, Mode.RW, ""
+            for probe in decision.stale:
+                seat = by_name[probe.name]
+                seat.replica_id, seat.reason = probe.replica_id, "behind: needs a rebuild"
+            for probe in decision.diverged:
+                seat = by_name[probe.name]
+                seat.replica_id = probe.replica_id
+                seat.kept = {"branch": probe.branch, "since": probe.describe_branch()}
+                seat.reason = f"diverged: holds {probe.describe_branch()}; kept, not rebuilt"
+            for probe in decision.unreachable:
+                by_name[probe.name].reason = f"unreachable at start: {probe.error}"
+            if not self._commit():
+                raise Unavailable(f"volume {self.volume}: no replica could take the "
+                                  "membership record")
+
+    def stop_clean(self) -> bool:
+        """Record a clean stop (the caller drained and flushed every write); False if no
+        replica is in service to record it."""
+        with self.lock:
+            self.closing = True
+            self._clean = True
+            return self._commit()
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def fail(self, seat: Any, exc: ApplianceError) -> None:
+        """Take *seat* out of service and make that durable before returning."""
+        with self.lock:
+            if seat.mode == Mode.ERR:
+                return
+            was_rw = seat.mode == Mode.RW
+            self._leave(seat, exc)
+            if not was_rw:  # a WO replica is no member: no record changes
+                self._on_change()
+                return
+            self._branch(f"replica {seat.name} left: {exc}")
+            self._commit()
+
+    def begin_rebuild(self, seat: Any) -> bool:
+        """Put *seat* (out of service) in WO mode: from now on it takes every write. False
+        when it could not take the record (it is out of service again) or the engine is
+        stopping."""
+        with self.lock:
+            if seat.mode == Mode.WO:
+                return not self.closing  # a retried rebuild: it still takes every write
+            if self.closing or seat.mode != Mode.ERR or not self.serving():
+                return False
+            seat.mode, seat.reason, seat.kept = Mode.WO, "", None
+            self._commit()
+            return bool(seat.mode == Mode.WO)
+
+    def promote(self, seat: Any) -> bool:
+        """Make WO *seat* (proven equal) RW: every RW replica durably names it a member
+        before it is one. False when that could not be done (it stays WO, or left)."""
+        with self.lock:
+            if self.closing or seat.mode != Mode.WO:
+                return False
+            self._commit(promoting=seat)
+            return bool(seat.mode == Mode.RW)
+
+    # -- records ----------------------------------------------------------------------------
+
+    def record(self, members: list[Any]) -> Record:
+        return Record(self.volume, self.epoch, tuple(s.replica_id for s in members),
+                      self._clean, self.history, self.salvage,
+                      {s.replica_id: s.name for s in members})
+
+    def _commit(self, promoting: Any = None) -> bool:
+        """Write the record of the current modes: RW replicas first, then WO ones. Returns
+        False (and writes nothing) when no replica is in RW mode."""
+        while True:
+            rw = self.serving()
+            if not rw:
+                self._on_change()
+                return False
+            members = [*rw, promoting] if promoting is not None else rw
+            self.epoch += 1
+            document = self.record(members).to_dict()
+            left = self._write(rw, document)
+            if left is not None:
+                self._branch(f"replica {left.name} left: {left.reason}")
+                continue
+            self._write([s for s in self.seats if s.mode == Mode.WO], document)
+            if promoting is not None:
+                if promoting.mode != Mode.WO:  # it could not take the record: rewrite
+                    promoting = None
+                    continue
+                promoting.mode = Mode.RW
+            self._on_change()
+            return True
+
+    def _write(self, seats: list[Any], document: dict[str, Any]) -> Any:
+        """Store *document* on each of *seats*; the first RW one that fails leaves and is
+        returned (the rest are not written); WO ones that fail leave."""
+        for seat in seats:
+            try:
+                self.store(seat, document)
+            except ApplianceError as exc:
+                was_rw = seat.mode == Mode.RW
+                self._leave(seat, exc)
+                if was_rw:
+                    return seat
+        return None
+
+    def _leave(self, seat: Any, exc: ApplianceError) -> None:
+        seat.mode, seat.reason = Mode.ERR, str(exc)
+        seat.leave()
+        log.warning("volume %s: replica %s failed (%s); %d replica(s) remain in service",
+                    self.volume, seat.name, exc, len(self.serving()))
+
+    def _branch(self, cause: str) -> None:
+        new = Branch(self._make_id(), self._clock(), self.generation, cause)
+        self.history = (*self.history, new)[-membership.MAX_HISTORY:]
