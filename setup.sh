@@ -24,6 +24,7 @@ packages=(
     python3 python3-venv python3-dev pkg-config    # the virtualenv and packages built from source
     qemu-utils e2fsprogs xfsprogs util-linux       # images, filesystems, loop devices
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fio   # the NBD data path and its clients
+    stress-ng                                      # CPU load under the reliability tests
     fuse3 libfuse3-dev nftables iproute2           # attach, and test hosts in network namespaces
     prometheus                                     # promtool checks the metrics exposition
 )
