@@ -21,6 +21,7 @@ COMMANDS = {
     "disk": "appliance.cli.node:disk",
     "volume": "appliance.cli.node:volume",
     "snapshot": "appliance.cli.node:snapshot",
+    "event": "appliance.cli.node:event",
     "backup-target": "appliance.cli.backup:backup_target",
     "backup": "appliance.cli.backup:backup",
 }

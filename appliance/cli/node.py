@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 
@@ -99,9 +100,9 @@ def _wait(client: ApiClient, name: str, done: Any, what: str) -> dict[str, Any] 
             shown = state
         progress = info.get("progress") if info else None
         if progress and progress["total_bytes"] and sys.stderr.isatty():
-            done = progress["done_bytes"] / progress["total_bytes"]
-            bar = "#" * int(done * 40)
-            click.echo(f"\r{what}: [{bar:<40}] {done:4.0%}", err=True, nl=False)
+            fraction = progress["done_bytes"] / progress["total_bytes"]
+            bar = "#" * int(fraction * 40)
+            click.echo(f"\r{what}: [{bar:<40}] {fraction:4.0%}", err=True, nl=False)
         if info and info.get("message") and info["message"] != said:
             said = info["message"]
             click.echo(f"{what}: {said}", err=True)
@@ -135,27 +136,100 @@ def volume_list(output: str, url: str, token_file: Path) -> None:
     emit(api(url, token_file).call("GET", "/v1/volumes"), output, _volume_rows)
 
 
+def _replica_mode(replica: dict[str, Any]) -> str:
+    mode = replica.get("mode") or "-"
+    if replica.get("diverged"):
+        mode += f" (diverged: branch {replica['diverged'].get('branch', '')[:8]}, kept)"
+    elif replica.get("rebuild") and mode == "WO":
+        rebuild = replica["rebuild"]
+        if rebuild.get("total_bytes"):
+            mode += f" (rebuilding {rebuild.get('copied_bytes', 0) / rebuild['total_bytes']:.0%})"
+    return mode
+
+
+def _salvage_line(salvage: dict[str, Any]) -> str:
+    given_up = "; ".join(f"{item.get('replica') or item.get('replica_id')} ({item.get('why')})"
+                         for item in salvage.get("given_up") or []) or "nothing known"
+    return f"salvaged at {salvage.get('at')} from {salvage.get('from')}; given up: {given_up}"
+
+
+def _volume_detail(v: dict[str, Any]) -> str:
+    """One volume: its row, its replicas, its branch, the last salvage, kept branches."""
+    lines = [_volume_rows([v]), "", table(
+        [[r["name"], r["disk"], _replica_mode(r)] for r in v.get("replica_list", [])],
+        ["REPLICA", "DISK", "MODE"]), ""]
+    if v.get("branch"):
+        lines.append(f"branch: {v['branch']}")
+    if v.get("salvage"):
+        lines.append(_salvage_line(v["salvage"]))
+    if v.get("branch_volumes"):
+        lines.append("branches kept as volumes: " + ", ".join(v["branch_volumes"]))
+    if v.get("source", {}) and v["source"].get("diverged-from"):
+        lines.append(f"kept from volume {v['source']['diverged-from']} (branch "
+                     f"{v['source'].get('branch', '')[:8]})")
+    if v.get("message"):
+        lines.append(f"message: {v['message']}")
+    return "\n".join(lines).rstrip()
+
+
 @volume.command("show")
 @click.argument("name")
 @OUTPUT
 @client_options
 def volume_show(name: str, output: str, url: str, token_file: Path) -> None:
-    """Show volume NAME."""
-    emit(api(url, token_file).call("GET", f"/v1/volumes/{name}"), output,
-         lambda v: _volume_rows([v]))
+    """Show volume NAME: its replicas, its branch and its last salvage."""
+    emit(api(url, token_file).call("GET", f"/v1/volumes/{name}"), output, _volume_detail)
+
+
+def _served_or_refused(info: dict[str, Any] | None) -> bool:
+    return bool(info and ((info["state"] == "attached" and info["device"]) or info["refusal"]))
+
+
+def _device(info: dict[str, Any] | None) -> str:
+    """The device of a volume whose engine serves; its refusal as an error otherwise."""
+    assert info is not None
+    if info["refusal"]:
+        raise FailedPrecondition(info["refusal"])
+    return str(info["device"])
 
 
 @volume.command("attach")
 @click.argument("name")
 @client_options
 def volume_attach(name: str, url: str, token_file: Path) -> None:
-    """Attach volume NAME as a block device on this node; print the device."""
+    """Attach volume NAME as a block device on this node; print the device.
+
+    When its engine refuses to start (it cannot prove that every acknowledged write is
+    there), the refusal is printed and the volume stays attached-but-faulted: the start is
+    tried again by itself, and 'volume salvage' lets an operator choose."""
     client = api(url, token_file)
     client.call("POST", f"/v1/volumes/{name}/attach")
-    info = _wait(client, name, lambda v: v and v["state"] == "attached" and v["device"],
-                 "attaching")
+    click.echo(_device(_wait(client, name, _served_or_refused, "attaching")))
+
+
+@volume.command("salvage")
+@click.argument("name")
+@click.option("--from", "source", metavar="REPLICA",
+              help="Serve this replica (a name from 'volume show'); replicas that may hold "
+                   "writes it lacks are kept as volumes of their own. Default: the best "
+                   "reachable member of the newest membership.")
+@client_options
+def volume_salvage(name: str, source: str | None, url: str, token_file: Path) -> None:
+    """Start the engine of volume NAME, which faulted or was refused, accepting that
+    acknowledged writes may be missing; print what was given up."""
+    client = api(url, token_file)
+    asked = client.call("POST", f"/v1/volumes/{name}/salvage",
+                        {"from": source} if source else None)
+    number = asked["salvage_request"]["id"]
+    info = _wait(client, name, lambda v: v and v["salvage_done"] >= number and
+                 _served_or_refused(v), "salvaging")
+    device = _device(info)
     assert info is not None
-    click.echo(info["device"])
+    if info["salvage"] and info["salvage"] != asked["salvage"]:
+        click.echo(f"volume {name} {_salvage_line(info['salvage'])}")
+    else:
+        click.echo(f"volume {name} serves again: no acknowledged write was missing")
+    click.echo(device)
 
 
 @volume.command("detach")
@@ -273,3 +347,23 @@ def snapshot_purge(volume_name: str, url: str, token_file: Path) -> None:
     """Reclaim the space of VOLUME's removed snapshots (online)."""
     api(url, token_file).call("POST", f"/v1/volumes/{volume_name}/purge")
     click.echo(f"snapshots of volume {volume_name} purged")
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@click.group()
+def event() -> None:
+    """Events: salvages, refused engine starts, branches kept as volumes."""
+
+
+@event.command("list")
+@click.option("--volume", "volume_name", help="Only the events of this volume.")
+@OUTPUT
+@client_options
+def event_list(volume_name: str | None, output: str, url: str, token_file: Path) -> None:
+    """List the newest events, oldest first."""
+    path = "/v1/events" + (f"?volume={quote(volume_name)}" if volume_name else "")
+    emit(api(url, token_file).call("GET", path), output, lambda items: table(
+        [[e["time"], e["volume"], e["kind"], e["message"]] for e in items],
+        ["TIME", "VOLUME", "KIND", "MESSAGE"]))

@@ -86,13 +86,27 @@ class Volume(Record):
     attached: bool = False  # desired: the operator wants a block device
     disk_tags: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
-    source: dict[str, str] | None = None  # a clone: {"volume": ..., "snapshot": ...}
+    # where the data came from: a clone {"volume", "snapshot"}, a restore {"backup"}, or a
+    # branch kept from another volume {"diverged-from", "replica", "branch"}
+    source: dict[str, str] | None = None
     deleting: bool = False
+    # a one-shot salvage of the next engine start: {"id": N, "from": replica name or None}
+    salvage_request: dict[str, Any] | None = None
     # status, written by controllers
     state: str = "creating"  # creating, detached, attaching, attached, detaching, deleting
     robustness: str = "unknown"  # healthy, degraded, faulted, unknown
     device: str | None = None
     message: str = ""
+    refusal: str = ""  # why its engine's last start was refused ("" once it serves)
+    branch: str = ""  # the current branch of its history, as its engine last reported it
+    salvage: dict[str, Any] | None = None  # the last salvage of its lineage (replica names)
+    salvage_done: int = 0  # the id of the last salvage request carried out
+
+    @property
+    def pending_salvage(self) -> dict[str, Any] | None:
+        """The salvage request the next engine start carries out, if any."""
+        request = self.salvage_request
+        return request if request and int(request["id"]) > self.salvage_done else None
 
     def validate(self) -> Volume:
         check_name(self.name, "volume name")
@@ -116,10 +130,34 @@ class Replica(Record):
     directory: str
     port: int
     failed_at: float | None = None  # when the engine last reported it out of service
+    replica_id: str | None = None  # the id in its directory (replica.json), once known
 
     @classmethod
     def prefix_of(cls, volume: str) -> str:
         return f"{cls.PREFIX}{volume}-"
+
+
+@dataclass
+class Event(Record):
+    """Something an operator should know happened to a volume (a salvage, a refused start,
+    a branch kept as a volume of its own). Keys are sequence numbers, zero-padded so that
+    they sort in order; only the newest ``Event.KEEP`` are kept."""
+
+    PREFIX: ClassVar[str] = "/events/"
+    KEEP: ClassVar[int] = 1000
+    sequence: int
+    time: str
+    volume: str
+    kind: str
+    message: str
+
+    @classmethod
+    def key_of(cls, name: str | int) -> str:
+        return f"{cls.PREFIX}{int(name):012d}"
+
+    @property
+    def key(self) -> str:
+        return self.key_of(self.sequence)
 
 
 @dataclass
@@ -130,7 +168,7 @@ class Settings(Record):
     minimal_available_percentage: int = 10
     replica_soft_anti_affinity: bool = False
     replica_replenishment_wait: float = 30.0  # seconds before a failed replica is rebuilt
-    auto_salvage: bool = True
+    auto_salvage: bool = True  # restart a faulted engine (never accepting a loss)
     backup_compression: str = "lz4"  # lz4, zstd or none
     backup_block_size: int = 2 << 20  # for a volume's first backup; fixed afterwards
 

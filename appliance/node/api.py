@@ -65,6 +65,12 @@ class VolumeExpand(Strict):
         return parse_size(value) if isinstance(value, str) else value
 
 
+class VolumeSalvage(Strict):
+    source: str | None = Field(default=None, alias="from", min_length=1, max_length=300,
+                               description="the replica to serve (its name); default: the "
+                                           "best reachable member of the newest membership")
+
+
 class SnapshotCreate(Strict):
     name: str = Field(min_length=1, max_length=128)
     labels: dict[str, str] = Field(default_factory=dict)
@@ -197,6 +203,14 @@ def create_app(service: NodeService, backups: BackupService, token: str,
     async def expand_volume(name: str, body: VolumeExpand) -> dict[str, Any]:
         assert isinstance(body.size, int)
         return await service.expand_volume(name, body.size, resize_fs=body.resize_fs)
+
+    @app.post("/v1/volumes/{name}/salvage", dependencies=auth, status_code=202)
+    async def salvage_volume(name: str, body: VolumeSalvage | None = None) -> dict[str, Any]:
+        return await service.salvage(name, body.source if body else None)
+
+    @app.get("/v1/events", dependencies=auth)
+    async def list_events(volume: str | None = None) -> list[dict[str, Any]]:
+        return await service.list_events(volume)
 
     @app.get("/v1/volumes/{name}/snapshots", dependencies=auth)
     async def list_snapshots(name: str) -> list[dict[str, Any]]:

@@ -8,8 +8,13 @@ died). Blocking work (processes, files, sockets) runs in worker threads.
 
 For an attached volume: its replica servers run, its engine runs, its device exists. A
 replica the engine reports out of service is restarted if its server died, and added back
-(rebuilt) after ``replica_replenishment_wait``; a volume whose replicas all failed is
-restarted with salvage when ``auto_salvage`` is on. A detached volume has no processes.
+(rebuilt) after ``replica_replenishment_wait``. An engine whose replicas all failed is
+restarted when ``auto_salvage`` is on, never with salvage: it serves again only when no
+acknowledged write can be missing (docs/membership.md). A refused start is reported once
+(status message, event) and tried again every RETRY_INTERVAL, or at once when the volume or
+its replicas change. A salvage happens only at an operator's request (``volume salvage``),
+carried out at the next start; a replica kept because it holds a diverged branch becomes a
+detached volume of its own. A detached volume has no processes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from appliance.control.scheduler import DiskState, place, refusal
 from appliance.control.store import StateStore
 from appliance.errors import ApplianceError, Conflict, FailedPrecondition
 from appliance.node.config import NodeConfig
+from appliance.node.events import EventLog
+from appliance.node.lineage import one_line
+from appliance.node.recovery import Recovery
 from appliance.node.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -59,7 +67,7 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-class Controller:
+class Controller(Recovery):
     def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig) -> None:
         self.store = store
         self.supervisor = supervisor
@@ -75,6 +83,13 @@ class Controller:
                                 int] | None = None
         # detached volumes found in order: skipped until they change or RESYNC_INTERVAL
         self._settled: dict[str, tuple[tuple[Any, ...], float]] = {}
+        self.events = EventLog(store)
+        # the last thing said (logged, recorded as an event) per (volume, topic)
+        self._said: dict[tuple[str, str], str] = {}
+        # per volume, its engine's last refusal: (message, what it was tried with, when)
+        self._refused: dict[str, tuple[str, Any, float]] = {}
+        # replicas being handed over to a volume of their own (a kept diverged branch)
+        self._handed_over: set[str] = set()
 
     async def thread(self, function: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(function, *args)
@@ -104,9 +119,11 @@ class Controller:
     async def reconcile_all(self) -> None:
         async with self._lock:
             entries, _ = await self.store.list(Volume.PREFIX)
+            volumes = [Volume.from_dict(entry.value) for entry in entries]
+            self._handed_over = {v.source["replica"] for v in volumes if v.state == "creating"
+                                 and v.source and "replica" in v.source}
             now = time.monotonic()
-            for entry in entries:
-                volume = Volume.from_dict(entry.value)
+            for entry, volume in zip(entries, volumes, strict=True):
                 settled = self._settled.get(volume.name)
                 if settled and settled[0] == self._steady_key(volume) and \
                         now - settled[1] < RESYNC_INTERVAL:
@@ -116,11 +133,14 @@ class Controller:
                 except Conflict:
                     self.poke()  # the volume changed meanwhile: look again
                 except ApplianceError as exc:
-                    log.warning("volume %s: %s", volume.name, exc)
-                    await self._status(volume.name, message=str(exc))
+                    if self._note(volume.name, "error", str(exc)):  # once, not every pass
+                        log.warning("volume %s: %s", volume.name, exc)
+                    await self._status(volume.name, message=one_line(str(exc)))
                 except Exception as exc:  # a bug: keep reconciling the other volumes
                     log.exception("volume %s: reconcile failed", volume.name)
                     await self._status(volume.name, message=f"internal error: {exc}")
+                else:
+                    self._note(volume.name, "error", "")
             self.passes += 1
 
     @staticmethod
@@ -170,6 +190,9 @@ class Controller:
             if volume.name not in self.cloning:
                 await self._delete(volume)
             return
+        if volume.state == "creating" and volume.source and "replica" in volume.source:
+            await self._adopt(volume)  # a branch kept from another volume (after a crash)
+            return
         replicas = await self._ensure_replicas(volume)
         if volume.state in ("creating", "failed"):
             return  # not usable (yet)
@@ -180,7 +203,9 @@ class Controller:
             await self._settle(volume.name)
 
     async def _ensure_replicas(self, volume: Volume) -> list[Replica]:
-        replicas = await self.replicas_of(volume.name)
+        # a replica being handed over to a volume of its own is no longer this volume's
+        replicas = [r for r in await self.replicas_of(volume.name)
+                    if r.name not in self._handed_over]
         missing = volume.replicas - len(replicas)
         placed: list[Replica] = []
         if missing > 0:
@@ -190,7 +215,7 @@ class Controller:
         # Directories are made for new replicas only: one that vanished later is a failed
         # replica (replaced after the wait), not something to recreate empty in its place.
         for replica in replicas if volume.state == "creating" else placed:
-            await self.thread(self.supervisor.create_replica_dir, replica, volume.size)
+            await self._create_dir(replica, volume.size)
         if volume.state == "creating" and volume.source:
             if volume.name not in self.cloning and self._jobs is not None:
                 self.cloning[volume.name] = (0, 0)
@@ -198,6 +223,11 @@ class Controller:
         elif volume.state == "creating":
             await self._status(volume.name, state="detached", message="")
         return replicas
+
+    async def _create_dir(self, replica: Replica, size: int) -> None:
+        replica_id = await self.thread(self.supervisor.create_replica_dir, replica, size)
+        if replica_id and replica.replica_id != replica_id:
+            await self._put_replica(replace(replica, replica_id=replica_id))
 
     async def _clone(self, volume: Volume, replicas: list[Replica]) -> None:
         """Copy the source snapshot into the new volume's replicas, then make it usable."""
@@ -311,52 +341,66 @@ class Controller:
             await self._status(volume.name, state="attaching")
         self._settled.pop(volume.name, None)
         status = await self.thread(sup.engine_status, volume.name)
-        # A server the engine has in service answers it: only its process is looked at
-        # (cheap); the others are probed with a connection.
-        in_service = {r["address"] for r in status["replicas"] if r["mode"] != "ERR"} \
-            if status else set()
-        async def ensure_server(replica: Replica) -> None:
-            check = sup.replica_process_alive \
-                if f"{self.config.replica_address}:{replica.port}" in in_service \
-                else sup.replica_running
-            if not await self.thread(check, replica):
-                log.info("volume %s: starting replica server %s", volume.name, replica.name)
-                try:
-                    await self.thread(sup.start_replica, replica)
-                except ApplianceError as exc:
-                    failures[replica.name] = exc
-
-        failures: dict[str, ApplianceError] = {}
-        await self.thread(sup.secret_file, volume.name)  # made once, before they start
-        async with trio.open_nursery() as servers:  # started side by side
-            for replica in replicas:
-                servers.start_soon(ensure_server, replica)
-        if failures and (status is None or len(failures) == len(replicas)):
-            raise next(iter(failures.values()))
-        for name, exc in failures.items():  # the engine serves from the others meanwhile
-            log.warning("volume %s: replica %s cannot be served: %s", volume.name, name, exc)
+        await self._learn_replica_ids(replicas, status)
+        failures = await self._ensure_servers(volume, replicas, status)
         settings = await self.settings()
         if status is None:
-            # A device left from an engine that died is dead too: set up again below.
-            await self.thread(sup.detach, volume.name)
-            salvage = settings.auto_salvage and volume.robustness == "faulted"
-            log.info("volume %s: starting its engine%s", volume.name,
-                     " with salvage" if salvage else "")
-            await self.thread(partial(sup.start_engine, volume, replicas, salvage=salvage))
+            if not await self._start(volume, replicas, failures):
+                return
             status = await self.thread(sup.engine_status, volume.name)
             if status is None:
                 return
-        if status["state"] == "faulted" and settings.auto_salvage:
-            log.warning("volume %s: every replica failed; salvaging", volume.name)
-            await self._status(volume.name, robustness="faulted")
-            await self.thread(sup.stop_engine, volume.name)
-            return  # the next pass starts the engine again, with salvage
+            await self._started(volume, status)
+        elif volume.pending_salvage and status["state"] != "faulted":
+            await self._drop_salvage_request(volume, status)
+        if status["state"] == "faulted":
+            await self._faulted(volume, settings)
+            return
+        kept = await self._keep_branches(volume, replicas, status)
+        replicas = [r for r in replicas if r.name not in kept]
+        await self._observe(volume, status)
         await self._replenish(volume, replicas, status, settings, set(failures))
         device = await self.thread(sup.attached_device, volume.name)
         if device is None:
             device = await self.thread(sup.attach, volume.name)
         await self._status(volume.name, state="attached", robustness=status["state"],
-                           device=device, message="")
+                           device=device, message="", refusal="",
+                           branch=status.get("branch", ""))
+
+    async def _ensure_servers(self, volume: Volume, replicas: list[Replica],
+                              status: dict[str, Any] | None) -> dict[str, ApplianceError]:
+        """Start the replica servers that do not run; the failures by replica name."""
+        sup = self.supervisor
+        # A server the engine has in service answers it: only its process is looked at
+        # (cheap); the others are probed with a connection.
+        in_service = {r["address"] for r in status["replicas"] if r["mode"] != "ERR"} \
+            if status else set()
+        failures: dict[str, ApplianceError] = {}
+
+        async def ensure_server(replica: Replica) -> None:
+            check = sup.replica_process_alive \
+                if f"{self.config.replica_address}:{replica.port}" in in_service \
+                else sup.replica_running
+            if not await self.thread(check, replica):
+                if (volume.name, f"server {replica.name}") not in self._said:  # not failing
+                    log.info("volume %s: starting replica server %s", volume.name,
+                             replica.name)
+                try:
+                    await self.thread(sup.start_replica, replica)
+                except ApplianceError as exc:
+                    failures[replica.name] = exc
+
+        await self.thread(sup.secret_file, volume.name)  # made once, before they start
+        async with trio.open_nursery() as servers:  # started side by side
+            for replica in replicas:
+                servers.start_soon(ensure_server, replica)
+        for replica in replicas:
+            exc = failures.get(replica.name)
+            # the engine serves from the others meanwhile, or refuses to start without it
+            if self._note(volume.name, f"server {replica.name}", str(exc or "")) and exc:
+                log.warning("volume %s: replica %s cannot be served: %s", volume.name,
+                            replica.name, exc)
+        return failures
 
     async def _replenish(self, volume: Volume, replicas: list[Replica], status: dict[str, Any],
                          settings: Settings, unservable: set[str]) -> None:
@@ -367,9 +411,13 @@ class Controller:
         for replica in replicas:
             address = f"{self.config.replica_address}:{replica.port}"
             info = modes.get(address)
-            if info is None or info["mode"] != "ERR" or info.get("rebuild", {}).get(
-                    "state") in ("queued", "starting", "running"):
-                if replica.failed_at is not None and info is not None and info["mode"] != "ERR":
+            if info is None:  # new (placed in a lost one's place): the engine takes it
+                if replica.name not in unservable:
+                    await self._add_to_engine(volume, replica, address)
+                continue
+            if info["mode"] != "ERR" or info.get("diverged") or info.get(
+                    "rebuild", {}).get("state") in ("queued", "starting", "running"):
+                if replica.failed_at is not None and info["mode"] != "ERR":
                     await self._put_replica(replace(replica, failed_at=None))
                 continue
             if replica.failed_at is None:
@@ -389,6 +437,20 @@ class Controller:
                             replica.name, exc)
             await self._put_replica(replace(replica, failed_at=None))
 
+    async def _add_to_engine(self, volume: Volume, replica: Replica, address: str) -> None:
+        if (volume.name, f"add {replica.name}") not in self._said:  # not failing
+            log.info("volume %s: adding replica %s to its engine (rebuilt)", volume.name,
+                     replica.name)
+        try:
+            await self.thread(partial(self.supervisor.engine_call, volume.name,
+                                      "add-replica", address=address))
+        except ApplianceError as exc:
+            if self._note(volume.name, f"add {replica.name}", str(exc)):
+                log.warning("volume %s: could not add replica %s: %s", volume.name,
+                            replica.name, exc)
+        else:
+            self._note(volume.name, f"add {replica.name}", "")
+
     async def _replace(self, volume: Volume, replicas: list[Replica], failed: Replica,
                        address: str) -> None:
         sup = self.supervisor
@@ -405,7 +467,7 @@ class Controller:
             await self.store.put(new.key, new.to_dict(), expect=0)
         log.info("volume %s: replacing replica %s (cannot be served) by %s on disk %s",
                  volume.name, failed.name, new.name, new.disk)
-        await self.thread(sup.create_replica_dir, new, volume.size)
+        await self._create_dir(new, volume.size)
         await self.thread(sup.start_replica, new)
         with contextlib.suppress(ApplianceError):  # may be gone from the engine already
             await self.thread(partial(sup.engine_call, volume.name, "remove-replica",
@@ -428,7 +490,11 @@ class Controller:
         for replica in replicas:
             if await self.thread(sup.replica_running, replica):
                 await self.thread(sup.stop_replica, replica)
-        await self._status(volume.name, state="detached", device=None)
+        self._refused.pop(volume.name, None)
+        for key in [k for k in self._said if k[0] == volume.name]:
+            del self._said[key]
+        await self._status(volume.name, state="detached", device=None, robustness="unknown",
+                           refusal="")
 
     async def _delete(self, volume: Volume) -> None:
         sup = self.supervisor

@@ -110,7 +110,8 @@ class Metrics:
                 robust.add_metric([volume.name, name], int(volume.robustness == name))
             count.add_metric([volume.name], volume.replicas)
         families += [size, actual, state, robust, count]
-        families += self._engine_families(engines)
+        names = {f"{self.config.replica_address}:{r.port}": r.name for r in replicas}
+        families += self._engine_families(engines, names)
         if self.backups is not None:
             families += self._backup_families()
         return families
@@ -144,7 +145,8 @@ class Metrics:
             last.add_metric([volume], when)
         return [state, size, uploaded, duration, last]
 
-    def _engine_families(self, engines: dict[str, Any]) -> list[Any]:
+    def _engine_families(self, engines: dict[str, Any], names: dict[str, str]) -> list[Any]:
+        """Per engine; replicas are labelled with their names (addresses when unknown)."""
         mode = GaugeMetricFamily("appliance_replica_mode", "Replica mode (1 for the current).",
                                  labels=["volume", "replica", "mode"])
         progress = GaugeMetricFamily("appliance_replica_rebuild_progress_ratio",
@@ -167,12 +169,12 @@ class Metrics:
             if not status:
                 continue
             for replica in status["replicas"]:
+                label = names.get(replica["address"], replica["address"])
                 for name in MODES:
-                    mode.add_metric([volume, replica["address"], name],
-                                    int(replica["mode"] == name))
+                    mode.add_metric([volume, label, name], int(replica["mode"] == name))
                 rebuild = replica.get("rebuild") or {}
                 if replica["mode"] == "WO" and rebuild.get("total_bytes"):
-                    progress.add_metric([volume, replica["address"]],
+                    progress.add_metric([volume, label],
                                         rebuild.get("copied_bytes", 0) / rebuild["total_bytes"])
             for key, counter in counters.items():
                 counter.add_metric([volume], status["io"][sources[key]])

@@ -139,20 +139,32 @@ class NodeService:
         return [self._info(v, by_volume.get(v.name, [])) for v in await self._volumes()]
 
     async def show_volume(self, name: str) -> dict[str, Any]:
-        """The volume, and for an attached one each replica's mode and rebuild progress as
-        its engine reports them."""
+        """The volume; for an attached one each replica's mode, rebuild progress and
+        diverged branch as its engine reports them, and its recent history; the volumes
+        that keep branches of its history that it gave up."""
         volume, _ = await self._volume(name)
         info = await self._describe(volume)
+        info["branch_volumes"] = sorted(
+            v.name for v in await self._volumes()
+            if v.source and v.source.get("diverged-from") == name)
         if volume.state == "attached":
             status = await trio.to_thread.run_sync(
                 self.controller.supervisor.engine_status, name)
-            modes = {r["address"]: r for r in status["replicas"]} if status else {}
+            if status is None:
+                return info
+            names = await self.controller.names()
+            modes = {r["address"]: r for r in status["replicas"]}
             address = self.controller.config.replica_address
             for replica in info["replica_list"]:
                 reported = modes.get(f"{address}:{replica['port']}", {})
                 replica["mode"] = reported.get("mode")
-                if reported.get("rebuild"):
-                    replica["rebuild"] = reported["rebuild"]
+                for key in ("rebuild", "diverged", "reason"):
+                    if reported.get(key):
+                        replica[key] = reported[key]
+                if "reason" in replica:
+                    replica["reason"] = names.text(replica["reason"])
+            info["history"] = [{**branch, "cause": names.text(str(branch.get("cause")))}
+                               for branch in status.get("history", [])]
         return info
 
     async def _describe(self, volume: Volume) -> dict[str, Any]:
@@ -164,7 +176,8 @@ class NodeService:
             copied, total = self.controller.cloning[volume.name]
             info["progress"] = {"done_bytes": copied, "total_bytes": total}
         info["replica_list"] = [{"name": r.name, "disk": r.disk, "port": r.port,
-                                 "directory": r.directory} for r in replicas]
+                                 "directory": r.directory, "replica_id": r.replica_id}
+                                for r in replicas]
         return info
 
     async def _change(self, name: str, **changes: Any) -> dict[str, Any]:
@@ -182,10 +195,49 @@ class NodeService:
         raise FailedPrecondition(f"volume {name!r} keeps changing; try again")
 
     async def attach(self, name: str) -> dict[str, Any]:
-        return await self._change(name, attached=True)
+        # a refused start is tried again at once (refusal: the status the CLI waits on)
+        return await self._change(name, attached=True, refusal="", message="")
 
     async def detach(self, name: str) -> dict[str, Any]:
-        return await self._change(name, attached=False)
+        # a salvage request not yet carried out must not apply to a later attach
+        return await self._change(name, attached=False, salvage_request=None)
+
+    async def salvage(self, name: str, source: str | None) -> dict[str, Any]:
+        """Ask that the next start of volume *name*'s engine salvage (from replica
+        *source*, or the best reachable member of its newest membership): allowed only
+        while it is meant to be attached and its engine does not serve."""
+        volume, _ = await self._volume(name)
+        if source is not None:
+            replicas = await self.controller.replicas_of(name)
+            if source not in {r.name for r in replicas}:
+                raise NotFound(f"replica {source!r} is not a replica of volume {name!r} (its "
+                               f"replicas: {', '.join(sorted(r.name for r in replicas))})")
+        if volume.deleting:
+            raise FailedPrecondition(f"volume {name!r} is being deleted")
+        if not volume.attached:
+            raise FailedPrecondition(
+                f"volume {name!r} is not attached: a salvage chooses how its engine starts; "
+                f"attach it, and salvage if the start is refused")
+        status = await trio.to_thread.run_sync(self.controller.supervisor.engine_status, name)
+        if status is not None and status["state"] != "faulted":
+            raise FailedPrecondition(f"volume {name!r} is served by its engine "
+                                     f"({status['state']}): there is nothing to salvage")
+        if status is None and volume.robustness != "faulted":
+            raise FailedPrecondition(f"volume {name!r} is {volume.state}: its engine has "
+                                     "neither faulted nor been refused; try again if it is")
+        number = max(volume.salvage_done,
+                     int((volume.salvage_request or {}).get("id", 0))) + 1
+        info = await self._change(name, salvage_request={"id": number, "from": source},
+                                  refusal="", message="")
+        await self.controller.events.record(
+            name, "salvage-requested",
+            f"salvage request {number}: the next start serves "
+            + (f"replica {source}" if source else "the best reachable member of the newest "
+               "membership"))
+        return info
+
+    async def list_events(self, volume: str | None) -> list[dict[str, Any]]:
+        return await self.controller.events.list(volume)
 
     async def delete_volume(self, name: str) -> None:
         await self._change(name, deleting=True, attached=False)

@@ -24,7 +24,7 @@ from appliance.frontend import attach as frontend
 from appliance.frontend import filesystem
 from appliance.nbd import launch
 from appliance.nbd.settings import EngineSettings
-from appliance.node import volumeops
+from appliance.node import lineage, volumeops
 from appliance.node.config import NodeConfig
 from appliance.replication import control
 from appliance.replication import protocol as proto
@@ -67,12 +67,15 @@ class Supervisor:
 
     # -- replicas -----------------------------------------------------------------------
 
-    def create_replica_dir(self, replica: Replica, size: int) -> None:
+    def create_replica_dir(self, replica: Replica, size: int) -> str | None:
+        """Make the directory of a new replica (unless it exists); return its replica id
+        (None when it cannot be read now)."""
         directory = Path(replica.directory)
         if (directory / "replica.json").exists():
-            return
+            return lineage.read_replica_id(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        ReplicaStore.create(directory, size).close()
+        with ReplicaStore.create(directory, size) as created:
+            return created.replica_id
 
     def replica_process_alive(self, replica: Replica) -> bool:
         pid_file, _ = launch.replica_server_files(Path(replica.directory))
@@ -136,14 +139,22 @@ class Supervisor:
             return None
         return result
 
-    def start_engine(self, volume: Volume, replicas: list[Replica], *, salvage: bool) -> None:
+    def start_engine(self, volume: Volume, replicas: list[Replica], *, salvage: bool = False,
+                     salvage_from: Replica | None = None) -> None:
+        """Start the engine of *volume*; raises the engine's refusal (appliance.errors) when
+        it will not serve (docs/membership.md, "Starting")."""
         self.volume_dir(volume.name).mkdir(parents=True, exist_ok=True, mode=0o700)
         settings = EngineSettings(
             volume.name, tuple(self.address(r) for r in replicas),
             self.secret_file(volume.name), self.nbd_socket(volume.name),
             self.control_socket(volume.name), salvage=salvage,
+            salvage_from=self.address(salvage_from) if salvage_from else None,
             timeout=self.config.replica_timeout)
         launch.start_engine(settings, foreground=False)
+
+    def engine_log(self, volume: str) -> Path:
+        control = self.control_socket(volume)
+        return control.with_name(control.name + ".log")
 
     def stop_engine(self, volume: str) -> None:
         frontend.detach(self.attach_state(volume))

@@ -174,25 +174,6 @@ def test_engine_crash_is_noticed(node: Node) -> None:
         assert again.read(len(payload)) == payload
 
 
-def test_all_replicas_lost_then_salvaged(node: Node) -> None:
-    node.cli("volume", "create", "lost", "--size", "32M", "--replicas", "2")
-    device = node.cli("volume", "attach", "lost").stdout.strip()
-    payload = os.urandom(2 * MiB)
-    with open(device, "r+b") as block:
-        block.write(payload)
-        os.fsync(block.fileno())  # acknowledged: must survive
-    for replica in node.volume("lost")["replica_list"]:
-        os.kill(int((Path(replica["directory"]) / "server.pid").read_text()), signal.SIGKILL)
-    with pytest.raises(OSError), open(device, "r+b") as block:  # nothing to write to
-        block.write(os.urandom(MiB))
-        os.fsync(block.fileno())
-    wait_for(lambda: node.volume("lost")["robustness"] == "faulted", 60, "faulted")
-    wait_for(lambda: node.volume("lost")["robustness"] == "healthy" and
-             node.volume("lost")["state"] == "attached", 120, "salvaged and rebuilt")
-    with open(node.volume("lost")["device"], "rb") as block:
-        assert block.read(len(payload)) == payload
-
-
 HOSTILE = [
     ("POST", "/v1/volumes", b"{not json", "invalid request"),
     ("POST", "/v1/volumes", b'{"name": "v", "size": 4096, "colour": "red"}', "colour"),
