@@ -98,7 +98,7 @@ class Engine:
         self.rebuild_lock = threading.Lock()
         self._closed = threading.Event()
         self._stats_lock = threading.Lock()
-        self._last_io = 0.0  # time.monotonic() of the last completed read or write
+        self._last_io = 0.0  # time.perf_counter() of the last completed read or write
         # latency histograms: counts per bucket of LATENCY_BUCKETS (the last: above all)
         self.latency = {kind: [0] * (len(LATENCY_BUCKETS) + 1) for kind in ("read", "write")}
         self.latency_sum = {"read": 0.0, "write": 0.0}
@@ -149,7 +149,7 @@ class Engine:
         the next I/O. A busy volume is left to its I/O, which finds such a replica anyway."""
         interval = self.config.monitor_interval
         while not self._closed.wait(interval):
-            if time.monotonic() - self._last_io < interval:
+            if time.perf_counter() - self._last_io < interval:
                 continue
             for member in self._targets:
                 if self._closed.is_set():
@@ -274,8 +274,8 @@ class Engine:
 
     def _observe(self, kind: str, started: float, length: int) -> None:
         """Count one completed read or write of *length* bytes begun at *started*."""
-        elapsed = time.perf_counter() - started
-        self._last_io = time.monotonic()
+        self._last_io = now = time.perf_counter()
+        elapsed = now - started
         bucket = bisect.bisect_left(LATENCY_BUCKETS, elapsed)
         with self._stats_lock:
             self.stats[f"{kind}_ops"] += 1
@@ -497,9 +497,8 @@ class Engine:
         if not self.rebuild_lock.acquire(timeout=REBUILD_LOCK_WAIT):
             raise busy
         try:
-            if any(m.mode == Mode.WO for m in self.members):
-                raise FailedPrecondition(f"volume {self.volume}: a rebuild is in progress; "
-                                         f"{what} when it is done")
+            if any(m.mode == Mode.WO for m in self.members):  # one started meanwhile
+                raise busy
             if pause_io:
                 with self._io.exclusive():
                     return self._each_target(what, action)

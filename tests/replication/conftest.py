@@ -15,6 +15,21 @@ from appliance.replication.serve import RunningServer
 
 SECRET = b"s3cret-for-tests-only-0123456789"
 MiB = 1 << 20
+BS = 4096
+
+
+def mv(data: bytes) -> memoryview:
+    return memoryview(data)
+
+
+def read(engine: Engine, offset: int, length: int) -> bytes:
+    buf = memoryview(bytearray(length))
+    engine.read(buf, offset)
+    return bytes(buf)
+
+
+def modes(engine: Engine) -> list[str]:
+    return [r["mode"] for r in engine.status()["replicas"]]
 
 
 class Cluster:

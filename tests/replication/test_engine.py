@@ -15,23 +15,7 @@ from appliance.errors import FailedPrecondition, NoSpace, StorageIOError
 from appliance.replication.engine import Engine, EngineConfig
 from appliance.replication.serve import RunningServer
 
-from .conftest import SECRET, Cluster, MiB
-
-BS = 4096
-
-
-def mv(data: bytes) -> memoryview:
-    return memoryview(data)
-
-
-def read(engine: Engine, offset: int, length: int) -> bytes:
-    buf = memoryview(bytearray(length))
-    engine.read(buf, offset)
-    return bytes(buf)
-
-
-def modes(engine: Engine) -> list[str]:
-    return [r["mode"] for r in engine.status()["replicas"]]
+from .conftest import BS, SECRET, Cluster, MiB, modes, mv, read
 
 
 def test_writes_reach_every_replica_and_reads_come_back(cluster: Cluster) -> None:

@@ -6,7 +6,6 @@ for the next start."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +19,9 @@ from appliance.errors import (
     Unavailable,
 )
 from appliance.replication.engine import Engine
+from tests.harness import wait_for
 
-from .conftest import Cluster, MiB
-
-BS = 4096
-
-
-def mv(data: bytes) -> memoryview:
-    return memoryview(data)
-
-
-def read(engine: Engine, offset: int, length: int) -> bytes:
-    buf = memoryview(bytearray(length))
-    engine.read(buf, offset)
-    return bytes(buf)
-
-
-def modes(engine: Engine) -> list[str]:
-    return [r["mode"] for r in engine.status()["replicas"]]
-
-
-def wait(condition: Any, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+from .conftest import BS, Cluster, MiB, modes, mv, read
 
 
 def copying(engine: Engine, index: int) -> bool:
@@ -70,7 +46,7 @@ def rebuilding(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> tuple[Engi
     engine.write(mv(data), 0)
     new = cluster.add(size=32 * MiB)
     engine.add_replica(new.address)
-    wait(lambda: copying(engine, 2), "C to copy")
+    wait_for(lambda: copying(engine, 2), 60, "C to copy", interval=0.02)
     caplog.clear()
     return engine, data
 
