@@ -9,9 +9,10 @@ from typing import Any
 import click
 import httpx
 
+from appliance.defaults import API_URL
 from appliance.errors import AuthenticationFailed, NotFound, Unavailable, error_class
 
-DEFAULT_URL = "http://127.0.0.1:9500"
+DEFAULT_URL = API_URL
 DEFAULT_TOKEN_FILE = "/var/lib/appliance/token"  # noqa: S105 - a path, not a secret
 
 

@@ -9,6 +9,7 @@ import click
 
 from appliance.cli.output import emit_json, table
 from appliance.cli.params import ADDRESS, LABEL, output_option
+from appliance.defaults import CONTROL_TIMEOUT, REPLICA_TIMEOUT
 from appliance.frontend.attach import attach as attach_device
 from appliance.frontend.attach import detach as detach_device
 from appliance.nbd.launch import start_engine, stop_engine
@@ -48,7 +49,7 @@ def engine() -> None:
 @click.option("--salvage-from", type=ADDRESS, metavar="HOST:PORT",
               help="Serve the replica at HOST:PORT alone (diverged replicas: the operator's "
                    "choice); replicas that may hold data it lacks are kept, not rebuilt.")
-@click.option("--timeout", type=float, default=8.0, show_default=True,
+@click.option("--timeout", type=float, default=REPLICA_TIMEOUT, show_default=True,
               help="Seconds before an unresponsive replica is taken out of service.")
 @click.option("--rebuild-bandwidth", type=int, default=0,
               help="Rebuild bandwidth limit in bytes per second (0: none).")
@@ -136,7 +137,7 @@ def remove_replica(control_path: Path, address: tuple[str, int]) -> None:
 @click.option("--label", "labels", type=LABEL, multiple=True, help="KEY=VALUE, repeatable.")
 def snapshot(control_path: Path, name: str, labels: tuple[tuple[str, str], ...]) -> None:
     """Snapshot every replica at one point in the stream of writes."""
-    control.call(control_path, "snapshot", name=name, labels=dict(labels), timeout=600)
+    control.call(control_path, "snapshot", name=name, labels=dict(labels), timeout=CONTROL_TIMEOUT)
     click.echo(f"snapshot {name} created")
 
 

@@ -13,6 +13,7 @@ import click
 from appliance.cli.client import ApiClient, RemoteNotFound, api, client_options
 from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL, SIZE
+from appliance.defaults import API_LISTEN
 from appliance.errors import FailedPrecondition, Unavailable
 from appliance.units import format_size
 
@@ -34,7 +35,7 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None) -
     from appliance.node.daemon import main  # noqa: PLC0415
 
     if listen is None and config_file is None:
-        listen = "127.0.0.1:9500"
+        listen = API_LISTEN
     main(load_config(data_dir, listen, config_file))
 
 

@@ -120,7 +120,7 @@ class Volume(Record):
 
 
 @dataclass
-class Replica(Record):
+class ReplicaRecord(Record):
     """One replica of a volume: a directory on a disk, served on a port."""
 
     PREFIX: ClassVar[str] = "/replicas/"

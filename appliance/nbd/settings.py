@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.chain.format import MAX_SIZE, check_name
+from appliance.defaults import REPLICA_TIMEOUT
 from appliance.errors import InvalidArgument
 from appliance.replication.protocol import format_address, parse_address
 
@@ -29,7 +30,7 @@ class EngineSettings:
     psk_file: Path | None = None
     salvage: bool = False
     salvage_from: Address | None = None
-    timeout: float = 8.0
+    timeout: float = REPLICA_TIMEOUT
     rebuild_bandwidth: int = 0
     threads: int = 16
     extra: tuple[tuple[str, str], ...] = field(default=())
@@ -98,7 +99,7 @@ class EngineSettings:
                 salvage=values.get("salvage") == "1",
                 salvage_from=parse_address(values["salvage-from"])
                 if "salvage-from" in values else None,
-                timeout=float(values.get("timeout", 8.0)),
+                timeout=float(values.get("timeout", REPLICA_TIMEOUT)),
                 rebuild_bandwidth=int(values.get("rebuild-bandwidth", 0)))
         except ValueError as exc:
             raise InvalidArgument(f"invalid engine parameter: {exc}") from exc

@@ -25,9 +25,9 @@ from appliance.backup.jobs import BackupOptions, create_backup, restore_backup
 from appliance.backup.keys import BackupKey
 from appliance.backup.store import BackupStore
 from appliance.backup.targets import open_target, parse_target
-from appliance.chain import Replica as ReplicaStore
+from appliance.chain import Replica
 from appliance.chain.format import check_labels, check_name
-from appliance.control.objects import Replica
+from appliance.control.objects import ReplicaRecord
 from appliance.control.store import StateStore
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, NotFound
 from appliance.node import volumeops
@@ -343,7 +343,7 @@ class BackupService:
             {"backup": backup_id})
         return created
 
-    def _restore_into(self, backup_id: str, volume: str, replicas: list[Replica],
+    def _restore_into(self, backup_id: str, volume: str, replicas: list[ReplicaRecord],
                       progress: Callable[[int, int], None]) -> int:
         """Blocking: write backup *backup_id* into the new volume's replica directories."""
         entry = trio.from_thread.run(self.store.get, TARGET_KEY)
@@ -351,7 +351,7 @@ class BackupService:
         with self._backup_store(target) as store:
             manifest = store.find(backup_id)
             with contextlib.ExitStack() as stack:
-                opened = [stack.enter_context(ReplicaStore.open(Path(r.directory)))
+                opened = [stack.enter_context(Replica.open(Path(r.directory)))
                           for r in replicas]
                 written = restore_backup(store, manifest, opened, progress=progress)
                 volumeops.mark_equal(volume, opened, "restored from a backup")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.defaults import REPLICA_TIMEOUT
 from appliance.errors import InvalidArgument, NotFound
 from appliance.replication.protocol import parse_address
 
@@ -23,7 +24,7 @@ class NodeConfig:
     replica_address: str = "127.0.0.1"  # where replica servers listen (this node's address)
     port_range: tuple[int, int] = (10100, 10999)  # replica server ports
     reconcile_interval: float = 2.0  # seconds between looks at running processes
-    replica_timeout: float = 8.0
+    replica_timeout: float = REPLICA_TIMEOUT
 
     @property
     def state_db(self) -> Path:
@@ -82,6 +83,6 @@ def load_config(data_dir: Path | None, listen: str | None,
             replica_address=str(values.get("replica_address", "127.0.0.1")),
             port_range=(int(port_range[0]), int(port_range[1])),
             reconcile_interval=float(values.get("reconcile_interval", 2.0)),
-            replica_timeout=float(values.get("replica_timeout", 8.0)))
+            replica_timeout=float(values.get("replica_timeout", REPLICA_TIMEOUT)))
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"invalid configuration: {exc}") from exc

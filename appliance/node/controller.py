@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from appliance.control.objects import Disk, Replica, Settings, Volume
+from appliance.control.objects import Disk, ReplicaRecord, Settings, Volume
 from appliance.control.scheduler import DiskState, place, refusal
 from appliance.control.store import StateStore
 from appliance.errors import ApplianceError, Conflict, FailedPrecondition
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 RESYNC_INTERVAL = 60.0  # seconds: a detached, unchanged volume is looked at this often
 
 
-def disk_state(disk: Disk, replicas: list[Replica], volumes: dict[str, Volume]) -> DiskState:
+def disk_state(disk: Disk, replicas: list[ReplicaRecord], volumes: dict[str, Volume]) -> DiskState:
     try:
         stat = os.statvfs(disk.path)
     except OSError:
@@ -79,7 +79,7 @@ class Controller(Recovery):
         self._jobs: trio.Nursery | None = None  # long work (clones) beside the passes
         self.cloning: dict[str, tuple[int, int]] = {}  # volume -> (copied, total) bytes
         # restores a new volume from a backup: (backup id, volume, replicas, progress)
-        self.restorer: Callable[[str, str, list[Replica], Callable[[int, int], None]],
+        self.restorer: Callable[[str, str, list[ReplicaRecord], Callable[[int, int], None]],
                                 int] | None = None
         # detached volumes found in order: skipped until they change or RESYNC_INTERVAL
         self._settled: dict[str, tuple[tuple[Any, ...], float]] = {}
@@ -162,10 +162,10 @@ class Controller(Recovery):
         entry = await self.store.get(Settings.key_of("global"))
         return Settings.from_dict(entry.value) if entry else Settings()
 
-    async def replicas_of(self, volume: str) -> list[Replica]:
-        entries, _ = await self.store.list(Replica.prefix_of(volume))
-        return [Replica.from_dict(e.value) for e in entries
-                if Replica.from_dict(e.value).volume == volume]
+    async def replicas_of(self, volume: str) -> list[ReplicaRecord]:
+        entries, _ = await self.store.list(ReplicaRecord.prefix_of(volume))
+        return [ReplicaRecord.from_dict(e.value) for e in entries
+                if ReplicaRecord.from_dict(e.value).volume == volume]
 
     async def _status(self, name: str, **changes: Any) -> None:
         """Write status fields of volume *name* (retrying on concurrent spec changes)."""
@@ -202,12 +202,12 @@ class Controller(Recovery):
             await self._run_detached(volume, replicas)
             await self._settle(volume.name)
 
-    async def _ensure_replicas(self, volume: Volume) -> list[Replica]:
+    async def _ensure_replicas(self, volume: Volume) -> list[ReplicaRecord]:
         # a replica being handed over to a volume of its own is no longer this volume's
         replicas = [r for r in await self.replicas_of(volume.name)
                     if r.name not in self._handed_over]
         missing = volume.replicas - len(replicas)
-        placed: list[Replica] = []
+        placed: list[ReplicaRecord] = []
         if missing > 0:
             async with self.placement:
                 placed = await self._place(volume, replicas, missing)
@@ -224,12 +224,12 @@ class Controller(Recovery):
             await self._status(volume.name, state="detached", message="")
         return replicas
 
-    async def _create_dir(self, replica: Replica, size: int) -> None:
+    async def _create_dir(self, replica: ReplicaRecord, size: int) -> None:
         replica_id = await self.thread(self.supervisor.create_replica_dir, replica, size)
         if replica_id and replica.replica_id != replica_id:
             await self._put_replica(replace(replica, replica_id=replica_id))
 
-    async def _clone(self, volume: Volume, replicas: list[Replica]) -> None:
+    async def _clone(self, volume: Volume, replicas: list[ReplicaRecord]) -> None:
         """Copy the source snapshot into the new volume's replicas, then make it usable."""
         assert volume.source is not None
         what = "restore" if "backup" in volume.source else "clone"
@@ -262,7 +262,8 @@ class Controller(Recovery):
             del self.cloning[volume.name]
             self.poke()
 
-    async def _place(self, volume: Volume, existing: list[Replica], count: int) -> list[Replica]:
+    async def _place(self, volume: Volume, existing: list[ReplicaRecord],
+                     count: int) -> list[ReplicaRecord]:
         replicas = await self.plan_replicas(volume, existing, count)
         for replica in replicas:
             await self.store.put(replica.key, replica.to_dict(), expect=0)
@@ -270,14 +271,14 @@ class Controller(Recovery):
                      replica.disk)
         return replicas
 
-    async def plan_replicas(self, volume: Volume, existing: list[Replica],
-                            count: int) -> list[Replica]:
+    async def plan_replicas(self, volume: Volume, existing: list[ReplicaRecord],
+                            count: int) -> list[ReplicaRecord]:
         """New replica objects for *count* more replicas of *volume* (not stored yet);
         raises FailedPrecondition naming why each disk was refused."""
         disk_entries, _ = await self.store.list(Disk.PREFIX)
         disks = [Disk.from_dict(e.value) for e in disk_entries]
-        all_replicas = [Replica.from_dict(e.value) for e in
-                        (await self.store.list(Replica.PREFIX))[0]]
+        all_replicas = [ReplicaRecord.from_dict(e.value) for e in
+                        (await self.store.list(ReplicaRecord.PREFIX))[0]]
         volumes = {Volume.from_dict(e.value).name: Volume.from_dict(e.value)
                    for e in (await self.store.list(Volume.PREFIX))[0]}
         volumes[volume.name] = volume
@@ -294,19 +295,19 @@ class Controller(Recovery):
                 raise FailedPrecondition("no free replica server port in the configured range")
             used_ports.add(port)
             name = f"{volume.name}-{uuid.uuid4().hex[:8]}"
-            planned.append(Replica(name, volume.name, disk_name,
+            planned.append(ReplicaRecord(name, volume.name, disk_name,
                                    str(Path(by_name[disk_name].path) / "replicas" / name), port))
         return planned
 
-    async def check_capacity(self, grown: Volume, replicas: list[Replica]) -> None:
+    async def check_capacity(self, grown: Volume, replicas: list[ReplicaRecord]) -> None:
         """Refuse growing a volume to ``grown.size`` when a disk of its replicas would be
         scheduled beyond its limits."""
         entry = await self.store.get(grown.key)
         current = Volume.from_dict(entry.value).size if entry else grown.size
         disks = {Disk.from_dict(e.value).name: Disk.from_dict(e.value)
                  for e in (await self.store.list(Disk.PREFIX))[0]}
-        all_replicas = [Replica.from_dict(e.value) for e in
-                        (await self.store.list(Replica.PREFIX))[0]]
+        all_replicas = [ReplicaRecord.from_dict(e.value) for e in
+                        (await self.store.list(ReplicaRecord.PREFIX))[0]]
         volumes = {Volume.from_dict(e.value).name: Volume.from_dict(e.value)
                    for e in (await self.store.list(Volume.PREFIX))[0]}
         settings = await self.settings()
@@ -335,7 +336,7 @@ class Controller(Recovery):
                 continue
         raise Conflict(f"volume {name} keeps changing; its new size was not recorded")
 
-    async def _run_attached(self, volume: Volume, replicas: list[Replica]) -> None:
+    async def _run_attached(self, volume: Volume, replicas: list[ReplicaRecord]) -> None:
         sup = self.supervisor
         if volume.state in ("detached", "creating"):
             await self._status(volume.name, state="attaching")
@@ -367,7 +368,7 @@ class Controller(Recovery):
                            device=device, message="", refusal="",
                            branch=status.get("branch", ""))
 
-    async def _ensure_servers(self, volume: Volume, replicas: list[Replica],
+    async def _ensure_servers(self, volume: Volume, replicas: list[ReplicaRecord],
                               status: dict[str, Any] | None) -> dict[str, ApplianceError]:
         """Start the replica servers that do not run; the failures by replica name."""
         sup = self.supervisor
@@ -377,7 +378,7 @@ class Controller(Recovery):
             if status else set()
         failures: dict[str, ApplianceError] = {}
 
-        async def ensure_server(replica: Replica) -> None:
+        async def ensure_server(replica: ReplicaRecord) -> None:
             check = sup.replica_process_alive \
                 if f"{self.config.replica_address}:{replica.port}" in in_service \
                 else sup.replica_running
@@ -402,8 +403,8 @@ class Controller(Recovery):
                             replica.name, exc)
         return failures
 
-    async def _replenish(self, volume: Volume, replicas: list[Replica], status: dict[str, Any],
-                         settings: Settings, unservable: set[str]) -> None:
+    async def _replenish(self, volume: Volume, replicas: list[ReplicaRecord],
+                         status: dict[str, Any], settings: Settings, unservable: set[str]) -> None:
         """Bring replicas the engine reports out of service back, after the wait: rebuilt
         in place when their server runs, replaced by a new replica (placed like any other)
         when it cannot be served (its directory or disk is gone or broken)."""
@@ -437,7 +438,7 @@ class Controller(Recovery):
                             replica.name, exc)
             await self._put_replica(replace(replica, failed_at=None))
 
-    async def _add_to_engine(self, volume: Volume, replica: Replica, address: str) -> None:
+    async def _add_to_engine(self, volume: Volume, replica: ReplicaRecord, address: str) -> None:
         if (volume.name, f"add {replica.name}") not in self._said:  # not failing
             log.info("volume %s: adding replica %s to its engine (rebuilt)", volume.name,
                      replica.name)
@@ -451,7 +452,7 @@ class Controller(Recovery):
         else:
             self._note(volume.name, f"add {replica.name}", "")
 
-    async def _replace(self, volume: Volume, replicas: list[Replica], failed: Replica,
+    async def _replace(self, volume: Volume, replicas: list[ReplicaRecord], failed: ReplicaRecord,
                        address: str) -> None:
         sup = self.supervisor
         others = [r for r in replicas if r.name != failed.name]
@@ -478,10 +479,10 @@ class Controller(Recovery):
         await self.thread(sup.stop_replica, failed)
         await self.thread(sup.delete_replica_dir, failed)
 
-    async def _put_replica(self, replica: Replica) -> None:
+    async def _put_replica(self, replica: ReplicaRecord) -> None:
         await self.store.put(replica.key, replica.to_dict())
 
-    async def _run_detached(self, volume: Volume, replicas: list[Replica]) -> None:
+    async def _run_detached(self, volume: Volume, replicas: list[ReplicaRecord]) -> None:
         sup = self.supervisor
         if await self.thread(sup.engine_status, volume.name) is not None or \
                 await self.thread(sup.attached_device, volume.name) is not None:

@@ -19,9 +19,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from appliance.chain import Replica as ReplicaStore
+from appliance.chain import Replica
 from appliance.chain.format import MAX_NAME_LENGTH
-from appliance.control.objects import Replica
+from appliance.control.objects import ReplicaRecord
 from appliance.errors import ApplianceError
 from appliance.replication import membership
 
@@ -29,7 +29,7 @@ from appliance.replication import membership
 class ReplicaNames:
     """Addresses and replica ids of the replicas in the store, to their names."""
 
-    def __init__(self, replicas: Iterable[Replica], host: str) -> None:
+    def __init__(self, replicas: Iterable[ReplicaRecord], host: str) -> None:
         self.names: dict[str, str] = {}
         for replica in replicas:
             self.names[f"{host}:{replica.port}"] = replica.name
@@ -106,7 +106,7 @@ def keep_as_volume(directory: Path, volume: str, new_volume: str) -> str:
     diverged branch, the only member of *new_volume*: its record names the new volume and
     only itself, clean, with its history and one new branch saying why. Return its replica
     id. Done already (the record names *new_volume*): nothing changes."""
-    with ReplicaStore.open(directory) as replica:
+    with Replica.open(directory) as replica:
         raw = replica.volume_record()
         old = membership.Record.from_dict(raw) if raw else None
         if old is not None and old.volume == new_volume:
@@ -129,7 +129,7 @@ def read_replica_id(directory: Path) -> str | None:
     """The replica id in *directory*, or None when it cannot be read now (its server holds
     it, or it is gone)."""
     try:
-        with ReplicaStore.open(directory, writable=False) as replica:
+        with Replica.open(directory, writable=False) as replica:
             return replica.replica_id
     except (ApplianceError, OSError):  # looked for again later
         return None

@@ -18,7 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from appliance import __version__
-from appliance.control.objects import Disk, Replica, Volume
+from appliance.control.objects import Disk, ReplicaRecord, Volume
 from appliance.control.store import StateStore
 from appliance.node.config import NodeConfig
 from appliance.node.controller import disk_state
@@ -58,7 +58,8 @@ class Metrics:
 
     async def render(self) -> bytes:
         volumes = [Volume.from_dict(e.value) for e in (await self.store.list(Volume.PREFIX))[0]]
-        replicas = [Replica.from_dict(e.value) for e in (await self.store.list(Replica.PREFIX))[0]]
+        replicas = [ReplicaRecord.from_dict(e.value)
+                    for e in (await self.store.list(ReplicaRecord.PREFIX))[0]]
         disks = [Disk.from_dict(e.value) for e in (await self.store.list(Disk.PREFIX))[0]]
         engines = {}
         for volume in volumes:
@@ -71,7 +72,7 @@ class Metrics:
         registry.register(_Snapshot(families))
         return generate_latest(registry)
 
-    def _families(self, volumes: list[Volume], replicas: list[Replica], disks: list[Disk],
+    def _families(self, volumes: list[Volume], replicas: list[ReplicaRecord], disks: list[Disk],
                   engines: dict[str, Any]) -> list[Any]:
         by_volume = {v.name: v for v in volumes}
         node = GaugeMetricFamily("appliance_node_info", "This node.",

@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.control.objects import Replica, Settings, Volume
+from appliance.control.objects import ReplicaRecord, Settings, Volume
 from appliance.control.store import StateStore
 from appliance.errors import ApplianceError, FailedPrecondition
 from appliance.node.config import NodeConfig
@@ -61,9 +61,9 @@ class Recovery:
         async def thread(self, function: Any, *args: Any) -> Any: ...
         def poke(self) -> None: ...
         async def _status(self, name: str, **changes: Any) -> None: ...
-        async def _put_replica(self, replica: Replica) -> None: ...
+        async def _put_replica(self, replica: ReplicaRecord) -> None: ...
 
-    async def _learn_replica_ids(self, replicas: list[Replica],
+    async def _learn_replica_ids(self, replicas: list[ReplicaRecord],
                                  status: dict[str, Any] | None) -> None:
         """Keep the replica ids the engine reports (its messages name replicas by id)."""
         ids = {r["address"]: r.get("replica_id") for r in status["replicas"]} if status else {}
@@ -85,11 +85,11 @@ class Recovery:
         return True
 
     async def names(self) -> ReplicaNames:
-        entries, _ = await self.store.list(Replica.PREFIX)
-        return ReplicaNames([Replica.from_dict(e.value) for e in entries],
+        entries, _ = await self.store.list(ReplicaRecord.PREFIX)
+        return ReplicaNames([ReplicaRecord.from_dict(e.value) for e in entries],
                             self.config.replica_address)
 
-    async def _start(self, volume: Volume, replicas: list[Replica],
+    async def _start(self, volume: Volume, replicas: list[ReplicaRecord],
                      failures: dict[str, ApplianceError]) -> bool:
         """Start the engine of *volume* (carrying out a pending salvage request); False
         when the start was refused, or not tried again yet after a refusal: that happens
@@ -122,7 +122,7 @@ class Recovery:
             await self._status(name, salvage_done=request["id"])
         return True
 
-    async def _try_start(self, volume: Volume, replicas: list[Replica],
+    async def _try_start(self, volume: Volume, replicas: list[ReplicaRecord],
                          failures: dict[str, ApplianceError],
                          request: dict[str, Any] | None) -> None:
         sup = self.supervisor
@@ -210,7 +210,7 @@ class Recovery:
             log.warning("volume %s: %s", volume.name, text)
             await self.events.record(volume.name, "salvaged", text)
 
-    async def _keep_branches(self, volume: Volume, replicas: list[Replica],
+    async def _keep_branches(self, volume: Volume, replicas: list[ReplicaRecord],
                              status: dict[str, Any]) -> set[str]:
         """Each replica the engine keeps out of service because it holds a diverged branch
         becomes a detached volume of its own (its data stays until that volume is
@@ -260,9 +260,9 @@ class Recovery:
         idempotent (a pass after a crash half-way finishes it)."""
         assert volume.source is not None
         origin, old_name = volume.source["diverged-from"], volume.source["replica"]
-        entry = await self.store.get(Replica.key_of(old_name))
+        entry = await self.store.get(ReplicaRecord.key_of(old_name))
         if entry is not None:
-            old = Replica.from_dict(entry.value)
+            old = ReplicaRecord.from_dict(entry.value)
             await self.thread(self.supervisor.stop_replica, old)
             replica_id = await self.thread(keep_as_volume, Path(old.directory), origin,
                                            volume.name)

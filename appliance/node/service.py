@@ -17,7 +17,7 @@ from appliance.chain.directory import probe_filesystem
 from appliance.chain.format import check_labels, check_name
 from appliance.control.objects import (
     Disk,
-    Replica,
+    ReplicaRecord,
     Settings,
     Volume,
     check_tags,
@@ -69,7 +69,8 @@ class NodeService:
         return [Disk.from_dict(e.value) for e in entries]
 
     async def _disk_info(self, disk: Disk) -> dict[str, Any]:
-        replicas = [Replica.from_dict(e.value) for e in (await self.store.list(Replica.PREFIX))[0]]
+        replicas = [ReplicaRecord.from_dict(e.value)
+                    for e in (await self.store.list(ReplicaRecord.PREFIX))[0]]
         volumes = {v.name: v for v in await self._volumes()}
         state = disk_state(disk, replicas, volumes)
         return {**disk.to_dict(), "capacity": state.capacity, "available": state.available,
@@ -131,10 +132,10 @@ class NodeService:
                                         {"volume": source, "snapshot": snapshot})
 
     async def list_volumes(self) -> list[dict[str, Any]]:
-        entries, _ = await self.store.list(Replica.PREFIX)  # one query for every volume
-        by_volume: dict[str, list[Replica]] = {}
+        entries, _ = await self.store.list(ReplicaRecord.PREFIX)  # one query for every volume
+        by_volume: dict[str, list[ReplicaRecord]] = {}
         for entry in entries:
-            replica = Replica.from_dict(entry.value)
+            replica = ReplicaRecord.from_dict(entry.value)
             by_volume.setdefault(replica.volume, []).append(replica)
         return [self._info(v, by_volume.get(v.name, [])) for v in await self._volumes()]
 
@@ -170,7 +171,7 @@ class NodeService:
     async def _describe(self, volume: Volume) -> dict[str, Any]:
         return self._info(volume, await self.controller.replicas_of(volume.name))
 
-    def _info(self, volume: Volume, replicas: list[Replica]) -> dict[str, Any]:
+    def _info(self, volume: Volume, replicas: list[ReplicaRecord]) -> dict[str, Any]:
         info = volume.to_dict()
         if volume.name in self.controller.cloning:
             copied, total = self.controller.cloning[volume.name]

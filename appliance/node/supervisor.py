@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.chain import Replica as ReplicaStore
-from appliance.control.objects import Replica, Volume
+from appliance.chain import Replica
+from appliance.control.objects import ReplicaRecord, Volume
+from appliance.defaults import CONTROL_TIMEOUT
 from appliance.errors import ApplianceError, FailedPrecondition, Unavailable
 from appliance.frontend import attach as frontend
 from appliance.frontend import filesystem
@@ -62,29 +63,29 @@ class Supervisor:
                 write_secret_file(path, os.urandom(32).hex().encode())
         return path
 
-    def address(self, replica: Replica) -> tuple[str, int]:
+    def address(self, replica: ReplicaRecord) -> tuple[str, int]:
         return self.config.replica_address, replica.port
 
     # -- replicas -----------------------------------------------------------------------
 
-    def create_replica_dir(self, replica: Replica, size: int) -> str | None:
+    def create_replica_dir(self, replica: ReplicaRecord, size: int) -> str | None:
         """Make the directory of a new replica (unless it exists); return its replica id
         (None when it cannot be read now)."""
         directory = Path(replica.directory)
         if (directory / "replica.json").exists():
             return lineage.read_replica_id(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        with ReplicaStore.create(directory, size) as created:
+        with Replica.create(directory, size) as created:
             return created.replica_id
 
-    def replica_process_alive(self, replica: Replica) -> bool:
+    def replica_process_alive(self, replica: ReplicaRecord) -> bool:
         pid_file, _ = launch.replica_server_files(Path(replica.directory))
         try:
             return launch.process_running(int(pid_file.read_text()))
         except (FileNotFoundError, ValueError):
             return False
 
-    def replica_running(self, replica: Replica) -> bool:
+    def replica_running(self, replica: ReplicaRecord) -> bool:
         pid_file, _ = launch.replica_server_files(Path(replica.directory))
         try:
             pid = int(pid_file.read_text())
@@ -99,19 +100,19 @@ class Supervisor:
             return False
         return True
 
-    def start_replica(self, replica: Replica) -> None:
+    def start_replica(self, replica: ReplicaRecord) -> None:
         launch.start_replica_server(Path(replica.directory), self.address(replica),
                                     self.secret_file(replica.volume))
 
-    def stop_replica(self, replica: Replica) -> None:
+    def stop_replica(self, replica: ReplicaRecord) -> None:
         with contextlib.suppress(ApplianceError):
             launch.stop_replica_server(Path(replica.directory))
 
-    def delete_replica_dir(self, replica: Replica) -> None:
+    def delete_replica_dir(self, replica: ReplicaRecord) -> None:
         shutil.rmtree(replica.directory, ignore_errors=True)
 
-    def clone_into(self, source: str, source_replicas: list[Replica], snapshot: str,
-                   volume: str, replicas: list[Replica],
+    def clone_into(self, source: str, source_replicas: list[ReplicaRecord], snapshot: str,
+                   volume: str, replicas: list[ReplicaRecord],
                    progress: Callable[[int, int], None]) -> int:
         """Copy snapshot *snapshot* of volume *source* into the replicas of new volume
         *volume*: from a replica server in service when the source is attached, else from
@@ -139,8 +140,8 @@ class Supervisor:
             return None
         return result
 
-    def start_engine(self, volume: Volume, replicas: list[Replica], *, salvage: bool = False,
-                     salvage_from: Replica | None = None) -> None:
+    def start_engine(self, volume: Volume, replicas: list[ReplicaRecord], *, salvage: bool = False,
+                     salvage_from: ReplicaRecord | None = None) -> None:
         """Start the engine of *volume*; raises the engine's refusal (appliance.errors) when
         it will not serve (docs/membership.md, "Starting")."""
         self.volume_dir(volume.name).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -162,7 +163,7 @@ class Supervisor:
             launch.stop_engine(self.control_socket(volume))
 
     def engine_call(self, volume: str, op: str, **arguments: Any) -> Any:
-        return control.call(self.control_socket(volume), op, timeout=600, **arguments)
+        return control.call(self.control_socket(volume), op, timeout=CONTROL_TIMEOUT, **arguments)
 
     # -- devices ------------------------------------------------------------------------
 

@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance.chain import BLOCK_SIZE
-from appliance.chain import Replica as ReplicaStore
+from appliance.chain import BLOCK_SIZE, Replica
 from appliance.chain.source import LayerSource, LocalSource, ancestry
 from appliance.errors import ApplianceError, FailedPrecondition, StorageIOError
 from appliance.replication import membership
@@ -29,12 +28,12 @@ PIECE = 1 << 20
 
 
 @contextlib.contextmanager
-def _opened(directories: list[Path], *, writable: bool) -> Iterator[list[ReplicaStore]]:
+def _opened(directories: list[Path], *, writable: bool) -> Iterator[list[Replica]]:
     with contextlib.ExitStack() as stack:
         replicas = []
         for directory in directories:
             try:
-                replicas.append(stack.enter_context(ReplicaStore.open(directory,
+                replicas.append(stack.enter_context(Replica.open(directory,
                                                                       writable=writable)))
             except ApplianceError as exc:
                 raise FailedPrecondition(f"replica {directory} cannot be opened: {exc}") \
@@ -43,12 +42,12 @@ def _opened(directories: list[Path], *, writable: bool) -> Iterator[list[Replica
 
 
 def change(directories: list[Path], what: str,
-           action: Callable[[ReplicaStore], Any]) -> list[Any]:
+           action: Callable[[Replica], Any]) -> list[Any]:
     """Apply *action* to every replica; raise if it was refused or failed everywhere."""
     with _opened(directories, writable=True) as replicas:
         newest = max(r.revision for r in replicas)
         results: list[Any] = []
-        changed: list[ReplicaStore] = []
+        changed: list[Replica] = []
         for replica in replicas:
             try:
                 results.append(action(replica))
@@ -110,7 +109,7 @@ def copy_snapshot(source: LayerSource, snapshot: str, volume: str, targets: list
     return done
 
 
-def mark_equal(volume: str, replicas: list[ReplicaStore], cause: str) -> None:
+def mark_equal(volume: str, replicas: list[Replica], cause: str) -> None:
     """Record that the new replicas *replicas* of *volume*, written with the same data,
     are equal: one revision and a clean membership record naming them all, so the first
     engine serves from every one of them (instead of rebuilding all but one)."""

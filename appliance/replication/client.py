@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from appliance import unixsock
+from appliance.defaults import REPLICA_TIMEOUT
 from appliance.errors import ApplianceError, AuthenticationFailed, ProtocolError, Unavailable
 from appliance.replication import protocol as proto
 from appliance.replication.protocol import (
@@ -31,7 +32,7 @@ from appliance.replication.protocol import (
 
 class ReplicaConnection:
     def __init__(self, address: tuple[str, int], secret: bytes, *, role: Role = Role.READER,
-                 generation: int = 0, token: int = 0, timeout: float = 8.0,
+                 generation: int = 0, token: int = 0, timeout: float = REPLICA_TIMEOUT,
                  unix_path: str | None = None) -> None:
         """Connect to the replica server at *address*, or through its unix socket
         *unix_path* when the server is on this host."""

@@ -31,6 +31,7 @@ from typing import Any
 
 from appliance.chain.access import AccessLock
 from appliance.chain.format import BLOCK_SIZE, block_span, check_name, split_blocks
+from appliance.defaults import CONTROL_TIMEOUT, MONITOR_INTERVAL, REPLICA_TIMEOUT
 from appliance.errors import (
     AlreadyExists,
     ApplianceError,
@@ -61,12 +62,12 @@ class EngineConfig:
     volume: str
     replicas: tuple[tuple[str, int], ...]
     secret: bytes = field(repr=False)
-    timeout: float = 8.0
+    timeout: float = REPLICA_TIMEOUT
     salvage: bool = False  # accept the best reachable member when a member is unreachable
     salvage_from: tuple[str, int] | None = None  # the operator's choice: serve this replica
     rebuild_bandwidth: int = 0  # bytes per second, 0 for no limit
-    control_timeout: float = 600.0  # snapshots, checksums: long operations
-    monitor_interval: float = 5.0  # seconds between pings of an idle volume's replicas (0: off)
+    control_timeout: float = CONTROL_TIMEOUT  # snapshots, checksums: long operations
+    monitor_interval: float = MONITOR_INTERVAL  # idle pings of the replicas (0: off)
 
 
 Outcome = tuple[list[tuple[Member, bytes]], list[tuple[Member, ApplianceError]]]

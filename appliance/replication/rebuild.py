@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.chain import checksum as checksums
 from appliance.chain.format import BLOCK_SIZE
 from appliance.chain.staging import LayerSpec, StagedLayer, install_layers, stage_layer
+from appliance.defaults import REPLICA_TIMEOUT
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, StorageIOError
 from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
@@ -204,7 +205,7 @@ def handlers(server: ReplicaServer) -> dict[int, Any]:
             raise FailedPrecondition("a rebuild is already running on this replica")
         job = RebuildJob(server, proto.parse_address(str(document.get("source", ""))),
                          str(document.get("snapshot", "")), int(document.get("bandwidth", 0)),
-                         server.secret, float(document.get("timeout", 8.0)))
+                         server.secret, float(document.get("timeout", REPLICA_TIMEOUT)))
         server.rebuild = job
         job.thread.start()
         return []

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.chain import Replica as ReplicaStore
-from appliance.control.objects import Event, Replica
+from appliance.chain import Replica
+from appliance.control.objects import Event, ReplicaRecord
 from appliance.control.sqlite_store import SQLiteStore
 from appliance.node.events import EventLog
 from appliance.node.lineage import (
@@ -23,8 +23,8 @@ from appliance.replication import membership
 
 
 def test_engine_messages_in_replica_names() -> None:
-    names = ReplicaNames([Replica("v-aaaa", "v", "d", "/r/a", 1010, replica_id="id-a"),
-                          Replica("v-bbbb", "v", "d", "/r/b", 10101)], "127.0.0.1")
+    names = ReplicaNames([ReplicaRecord("v-aaaa", "v", "d", "/r/a", 1010, replica_id="id-a"),
+                          ReplicaRecord("v-bbbb", "v", "d", "/r/b", 10101)], "127.0.0.1")
     assert names.text("127.0.0.1:10101 and 127.0.0.1:1010, id-a; 127.0.0.1:9") == \
         "v-bbbb and v-aaaa, v-aaaa; 127.0.0.1:9"
     salvage = names.salvage({"at": "T", "generation": 3, "from": "127.0.0.1:10101",
@@ -46,7 +46,7 @@ def test_engine_messages_in_replica_names() -> None:
 
 def test_a_kept_replica_becomes_the_only_member_of_a_new_volume(tmp_path: Path) -> None:
     directory = tmp_path / "replica"
-    with ReplicaStore.create(directory, 1 << 20) as replica:
+    with Replica.create(directory, 1 << 20) as replica:
         replica_id = replica.replica_id
         history = (membership.Branch("a" * 16, "T0", 1, "created"),
                    membership.Branch("b" * 16, "T1", 2, "salvaged"))
@@ -55,7 +55,7 @@ def test_a_kept_replica_becomes_the_only_member_of_a_new_volume(tmp_path: Path) 
         replica.set_volume_record(old.to_dict())
     assert keep_as_volume(directory, "v", "v-branch-bbbbbbbb") == replica_id
     assert keep_as_volume(directory, "v", "v-branch-bbbbbbbb") == replica_id  # done: same
-    with ReplicaStore.open(directory, writable=False) as replica:
+    with Replica.open(directory, writable=False) as replica:
         raw = replica.volume_record()
         assert raw is not None
         record = membership.Record.from_dict(raw)
