@@ -148,11 +148,11 @@ def bench_open(directory: Path, size: int, layers: int, extents: int,
         start = time.perf_counter()
         opened = Replica.open(path)
         times.append(time.perf_counter() - start)
-        index = opened._view.index
+        index = opened.index_size
         opened.close()
     shutil.rmtree(path)
-    return {"seconds": statistics.median(times), "index_bytes_per_block": index.itemsize,
-            "index_bytes": index.nbytes}
+    return {"seconds": statistics.median(times), "index_bytes_per_block": index.bytes_per_block,
+            "index_bytes": index.total_bytes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,18 +78,20 @@ _FIEMAP_EXTENT = np.dtype([("logical", "<u8"), ("physical", "<u8"), ("length", "
 _FIEMAP_EXTENT_LAST = 0x1
 #: extents whose content SEEK_DATA may report differently: fall back to seeking
 _FIEMAP_DOUBTFUL = 0x100 | 0x200 | 0x400 | 0x800  # not aligned, inline, tail, unwritten
-_FIEMAP_BATCH = 4096
+#: extents asked for per FIEMAP call (tests lower it to cross batch boundaries)
+FIEMAP_BATCH = 4096
 Runs = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
 
 
-def _fiemap_block_runs(fd: int, end: int) -> Runs | None:
-    """Block runs ``(firsts, lasts)`` of ``[0, end)`` from FIEMAP, or None to fall back."""
-    buffer = bytearray(_FIEMAP_HEADER.size + _FIEMAP_BATCH * _FIEMAP_EXTENT.itemsize)
+def fiemap_block_runs(fd: int, end: int) -> Runs | None:
+    """Block runs ``(firsts, lasts)`` of ``[0, end)`` from FIEMAP, or None where FIEMAP is
+    missing or doubtful; :func:`block_run_arrays` then falls back to seeking."""
+    buffer = bytearray(_FIEMAP_HEADER.size + FIEMAP_BATCH * _FIEMAP_EXTENT.itemsize)
     firsts: list[npt.NDArray[np.int64]] = []
     lasts: list[npt.NDArray[np.int64]] = []
     position = 0
     while position < end:
-        _FIEMAP_HEADER.pack_into(buffer, 0, position, end - position, 0, 0, _FIEMAP_BATCH, 0)
+        _FIEMAP_HEADER.pack_into(buffer, 0, position, end - position, 0, 0, FIEMAP_BATCH, 0)
         try:
             fcntl.ioctl(fd, _FS_IOC_FIEMAP, buffer, True)
         except OSError:
@@ -116,7 +118,7 @@ def _fiemap_block_runs(fd: int, end: int) -> Runs | None:
 
 def block_run_arrays(fd: int, end: int) -> Runs:
     """Every run of allocated blocks of ``[0, end)`` as arrays ``(firsts, lasts)``."""
-    runs = _fiemap_block_runs(fd, end)
+    runs = fiemap_block_runs(fd, end)
     if runs is not None:
         return runs
     pairs = list(block_runs(fd, 0, end))

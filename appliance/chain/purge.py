@@ -21,54 +21,49 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from appliance.chain import format as fmt
 from appliance.chain.durable import crashpoint, unlink_durably, write_all
 from appliance.chain.format import BLOCK_SIZE, Layer, PendingCoalesce
 from appliance.chain.layerfile import LayerFile
+from appliance.chain.openchain import OpenChain
 from appliance.errors import Corruption, from_os_error
-
-if TYPE_CHECKING:
-    from appliance.chain.replica import Replica
 
 STEP_BLOCKS = 1024  # 4 MiB
 
 
-def purge(replica: Replica) -> dict[str, int]:
+def purge(chain: OpenChain) -> dict[str, int]:
     """Run every possible purge step; return counts of what was done."""
     stats = {"deleted": 0, "coalesced": 0, "pruned": 0, "copied_bytes": 0, "punched_bytes": 0}
-    with replica._maintenance:
-        if replica.meta.pending is not None:
-            stats["copied_bytes"] += _coalesce(replica, replica.meta.pending)
+    with chain.maintenance:
+        if chain.meta.pending is not None:
+            stats["copied_bytes"] += _coalesce(chain, chain.meta.pending)
             stats["coalesced"] += 1
         pruned: set[int] = set()
-        while (step := _next_step(replica, pruned)) is not None:
+        while (step := _next_step(chain, pruned)) is not None:
             kind, layer = step
             if kind == "delete":
-                _delete(replica, layer)
+                _delete(chain, layer)
                 stats["deleted"] += 1
             elif kind == "prune":
                 pruned.add(layer.id)
-                stats["punched_bytes"] += _prune(replica, layer)
+                stats["punched_bytes"] += _prune(chain, layer)
                 stats["pruned"] += 1
             else:
-                child = replica.meta.children(layer.id)[0]
-                stats["copied_bytes"] += _start_coalesce(replica, layer, child)
+                child = chain.meta.children(layer.id)[0]
+                stats["copied_bytes"] += _start_coalesce(chain, layer, child)
                 stats["coalesced"] += 1
     return stats
 
 
-def resume_pending(replica: Replica) -> None:
+def resume_pending(chain: OpenChain) -> None:
     """Finish a coalesce a crash interrupted (called while a writable replica opens)."""
-    assert replica.meta.pending is not None
-    _coalesce(replica, replica.meta.pending, opening=True)
+    assert chain.meta.pending is not None
+    _coalesce(chain, chain.meta.pending, opening=True)
 
 
-def _next_step(replica: Replica, pruned: set[int]) -> tuple[str, Layer] | None:
-    meta = replica.meta
+def _next_step(chain: OpenChain, pruned: set[int]) -> tuple[str, Layer] | None:
+    meta = chain.meta
     for layer in sorted(meta.layers.values(), key=lambda x: x.id):
         if not layer.removed:
             continue
@@ -83,42 +78,42 @@ def _next_step(replica: Replica, pruned: set[int]) -> tuple[str, Layer] | None:
     return None
 
 
-def _delete(replica: Replica, layer: Layer) -> None:
-    with replica._access.exclusive():
-        replica._commit(replica.meta.with_layers(drop=(layer.id,)))
+def _delete(chain: OpenChain, layer: Layer) -> None:
+    with chain.access.exclusive():
+        chain.commit(chain.meta.with_layers(drop=(layer.id,)))
         crashpoint("purge:delete-committed")
-        _forget(replica, layer.id)
+        _forget(chain, layer.id)
 
 
-def _forget(replica: Replica, layer_id: int) -> None:
+def _forget(chain: OpenChain, layer_id: int) -> None:
     """Close and delete a layer that the committed metadata no longer lists."""
-    replica._close_layer(layer_id)
-    unlink_durably(replica._dir_fd, fmt.layer_file_name(layer_id),
+    chain.close_layer(layer_id)
+    unlink_durably(chain.dir_fd, fmt.layer_file_name(layer_id),
                    fmt.checksum_file_name(layer_id))
     crashpoint("purge:files-deleted")
 
 
-def _prune(replica: Replica, layer: Layer) -> int:
+def _prune(chain: OpenChain, layer: Layer) -> int:
     """Punch from removed *layer* the blocks its child (the head) holds; drop it if empty."""
     punched = 0
-    target = replica._files[layer.id]
+    target = chain.files[layer.id]
     for first in range(0, layer.size // BLOCK_SIZE, STEP_BLOCKS):
         last = min(first + STEP_BLOCKS, layer.size // BLOCK_SIZE)
-        with replica._access.range(first, last):
-            children = replica.meta.children(layer.id)
+        with chain.access.range(first, last):
+            children = chain.meta.children(layer.id)
             if len(children) != 1:
                 break  # the chain changed (a revert); the next purge looks again
-            child = replica._files[children[0].id]
+            child = chain.files[children[0].id]
             for start, stop in _covered(target, child, first, last):
                 try:
                     target.punch_blocks(start, stop)
                 except OSError as exc:
-                    raise from_os_error(exc, f"purge of replica {replica.path}") from exc
+                    raise from_os_error(exc, f"purge of replica {chain.path}") from exc
                 punched += (stop - start) * BLOCK_SIZE
-            replica._dirty.add(layer.id)
+            chain.mark_dirty((layer.id,))
         crashpoint("purge:prune-step")
     if next(target.block_runs(), None) is None:
-        _drop_empty(replica, layer.id)
+        _drop_empty(chain, layer.id)
     return punched
 
 
@@ -134,40 +129,40 @@ def _covered(lower: LayerFile, upper: LayerFile, first: int, last: int) -> list[
     return result
 
 
-def _drop_empty(replica: Replica, layer_id: int) -> None:
-    with replica._access.exclusive():
-        meta = replica.meta
+def _drop_empty(chain: OpenChain, layer_id: int) -> None:
+    with chain.access.exclusive():
+        meta = chain.meta
         layer = meta.layers.get(layer_id)
         children = meta.children(layer_id)
         if layer is None or not layer.removed or len(children) != 1:
             return
-        if next(replica._files[layer_id].block_runs(), None) is not None:
+        if next(chain.files[layer_id].block_runs(), None) is not None:
             return
         child = replace(children[0], parent=layer.parent)
-        replica._commit(meta.with_layers(child, drop=(layer_id,)))
+        chain.commit(meta.with_layers(child, drop=(layer_id,)))
         crashpoint("purge:drop-committed")
-        _switch_view(replica, layer_id, keep=child.id)
-        _forget(replica, layer_id)
+        chain.merge_in_view(layer_id, keep=child.id)
+        _forget(chain, layer_id)
 
 
-def _start_coalesce(replica: Replica, parent: Layer, child: Layer) -> int:
-    parent_bytes = replica._files[parent.id].allocated_bytes()
-    child_bytes = replica._files[child.id].allocated_bytes()
+def _start_coalesce(chain: OpenChain, parent: Layer, child: Layer) -> int:
+    parent_bytes = chain.files[parent.id].allocated_bytes()
+    child_bytes = chain.files[child.id].allocated_bytes()
     into = parent.id if child_bytes < parent_bytes else child.id
     pending = PendingCoalesce(parent=parent.id, child=child.id, into=into)
-    with replica._access.exclusive():
-        meta = replica.meta
+    with chain.access.exclusive():
+        meta = chain.meta
         changed = [replace(meta.layers[child.id], checksum=None)] if into == child.id else []
-        replica._commit(meta.with_layers(*changed, pending=pending))
+        chain.commit(meta.with_layers(*changed, pending=pending))
     crashpoint("purge:coalesce-started")
     if into == child.id:
-        unlink_durably(replica._dir_fd, fmt.checksum_file_name(child.id))
-    return _coalesce(replica, pending)
+        unlink_durably(chain.dir_fd, fmt.checksum_file_name(child.id))
+    return _coalesce(chain, pending)
 
 
-def _coalesce(replica: Replica, pending: PendingCoalesce, *, opening: bool = False) -> int:
-    files = replica._files
-    meta = replica.meta
+def _coalesce(chain: OpenChain, pending: PendingCoalesce, *, opening: bool = False) -> int:
+    files = chain.files
+    meta = chain.meta
     parent, child = files[pending.parent], files[pending.child]
     into_parent = pending.into == pending.parent
     child_size = meta.layers[pending.child].size
@@ -180,14 +175,14 @@ def _coalesce(replica: Replica, pending: PendingCoalesce, *, opening: bool = Fal
         if opening:
             copied += _copy_step(source, target, first, last, only_holes=not into_parent)
         else:
-            with replica._access.range(first, last):
+            with chain.access.range(first, last):
                 copied += _copy_step(source, target, first, last, only_holes=not into_parent)
         crashpoint("purge:coalesce-step")
     try:
         os.fdatasync(target.fd)
     except OSError as exc:
-        raise from_os_error(exc, f"purge of replica {replica.path}") from exc
-    _finish_coalesce(replica, pending, opening=opening)
+        raise from_os_error(exc, f"purge of replica {chain.path}") from exc
+    _finish_coalesce(chain, pending, opening=opening)
     return copied
 
 
@@ -226,9 +221,9 @@ def _subtract(runs: Runs, covered: Runs) -> Runs:
     return result
 
 
-def _finish_coalesce(replica: Replica, pending: PendingCoalesce, *, opening: bool) -> None:
+def _finish_coalesce(chain: OpenChain, pending: PendingCoalesce, *, opening: bool) -> None:
     def commit() -> int:
-        meta = replica.meta
+        meta = chain.meta
         parent, child = meta.layers[pending.parent], meta.layers[pending.child]
         merged = replace(child, parent=parent.parent, checksum=None)
         changed: list[Layer] = []
@@ -239,35 +234,18 @@ def _finish_coalesce(replica: Replica, pending: PendingCoalesce, *, opening: boo
             dropped = child.id
         else:
             dropped = parent.id
-        replica._commit(meta.with_layers(merged, *changed, drop=(dropped,),
-                                         pending=None))
+        chain.commit(meta.with_layers(merged, *changed, drop=(dropped,), pending=None))
         crashpoint("purge:coalesce-committed")
-        replica._files[merged.id].size = merged.size
+        chain.files[merged.id].size = merged.size
         return dropped
 
-    if opening:  # no view exists yet; the replica builds it after this
+    if opening:  # no view yet; the opening replica, holding exclusive access, builds it next
         dropped = commit()
-        replica._close_layer(dropped)
-        unlink_durably(replica._dir_fd, fmt.layer_file_name(dropped),
+        chain.close_layer(dropped)
+        unlink_durably(chain.dir_fd, fmt.layer_file_name(dropped),
                        fmt.checksum_file_name(dropped))
         return
-    with replica._access.exclusive():
+    with chain.access.exclusive():
         dropped = commit()
-        _switch_view(replica, dropped, keep=pending.into)
-        _forget(replica, dropped)
-
-
-def _switch_view(replica: Replica, dropped: int, keep: int) -> None:
-    """Update the head's view after layer *dropped* merged into its neighbour *keep*
-    (or, being empty, left the chain): positions above the pair move down by one."""
-    view = replica._view
-    positions = {layer.id: n for n, layer in enumerate(view.files, 1)}
-    if dropped not in positions:
-        return
-    low = min(positions[dropped], positions.get(keep, positions[dropped]))
-    mapping = np.arange(len(view.files) + 1, dtype=view.index.dtype)
-    mapping[low + 1:] -= 1
-    view.remap(mapping)
-    files = [x for x in view.files if x.id != dropped]
-    files[low - 1] = replica._files[keep]
-    view.files[:] = files
+        chain.merge_in_view(dropped, keep=pending.into)
+        _forget(chain, dropped)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from appliance.chain.format import BLOCK_SIZE, block_span
 from appliance.chain.index import ChainView
+from appliance.chain.openchain import OpenChain
 from appliance.errors import FailedPrecondition, InvalidArgument, from_os_error
-
-if TYPE_CHECKING:
-    from appliance.chain.replica import Replica
 
 
 @dataclass(frozen=True)
@@ -36,22 +33,22 @@ def chain_extents(chain: ChainView, offset: int, length: int | None) -> list[Ext
 class SnapshotReader:
     """Reads one snapshot through its own index (see :meth:`Replica.open_snapshot`)."""
 
-    def __init__(self, replica: Replica, name: str, chain: ChainView, epoch: int) -> None:
-        self.replica = replica
+    def __init__(self, open_chain: OpenChain, name: str, chain: ChainView, epoch: int) -> None:
         self.name = name
         self.size = chain.size
+        self._open_chain = open_chain
         self._chain = chain
         self._epoch = epoch
 
     def _check(self) -> None:
-        if self._epoch != self.replica._epoch:
+        if self._epoch != self._open_chain.epoch:
             raise FailedPrecondition(f"snapshot {self.name!r}: the chain changed while it "
                                      "was read; open it again")
 
     def readinto(self, buf: memoryview | bytearray, offset: int) -> None:
         view = memoryview(buf).cast("B")
-        self.replica._check_io(offset, len(view), self.size)
-        with self.replica._access.shared():
+        self._open_chain.check_io(offset, len(view), self.size)
+        with self._open_chain.access.shared():
             self._check()
             if len(view):
                 try:
@@ -65,7 +62,7 @@ class SnapshotReader:
         return bytes(buf)
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
-        with self.replica._access.shared():
+        with self._open_chain.access.shared():
             self._check()
             return chain_extents(self._chain, offset, length)
 

@@ -9,13 +9,17 @@ See docs/replica-format.md for the format and the rules every change follows. In
   a replica that opens in the old or the new state (DESIGN invariant 6).
 
 A replica may be used by many threads at once; see :mod:`appliance.chain.access`.
+
+:class:`Replica` is the facade. The open chain's state (directory, layer files, metadata, the
+head's index, the locks) is one :class:`~appliance.chain.openchain.OpenChain`, which the
+facade, :mod:`~appliance.chain.purge`, :mod:`~appliance.chain.staging` and the snapshot
+reader share and which alone changes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -25,7 +29,8 @@ from typing import Any
 
 from appliance.chain import checksum as checksums
 from appliance.chain import format as fmt
-from appliance.chain.access import AccessLock
+from appliance.chain import purge, staging
+from appliance.chain.access import AccessStatistics
 from appliance.chain.directory import (
     TMPFS_MAGIC,
     ensure_fd_budget,
@@ -45,7 +50,9 @@ from appliance.chain.durable import (
 from appliance.chain.format import BLOCK_SIZE, Layer, Metadata, block_span, split_blocks
 from appliance.chain.index import ChainView, fill_zeros
 from appliance.chain.layerfile import LayerFile, punch_hole, reserve
+from appliance.chain.openchain import OpenChain
 from appliance.chain.reader import Extent, SnapshotReader, chain_extents
+from appliance.chain.staging import LayerSpec, StagedLayer
 from appliance.chain.state import StateRecord, create_state_file, read_state_file
 from appliance.errors import (
     AlreadyExists,
@@ -87,6 +94,16 @@ class LayerInfo:
                 "created": self.created, "labels": dict(self.labels), "checksum": self.checksum}
 
 
+@dataclass(frozen=True)
+class IndexSize:
+    """The in-memory index of the head (docs/replica-format.md, "The index"): bytes per
+    block entry (1 up to 255 layers in the chain, 2 beyond) and the array's size in bytes
+    (pages of never-written parts of the volume take no memory)."""
+
+    bytes_per_block: int
+    total_bytes: int
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -96,20 +113,10 @@ class Replica:
 
     def __init__(self, path: Path, dir_fd: int, meta: Metadata, writable: bool) -> None:
         self.path = path
-        self._dir_fd = dir_fd
-        self._meta = meta
         self.writable = writable
-        self._access = AccessLock()
-        self._files: dict[int, LayerFile] = {}
+        self._chain = OpenChain(path, dir_fd, meta)
         self._state: StateRecord | None = None
         self._read_state: tuple[int, int] = (0, 0)
-        self._dirty: set[int] = set()
-        self._unmap_depth = 1
-        self._epoch = 0  # rises whenever layer files are merged, dropped or closed
-        # Serializes purge and checksum computation, which read or rewrite whole layers.
-        self._maintenance = threading.Lock()
-        self._view: ChainView
-        self._ready = False
         # Writes reserve space before writing blocks new to the head, so a full disk fails
         # a write as a whole instead of leaving part of it. Not on tmpfs, where a reserved
         # but unwritten page would read as data after a crash.
@@ -168,29 +175,31 @@ class Replica:
             os.close(dir_fd)
             raise
         try:
-            replica._open_layers()
+            with replica._chain.access.exclusive():  # see appliance.chain.openchain
+                replica._open_layers()
         except BaseException:
             replica.close()
             raise
         return replica
 
     def _open_layers(self) -> None:
-        meta = self._meta
+        chain = self._chain
+        meta = chain.meta
         ensure_fd_budget(len(meta.layers))
         if self.writable:
-            self._state = StateRecord(self._dir_fd)
+            self._state = StateRecord(chain.dir_fd)
             self._remove_orphans()
         else:
-            self._read_state = read_state_file(self._dir_fd)
+            self._read_state = read_state_file(chain.dir_fd)
         flags = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC
         for layer in meta.layers.values():
             name = fmt.layer_file_name(layer.id)
             try:
-                fd = os.open(name, flags, dir_fd=self._dir_fd)
+                fd = os.open(name, flags, dir_fd=chain.dir_fd)
             except FileNotFoundError:
                 raise Corruption(f"{self.path}: layer file {name} "
                                  f"({layer.name or 'the head'}) is missing") from None
-            self._files[layer.id] = LayerFile(layer.id, fd, layer.size)
+            chain.add_layer(LayerFile(layer.id, fd, layer.size))
             actual = os.fstat(fd).st_size
             if layer.id == meta.head and actual != meta.size and self.writable:
                 os.ftruncate(fd, meta.size)  # an expand stopped before its metadata commit
@@ -198,60 +207,37 @@ class Replica:
                 raise Corruption(f"{self.path}: layer file {name} is {actual} bytes, "
                                  f"the metadata says {layer.size}")
         if self.writable and meta.pending is not None:
-            from appliance.chain.purge import resume_pending  # noqa: PLC0415 - cycle
-
-            resume_pending(self)
-        self._reset_view()
+            purge.resume_pending(chain)
+        chain.reset_view()
 
     def _remove_orphans(self) -> None:
         """Delete files a crash left behind: temporaries and layer or checksum files the
         metadata does not reference. Only names of this format are ever touched."""
-        meta = self._meta
-        for entry in sorted(os.listdir(self._dir_fd)):  # noqa: PTH208 - by fd
+        meta = self._chain.meta
+        dir_fd = self._chain.dir_fd
+        for entry in sorted(os.listdir(dir_fd)):  # noqa: PTH208 - by fd
             match = fmt.LAYER_FILE.fullmatch(entry)
             orphan = entry.endswith(fmt.TEMP_SUFFIX)
             if match:
                 layer = meta.layers.get(int(match["id"]))
                 orphan = layer is None or (match["kind"] == "sum" and layer.checksum is None)
             if orphan:
-                os.unlink(entry, dir_fd=self._dir_fd)
+                os.unlink(entry, dir_fd=dir_fd)
                 self.cleaned_up.append(entry)
         if self.cleaned_up:
-            os.fsync(self._dir_fd)
-
-    def _reset_view(self) -> None:
-        meta = self._meta
-        files = [self._files[layer.id] for layer in meta.ancestry(meta.head)]
-        self._view = ChainView.build(files, meta.size)
-        self._ready = True
-        self._update_unmap_depth()
-
-    def _update_unmap_depth(self) -> None:
-        """How many layers an unmap punches: the head, then each removed ancestor that no
-        other layer needs (removed, with the chain below it as its only child)."""
-        meta = self._meta
-        depth, child = 1, meta.layers[meta.head]
-        while child.parent is not None:
-            parent = meta.layers[child.parent]
-            if not parent.removed or len(meta.children(parent.id)) != 1:
-                break
-            depth, child = depth + 1, parent
-        self._unmap_depth = depth
+            os.fsync(dir_fd)
 
     def close(self) -> None:
-        if self._dir_fd < 0:
+        chain = self._chain
+        if chain.closed:
             return
         try:
             if self._state is not None:
-                if self._ready:
+                if chain.ready:
                     self._sync()
                 self._state.close()
         finally:
-            for layer in self._files.values():
-                layer.close()
-            self._files.clear()
-            os.close(self._dir_fd)
-            self._dir_fd = -1
+            chain.close()
 
     def __enter__(self) -> Replica:
         return self
@@ -263,15 +249,15 @@ class Replica:
 
     @property
     def meta(self) -> Metadata:
-        return self._meta
+        return self._chain.meta
 
     @property
     def size(self) -> int:
-        return self._meta.size
+        return self._chain.size
 
     @property
     def replica_id(self) -> str:
-        return self._meta.replica_id
+        return self._chain.meta.replica_id
 
     @property
     def revision(self) -> int:
@@ -280,6 +266,16 @@ class Replica:
     @property
     def generation(self) -> int:
         return self._state.generation if self._state else self._read_state[0]
+
+    @property
+    def index_size(self) -> IndexSize:
+        index = self._chain.view.index
+        return IndexSize(bytes_per_block=index.itemsize, total_bytes=index.nbytes)
+
+    def access_statistics(self) -> AccessStatistics:
+        """Who holds and who waits for access to the replica now (see
+        :mod:`appliance.chain.access`)."""
+        return self._chain.access.statistics()
 
     def set_generation(self, generation: int) -> None:
         self._writable_state().set_generation(generation)
@@ -294,25 +290,20 @@ class Replica:
 
     # -- data operations --------------------------------------------------------------------
 
-    def _check_io(self, offset: int, length: int, size: int | None = None) -> None:
-        size = self._meta.size if size is None else size
-        if offset < 0 or length < 0 or offset + length > size:
-            raise InvalidArgument(f"I/O range offset {offset} length {length} is outside "
-                                  f"the volume of {size} bytes")
-
     def readinto(self, buf: memoryview | bytearray, offset: int) -> None:
         """Fill *buf* with the head's bytes at *offset*."""
         view = buf if isinstance(buf, memoryview) and buf.format == "B" else \
             memoryview(buf).cast("B")
         length = len(view)
-        if offset < 0 or offset + length > self._meta.size:
-            self._check_io(offset, length)
+        open_chain = self._chain
+        if offset < 0 or offset + length > open_chain.size:
+            open_chain.check_io(offset, length)
         if not length:
             return
-        access = self._access
+        access = open_chain.access
         access.acquire_shared()
         try:
-            chain = self._view
+            chain = open_chain.view
             first = offset // BLOCK_SIZE
             if (offset + length - 1) // BLOCK_SIZE == first:  # one block: the common case
                 position = int(chain.index[first])
@@ -337,22 +328,23 @@ class Replica:
         view = data if isinstance(data, memoryview) and data.format == "B" else \
             memoryview(data).cast("B")
         length = len(view)
+        open_chain = self._chain
         state = self._state
-        if state is None or offset < 0 or offset + length > self._meta.size:
-            self._check_io(offset, length)
+        if state is None or offset < 0 or offset + length > open_chain.size:
+            open_chain.check_io(offset, length)
             state = self._writable_state()
         if not length:
             return
-        access = self._access
+        access = open_chain.access
         token = access.acquire_range(offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE))
         try:
-            self._write_locked(view, offset)
+            self._write_locked(open_chain.view, view, offset)
             state.bump()
         finally:
             access.release_range(token)
 
-    def _write_locked(self, data: memoryview, offset: int) -> None:
-        chain = self._view
+    def _write_locked(self, chain: ChainView, data: memoryview, offset: int) -> None:
+        """Write *data* to the head of *chain* (the head's view; its range is held)."""
         top = len(chain.files)
         first, last = block_span(offset, len(data))
         end = offset + len(data)
@@ -399,15 +391,17 @@ class Replica:
         lower layer holds data, or a partial block was written); elsewhere it punched holes.
         :meth:`zero_exact` repeats exactly these decisions on another replica.
         """
-        self._check_io(offset, length)
+        open_chain = self._chain
+        open_chain.check_io(offset, length)
         state = self._writable_state()
         if not length:
             return []
         pieces, first, last = split_blocks(offset, offset + length)
         explicit: list[tuple[int, int]] = []
-        with self._access.range(*block_span(offset, length)):
+        with open_chain.access.range(*block_span(offset, length)):
             for start, end in pieces:
-                self._write_locked(memoryview(_ZERO_BLOCKS)[: end - start], start)
+                self._write_locked(open_chain.view, memoryview(_ZERO_BLOCKS)[: end - start],
+                                   start)
                 explicit.append(block_span(start, end - start))
             if first < last:
                 explicit += self._zero_blocks(first, last)
@@ -418,13 +412,14 @@ class Replica:
         """Punch blocks ``[first, last)`` out of the head, then write zeros into the runs
         *explicit* (within the range): the head ends up as another replica's did after
         :meth:`write_zeroes`, whatever this replica's lower layers hold."""
-        self._check_io(first * BLOCK_SIZE, (last - first) * BLOCK_SIZE)
+        open_chain = self._chain
+        open_chain.check_io(first * BLOCK_SIZE, (last - first) * BLOCK_SIZE)
         state = self._writable_state()
         if any(start < first or end > last or start >= end for start, end in explicit):
             raise InvalidArgument(f"explicit zero runs {explicit} are not within blocks "
                                   f"[{first}, {last})")
-        with self._access.range(first, last):
-            chain = self._view
+        with open_chain.access.range(first, last):
+            chain = open_chain.view
             top = len(chain.files)
             try:
                 chain.files[-1].punch_blocks(first, last)
@@ -446,7 +441,7 @@ class Replica:
             chain.index[block: block + count] = len(chain.files)
 
     def _zero_blocks(self, first: int, last: int) -> list[tuple[int, int]]:
-        chain = self._view
+        chain = self._chain.view
         top = len(chain.files)
         if not chain.index[first:last].any():
             return []
@@ -470,15 +465,16 @@ class Replica:
         Afterwards the range reads as it does in the nearest snapshot below the head that
         is kept (or as zeros); partial blocks at the edges are left unchanged.
         """
-        self._check_io(offset, length)
+        open_chain = self._chain
+        open_chain.check_io(offset, length)
         state = self._writable_state()
         _pieces, first, last = split_blocks(offset, offset + length)
         if first >= last:
             return
-        with self._access.range(first, last):
-            chain = self._view
+        with open_chain.access.range(first, last):
+            chain = open_chain.view
             top = len(chain.files)
-            punched = chain.files[top - self._unmap_depth:]
+            punched = chain.files[top - open_chain.unmap_depth:]
             try:
                 for layer in punched:
                     if first * BLOCK_SIZE < layer.size:
@@ -487,23 +483,17 @@ class Replica:
                 raise from_os_error(exc, f"unmap in replica {self.path}") from exc
             finally:
                 chain.index[first:last] = chain.resolve(first, last, top)
-            self._dirty.update(layer.id for layer in punched[:-1])
+            open_chain.mark_dirty(layer.id for layer in punched[:-1])
             state.bump()
 
     def flush(self) -> None:
         """Return once every change made so far is on stable storage."""
         self._writable_state()
-        with self._access.shared():
+        with self._chain.access.shared():
             self._sync()
 
     def _sync(self) -> None:
-        try:
-            os.fdatasync(self._view.files[-1].fd)
-            for layer_id in list(self._dirty):
-                os.fdatasync(self._files[layer_id].fd)
-                self._dirty.discard(layer_id)
-        except OSError as exc:
-            raise from_os_error(exc, f"flush of replica {self.path}") from exc
+        self._chain.sync_layers()
         assert self._state is not None
         self._state.sync()
 
@@ -515,15 +505,17 @@ class Replica:
         if snapshot is not None:
             with self.open_snapshot(snapshot) as reader:
                 return reader.extents(offset, length)
-        with self._access.shared():
-            return chain_extents(self._view, offset, length)
+        chain = self._chain
+        with chain.access.shared():
+            return chain_extents(chain.view, offset, length)
 
     def layer_extents(self, snapshot: str | None = None) -> list[Extent]:
         """The runs of data held by one layer itself (the head when *snapshot* is None)."""
-        with self._access.shared():
-            layer = self._layer(snapshot, removed_ok=True) if snapshot else \
-                self._meta.layers[self._meta.head]
-            lf = self._files[layer.id]
+        chain = self._chain
+        with chain.access.shared():
+            layer = chain.layer(snapshot, removed_ok=True) if snapshot else \
+                chain.meta.layers[chain.meta.head]
+            lf = chain.files[layer.id]
             return [Extent(a * BLOCK_SIZE, (b - a) * BLOCK_SIZE, True)
                     for a, b in lf.block_runs()]
 
@@ -535,14 +527,15 @@ class Replica:
         snapshot's ancestry and not in the other's. It never misses a difference; it may
         include ranges written again with the same bytes.
         """
-        with self._access.shared():
-            meta = self._meta
-            target_chain = meta.ancestry(self._layer(target).id)
-            base_chain = meta.ancestry(self._layer(base).id) if base else []
+        chain = self._chain
+        with chain.access.shared():
+            meta = chain.meta
+            target_chain = meta.ancestry(chain.layer(target).id)
+            base_chain = meta.ancestry(chain.layer(base).id) if base else []
             shared = {x.id for x in target_chain} & {x.id for x in base_chain}
             differing = [x for x in (*target_chain, *base_chain) if x.id not in shared]
             runs = sorted(run for layer in differing
-                          for run in self._files[layer.id].block_runs())
+                          for run in chain.files[layer.id].block_runs())
         merged: list[tuple[int, int]] = []
         for start, end in runs:
             if merged and start <= merged[-1][1]:
@@ -554,29 +547,21 @@ class Replica:
     def open_snapshot(self, name: str) -> SnapshotReader:
         """A reader of a snapshot's content, valid until the chain's files change (a purge
         step or a revert): reads after that raise :class:`FailedPrecondition`."""
-        with self._access.shared():
-            layer = self._layer(name)
-            files = [self._files[x.id] for x in self._meta.ancestry(layer.id)]
-            return SnapshotReader(self, name, ChainView.build(files, layer.size), self._epoch)
-
-    def _layer(self, name: str, *, removed_ok: bool = False) -> Layer:
-        layer = self._meta.snapshot(fmt.check_name(name))
-        if layer is None:
-            raise NotFound(f"snapshot {name!r} does not exist in replica {self.path}")
-        if layer.removed and not removed_ok:
-            raise FailedPrecondition(f"snapshot {name!r} is removed (purge deletes it)")
-        return layer
+        chain = self._chain
+        with chain.access.shared():
+            return SnapshotReader(chain, name, chain.view_of(chain.layer(name)), chain.epoch)
 
     def read_layer(self, name: str, buf: memoryview | bytearray, offset: int) -> None:
         """Fill *buf* with snapshot layer *name*'s own bytes (not its chain's) at *offset*;
         blocks the layer does not hold read as zeros. Removed layers can be read too: they
         are part of the chains of the snapshots above them."""
         view = memoryview(buf).cast("B")
-        with self._access.shared():
-            layer = self._layer(name, removed_ok=True)
-            self._check_io(offset, len(view), layer.size)
+        chain = self._chain
+        with chain.access.shared():
+            layer = chain.layer(name, removed_ok=True)
+            chain.check_io(offset, len(view), layer.size)
             try:
-                done = os.preadv(self._files[layer.id].fd, [view], offset)
+                done = os.preadv(chain.files[layer.id].fd, [view], offset)
             except OSError as exc:
                 raise from_os_error(exc, f"read of layer {name!r}") from exc
             if done != len(view):
@@ -584,8 +569,9 @@ class Replica:
 
     def layers(self) -> list[LayerInfo]:
         """Every layer (snapshots and the head), parents before children."""
-        with self._access.shared():
-            meta = self._meta
+        chain = self._chain
+        with chain.access.shared():
+            meta = chain.meta
             by_parent: dict[int | None, list[Layer]] = {}
             for layer in sorted(meta.layers.values(), key=lambda x: x.id):
                 by_parent.setdefault(layer.parent, []).append(layer)
@@ -597,7 +583,7 @@ class Replica:
                 parent = meta.layers[layer.parent].name if layer.parent is not None else None
                 ordered.append(LayerInfo(
                     name=layer.name, parent=parent, children=tuple(x.name for x in children),
-                    size=layer.size, allocated=self._files[layer.id].allocated_bytes(),
+                    size=layer.size, allocated=chain.files[layer.id].allocated_bytes(),
                     removed=layer.removed, user_created=layer.user_created,
                     created=layer.created, labels=dict(layer.labels), checksum=layer.checksum))
                 pending.extend(reversed(children))
@@ -605,23 +591,11 @@ class Replica:
 
     # -- structure operations ---------------------------------------------------------------
 
-    def _commit(self, meta: Metadata) -> None:
-        """Make *meta* the replica's metadata, durably (callers hold the exclusive lock)."""
-        fmt.validate(meta)
-        atomic_replace(self._dir_fd, fmt.METADATA_FILE, fmt.encode(meta))
-        self._meta = meta
-        self._update_unmap_depth()
-
-    def _close_layer(self, layer_id: int) -> None:
-        """Close a layer the committed metadata no longer lists (exclusive lock held)."""
-        self._files.pop(layer_id).close()
-        self._dirty.discard(layer_id)
-        self._epoch += 1
-
     def _new_layer_file(self, size: int) -> tuple[int, int]:
-        layer_id = self._meta.next_layer_id
+        chain = self._chain
+        layer_id = chain.meta.next_layer_id
         try:
-            return layer_id, create_sparse(self._dir_fd, fmt.layer_file_name(layer_id), size)
+            return layer_id, create_sparse(chain.dir_fd, fmt.layer_file_name(layer_id), size)
         except OSError as exc:
             raise from_os_error(exc, f"create a layer in replica {self.path}") from exc
 
@@ -631,8 +605,9 @@ class Replica:
         fmt.check_name(name)
         labels = fmt.check_labels(labels or {})
         self._writable_state()
-        with self._access.exclusive():
-            meta = self._meta
+        chain = self._chain
+        with chain.access.exclusive():
+            meta = chain.meta
             if meta.snapshot(name) is not None:
                 raise AlreadyExists(f"snapshot {name!r} already exists in replica {self.path}")
             if len(meta.layers) > fmt.MAX_SNAPSHOTS:
@@ -645,15 +620,13 @@ class Replica:
                              user_created=user_created, labels=labels)
             head = Layer(id=head_id, parent=frozen.id, size=meta.size)
             try:
-                self._commit(meta.with_layers(frozen, head, head=head_id,
+                chain.commit(meta.with_layers(frozen, head, head=head_id,
                                               next_layer_id=head_id + 1))
             except BaseException:
                 os.close(fd)
                 raise
             crashpoint("snapshot:committed")
-            layer = LayerFile(head_id, fd, meta.size)
-            self._files[head_id] = layer
-            self._view.push(layer)
+            chain.push_head(LayerFile(head_id, fd, meta.size))
         return self._info(name)
 
     def _info(self, name: str) -> LayerInfo:
@@ -662,73 +635,87 @@ class Replica:
     def revert(self, name: str) -> None:
         """Discard the head and continue on a new, empty head over snapshot *name*."""
         self._writable_state()
-        with self._access.exclusive():
-            target = self._layer(name)
-            meta = self._meta
+        chain = self._chain
+        with chain.access.exclusive():
+            target = chain.layer(name)
+            meta = chain.meta
             self._sync()
             head_id, fd = self._new_layer_file(meta.size)
             crashpoint("revert:head-created")
             old_head = meta.head
             try:
-                self._commit(meta.with_layers(
+                chain.commit(meta.with_layers(
                     Layer(id=head_id, parent=target.id, size=meta.size), drop=(old_head,),
                     head=head_id, next_layer_id=head_id + 1))
             except BaseException:
                 os.close(fd)
                 raise
             crashpoint("revert:committed")
-            self._files[head_id] = LayerFile(head_id, fd, meta.size)
-            self._close_layer(old_head)
-            unlink_durably(self._dir_fd, fmt.layer_file_name(old_head))
+            chain.add_layer(LayerFile(head_id, fd, meta.size))
+            chain.close_layer(old_head)
+            unlink_durably(chain.dir_fd, fmt.layer_file_name(old_head))
             crashpoint("revert:old-head-deleted")
-            self._reset_view()
+            chain.reset_view()
 
     def remove_snapshot(self, name: str) -> None:
         """Mark snapshot *name* removed; :meth:`purge` then reclaims its space."""
         fmt.check_name(name)
         self._writable_state()
-        with self._access.exclusive():
-            layer = self._meta.snapshot(name)
+        chain = self._chain
+        with chain.access.exclusive():
+            layer = chain.meta.snapshot(name)
             if layer is None:
                 raise NotFound(f"snapshot {name!r} does not exist in replica {self.path}")
             if layer.removed:
                 return
             # A removed layer's content may change (unmap and purge punch it), so its
             # checksum is dropped.
-            self._commit(self._meta.with_layers(replace(layer, removed=True, checksum=None)))
+            chain.commit(chain.meta.with_layers(replace(layer, removed=True, checksum=None)))
             crashpoint("remove:committed")
-            unlink_durably(self._dir_fd, fmt.checksum_file_name(layer.id))
+            unlink_durably(chain.dir_fd, fmt.checksum_file_name(layer.id))
 
     def expand(self, size: int) -> None:
         """Grow the volume to *size* bytes; the new space reads as zeros."""
         fmt.check_size(size, "new size")
         self._writable_state()
-        with self._access.exclusive():
-            meta = self._meta
+        chain = self._chain
+        with chain.access.exclusive():
+            meta = chain.meta
             if size < meta.size:
                 raise InvalidArgument(f"cannot shrink replica {self.path} from {meta.size} to "
                                       f"{size} bytes: volumes only grow")
             if size == meta.size:
                 return
-            head = self._files[meta.head]
+            head = chain.files[meta.head]
             try:
                 os.ftruncate(head.fd, size)
                 os.fsync(head.fd)
             except OSError as exc:
                 raise from_os_error(exc, f"expand replica {self.path}") from exc
             crashpoint("expand:head-grown")
-            self._commit(meta.with_layers(replace(meta.layers[meta.head], size=size),
+            chain.commit(meta.with_layers(replace(meta.layers[meta.head], size=size),
                                           size=size))
             crashpoint("expand:committed")
             head.size = size
-            self._view.grow(size)
+            chain.view.grow(size)
 
     def purge(self) -> dict[str, int]:
         """Reclaim the space of removed snapshots; see :mod:`appliance.chain.purge`."""
-        from appliance.chain.purge import purge  # noqa: PLC0415 - cycle
-
         self._writable_state()
-        return purge(self)
+        return purge.purge(self._chain)
+
+    # -- rebuilds ----------------------------------------------------------------------------
+
+    def stage_layer(self, size: int, *, copy_of: str | None = None) -> StagedLayer:
+        """A layer file outside the chain, to be filled and then installed by
+        :meth:`install_layers`; see :mod:`appliance.chain.staging`."""
+        return staging.stage_layer(self._chain, size, copy_of=copy_of)
+
+    def install_layers(self, specs: list[LayerSpec], sources: Mapping[str, int | StagedLayer],
+                       head_parent: str, size: int) -> None:
+        """Replace the tree below the head in one commit; see
+        :func:`appliance.chain.staging.install_layers`."""
+        staging.install_layers(self._chain, specs, sources, head_parent, size)
 
     # -- the volume record -------------------------------------------------------------------
 
@@ -737,7 +724,8 @@ class Replica:
 
         The store does not interpret it: a JSON object of at most 64 KiB, replaced whole."""
         try:
-            fd = os.open(fmt.VOLUME_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir_fd)
+            fd = os.open(fmt.VOLUME_FILE, os.O_RDONLY | os.O_CLOEXEC,
+                         dir_fd=self._chain.dir_fd)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb") as file:
@@ -758,7 +746,7 @@ class Replica:
             raise InvalidArgument(f"volume record of {len(data)} bytes is larger than "
                                   f"{fmt.MAX_VOLUME_RECORD}")
         try:
-            atomic_replace(self._dir_fd, fmt.VOLUME_FILE, data, mode=0o600)
+            atomic_replace(self._chain.dir_fd, fmt.VOLUME_FILE, data, mode=0o600)
         except OSError as exc:
             raise from_os_error(exc, f"write the volume record of {self.path}") from exc
 
@@ -767,35 +755,37 @@ class Replica:
     def compute_checksum(self, name: str) -> str:
         """Compute and store the checksum of snapshot *name*; return its digest."""
         self._writable_state()
-        with self._maintenance:
-            with self._access.shared():
-                layer = self._layer(name)
-            result = checksums.compute(self._files[layer.id])
-            checksums.store(self._dir_fd, layer.id, result)
-            with self._access.exclusive():
-                current = self._meta.layers.get(layer.id)
+        chain = self._chain
+        with chain.maintenance:
+            with chain.access.shared():
+                layer = chain.layer(name)
+            result = checksums.compute(chain.files[layer.id])
+            checksums.store(chain.dir_fd, layer.id, result)
+            with chain.access.exclusive():
+                current = chain.meta.layers.get(layer.id)
                 if current is None or current.name != name or current.removed:
                     raise FailedPrecondition(f"snapshot {name!r} was removed while its "
                                              "checksum was computed")
-                self._commit(self._meta.with_layers(replace(current, checksum=result.digest)))
+                chain.commit(chain.meta.with_layers(replace(current, checksum=result.digest)))
         return result.digest
 
     def layer_checksum(self, name: str | None) -> checksums.LayerChecksum:
         """The checksum of snapshot layer *name* (stored, computed and stored when missing),
         or of the head when *name* is None (computed, never stored: it changes). Callers
         that need the head's checksum to mean something stop writes first."""
+        chain = self._chain
         if name is None:
-            with self._access.shared():
-                head = self._files[self._meta.head]
+            with chain.access.shared():
+                head = chain.files[chain.meta.head]
                 return checksums.compute(head)
-        layer = self._layer(name, removed_ok=True)
+        layer = chain.layer(name, removed_ok=True)
         if layer.checksum is None:
             if layer.removed:  # removed layers may change; never stored
-                with self._maintenance:
-                    return checksums.compute(self._files[layer.id])
+                with chain.maintenance:
+                    return checksums.compute(chain.files[layer.id])
             self.compute_checksum(name)
-            layer = self._layer(name)
-        stored = checksums.load(self._dir_fd, layer.id)
+            layer = chain.layer(name)
+        stored = checksums.load(chain.dir_fd, layer.id)
         if stored.digest != layer.checksum:
             raise Corruption(f"snapshot {name!r}: the checksum file does not match the "
                              "metadata")
@@ -804,14 +794,15 @@ class Replica:
     def verify_checksum(self, name: str) -> list[tuple[int, int]]:
         """Recompute snapshot *name*'s checksum; return the byte ranges that differ from the
         stored one (empty when the layer is intact)."""
-        with self._maintenance:
-            with self._access.shared():
-                layer = self._layer(name)
+        chain = self._chain
+        with chain.maintenance:
+            with chain.access.shared():
+                layer = chain.layer(name)
             if layer.checksum is None:
                 raise FailedPrecondition(f"snapshot {name!r} has no stored checksum")
-            stored = checksums.load(self._dir_fd, layer.id)
+            stored = checksums.load(chain.dir_fd, layer.id)
             if stored.digest != layer.checksum:
                 raise Corruption(f"snapshot {name!r}: the checksum file does not match the "
                                  "metadata")
-            actual = checksums.compute(self._files[layer.id])
+            actual = checksums.compute(chain.files[layer.id])
         return checksums.chunk_ranges(checksums.differing_chunks(stored, actual), layer.size)

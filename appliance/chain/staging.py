@@ -5,6 +5,10 @@ taking live writes. Layers that differ are built as *staged* layers: files with 
 in the metadata but not part of the tree, so a crash leaves only files that the next open
 deletes. :func:`install_layers` then replaces the whole tree below the head with the new
 layers (kept ones and staged ones) in a single metadata commit (DESIGN invariant 6).
+
+Both work on the replica's :class:`~appliance.chain.openchain.OpenChain`; code outside this
+package calls them as :meth:`Replica.stage_layer <appliance.chain.replica.Replica.stage_layer>`
+and :meth:`Replica.install_layers <appliance.chain.replica.Replica.install_layers>`.
 """
 
 from __future__ import annotations
@@ -12,17 +16,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from appliance.chain import checksum as checksums
 from appliance.chain import format as fmt
 from appliance.chain.durable import crashpoint, create_sparse, unlink_durably, write_all
 from appliance.chain.format import BLOCK_SIZE, Layer
 from appliance.chain.layerfile import LayerFile, punch_hole
+from appliance.chain.openchain import OpenChain
 from appliance.errors import Corruption, FailedPrecondition, InvalidArgument, from_os_error
-
-if TYPE_CHECKING:
-    from appliance.chain.replica import Replica
 
 COPY_STEP = 4 << 20
 
@@ -44,8 +45,8 @@ class LayerSpec:
 class StagedLayer:
     """A layer file being built: written and punched freely, not yet in the chain."""
 
-    def __init__(self, replica: Replica, layer: LayerFile) -> None:
-        self.replica = replica
+    def __init__(self, chain: OpenChain, layer: LayerFile) -> None:
+        self._chain = chain
         self.layer = layer
 
     @property
@@ -56,7 +57,7 @@ class StagedLayer:
         try:
             write_all(self.layer.fd, data, offset)
         except OSError as exc:
-            raise from_os_error(exc, f"rebuild of replica {self.replica.path}") from exc
+            raise from_os_error(exc, f"rebuild of replica {self._chain.path}") from exc
 
     def punch(self, offset: int, length: int) -> None:
         punch_hole(self.layer.fd, offset, length)
@@ -67,26 +68,26 @@ class StagedLayer:
     def discard(self) -> None:
         if self.layer.fd >= 0:
             self.layer.close()
-            unlink_durably(self.replica._dir_fd, fmt.layer_file_name(self.layer.id))
+            unlink_durably(self._chain.dir_fd, fmt.layer_file_name(self.layer.id))
 
 
-def stage_layer(replica: Replica, size: int, *, copy_of: str | None = None) -> StagedLayer:
+def stage_layer(chain: OpenChain, size: int, *, copy_of: str | None = None) -> StagedLayer:
     """A new empty staged layer of *size* bytes, or a local copy of this replica's layer
     *copy_of* (so that only the chunks that differ need to come over the network)."""
     fmt.check_size(size, "layer size")
-    with replica._access.exclusive():
-        meta = replica.meta
+    with chain.access.exclusive():
+        meta = chain.meta
         layer_id = meta.next_layer_id
-        replica._commit(meta.evolve(next_layer_id=layer_id + 1))  # the id is never reused
+        chain.commit(meta.evolve(next_layer_id=layer_id + 1))  # the id is never reused
         source = None
         if copy_of is not None:
-            layer = replica._layer(copy_of, removed_ok=True)
-            source = replica._files[layer.id]
+            layer = chain.layer(copy_of, removed_ok=True)
+            source = chain.files[layer.id]
     try:
-        fd = create_sparse(replica._dir_fd, fmt.layer_file_name(layer_id), size)
+        fd = create_sparse(chain.dir_fd, fmt.layer_file_name(layer_id), size)
     except OSError as exc:
-        raise from_os_error(exc, f"rebuild of replica {replica.path}") from exc
-    staged = StagedLayer(replica, LayerFile(layer_id, fd, size))
+        raise from_os_error(exc, f"rebuild of replica {chain.path}") from exc
+    staged = StagedLayer(chain, LayerFile(layer_id, fd, size))
     if source is not None:
         try:
             _copy_local(source, staged, min(size, source.size))
@@ -106,7 +107,7 @@ def _copy_local(source: LayerFile, staged: StagedLayer, end: int) -> None:
             staged.write(data, start)
 
 
-def install_layers(replica: Replica, specs: list[LayerSpec],
+def install_layers(chain: OpenChain, specs: list[LayerSpec],
                    sources: Mapping[str, int | StagedLayer], head_parent: str,
                    size: int) -> None:
     """Make the tree below the head exactly *specs* (parents before children): each layer
@@ -121,9 +122,9 @@ def install_layers(replica: Replica, specs: list[LayerSpec],
         os.fdatasync(layer.layer.fd)
         spec = next(x for x in specs if sources[x.name] is layer)
         if spec.checksum is not None:
-            checksums.store(replica._dir_fd, layer.id, layer.checksum())
-    with replica._access.exclusive():
-        meta = replica.meta
+            checksums.store(chain.dir_fd, layer.id, layer.checksum())
+    with chain.access.exclusive():
+        meta = chain.meta
         id_of = {spec.name: s if isinstance(s, int) else s.id for spec, s in
                  ((spec, sources[spec.name]) for spec in specs)}
         layers = [Layer(id=id_of[spec.name], parent=id_of[spec.parent] if spec.parent else None,
@@ -131,8 +132,8 @@ def install_layers(replica: Replica, specs: list[LayerSpec],
                         user_created=spec.user_created, labels=dict(spec.labels),
                         removed=spec.removed, checksum=spec.checksum) for spec in specs]
         if size < meta.size:
-            raise FailedPrecondition(f"replica {replica.path} is larger than the source")
-        head_file = replica._files[meta.head]
+            raise FailedPrecondition(f"replica {chain.path} is larger than the source")
+        head_file = chain.files[meta.head]
         if size > meta.size:
             os.ftruncate(head_file.fd, size)
             os.fsync(head_file.fd)
@@ -141,13 +142,12 @@ def install_layers(replica: Replica, specs: list[LayerSpec],
         used = set(id_of.values()) | {meta.head}
         dropped = tuple(layer_id for layer_id in meta.layers if layer_id not in used)
         new = meta.evolve(layers={layer.id: layer for layer in [*layers, head]}, size=size)
-        replica._commit(new)
+        chain.commit(new)
         crashpoint("rebuild:installed")
         for layer in staged:
-            replica._files[layer.id] = layer.layer
+            chain.add_layer(layer.layer)
         for layer_id in dropped:
-            replica._close_layer(layer_id)
-            unlink_durably(replica._dir_fd, fmt.layer_file_name(layer_id),
+            chain.close_layer(layer_id)
+            unlink_durably(chain.dir_fd, fmt.layer_file_name(layer_id),
                            fmt.checksum_file_name(layer_id))
-        replica._epoch += 1
-        replica._reset_view()
+        chain.reset_view()  # snapshot readers reopen: the tree changed

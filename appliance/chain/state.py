@@ -68,12 +68,14 @@ def read_state_file(dir_fd: int) -> tuple[int, int]:
     """Read ``(generation, revision)`` without mapping the file (for read-only use)."""
     fd = os.open(STATE_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        return _best(os.pread(fd, STATE_SIZE, 0))
+        return best_record(os.pread(fd, STATE_SIZE, 0))
     finally:
         os.close(fd)
 
 
-def _best(page: bytes) -> tuple[int, int]:
+def best_record(page: bytes) -> tuple[int, int]:
+    """``(generation, revision)`` of the newest valid copy in the state file's *page*; a
+    Corruption when both copies are damaged (one torn write damages at most one)."""
     if len(page) < STATE_SIZE:
         raise Corruption(f"{STATE_FILE}: truncated to {len(page)} bytes")
     copies = [decode_record(page[offset: offset + RECORD_SIZE]) for offset in SLOT_OFFSETS]
@@ -93,7 +95,7 @@ class StateRecord:
         finally:
             os.close(fd)
         self._lock = threading.Lock()
-        self.generation, self.revision = _best(self._map[:STATE_SIZE])
+        self.generation, self.revision = best_record(self._map[:STATE_SIZE])
 
     def _store(self) -> None:
         record = encode_record(self.generation, self.revision)

@@ -4,6 +4,7 @@ for the write in flight (so a snapshot is a clean cut, DESIGN invariant 5)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import pytest
 
 from appliance.chain import Replica, durable
 from appliance.chain import replica as replica_module
-from appliance.chain.access import AccessLock
+from appliance.chain.access import AccessLock, AccessStatistics
 
 WAIT = 10.0  # seconds; a bound on every wait, never a timing assertion
 
 
-def start(function: Callable[[], object]) -> tuple[threading.Thread, threading.Event]:
+def start(function: Callable[[], object]) -> threading.Event:
+    """Run *function* in a thread; the event is set when it returns."""
     done = threading.Event()
 
     def run() -> None:
@@ -25,22 +27,35 @@ def start(function: Callable[[], object]) -> tuple[threading.Thread, threading.E
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    return thread, done
+    return done
 
 
-def blocked(event: threading.Event, thread: threading.Thread) -> bool:
-    """True when *thread* is alive and has not set *event*: it waits on something."""
-    thread.join(timeout=0.2)  # give it the chance to run; the result does not depend on it
-    return thread.is_alive() and not event.is_set()
+def reaches(statistics: Callable[[], AccessStatistics],
+            condition: Callable[[AccessStatistics], bool]) -> bool:
+    """Wait until the lock's *statistics* meet *condition* (True), or WAIT passes (False).
+    The lock counts a thread as waiting only once it is blocked in an acquire."""
+    deadline = time.monotonic() + WAIT
+    while not condition(statistics()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def blocked(statistics: Callable[[], AccessStatistics], waiters: int,
+            event: threading.Event) -> bool:
+    """True when *waiters* threads wait for the lock and the one that sets *event* (once it
+    holds its access) has not: it is among them."""
+    return reaches(statistics, lambda now: now.waiting == waiters) and not event.is_set()
 
 
 def test_overlapping_ranges_wait_and_disjoint_ranges_do_not() -> None:
     lock = AccessLock()
     with lock.range(0, 10):
-        thread, done = start(lambda: lock.range(20, 30).__enter__())
+        done = start(lambda: lock.range(20, 30).__enter__())
         assert done.wait(WAIT)
-        thread, done = start(lambda: lock.range(5, 15).__enter__())
-        assert blocked(done, thread)
+        done = start(lambda: lock.range(5, 15).__enter__())
+        assert blocked(lock.statistics, 1, done)
     # the first range was released, but (20, 30) is still held and does not overlap (5, 15)
     assert done.wait(WAIT)
 
@@ -54,15 +69,15 @@ def test_exclusive_waits_for_holders_and_keeps_newcomers_out() -> None:
         with lock.shared():
             release.wait(WAIT)
 
-    holder, _ = start(hold_shared)
-    holder.join(timeout=0.2)
+    start(hold_shared)
+    assert reaches(lock.statistics, lambda now: now.shared == 1)
 
     def exclusive() -> None:
         with lock.exclusive():
             entered_exclusive.set()
 
-    ex_thread, ex_done = start(exclusive)
-    assert blocked(ex_done, ex_thread)
+    ex_done = start(exclusive)
+    assert blocked(lock.statistics, 1, ex_done)
     # a new reader arriving while the exclusive waits must queue behind it
     reader_saw_exclusive_done: list[bool] = []
 
@@ -70,8 +85,8 @@ def test_exclusive_waits_for_holders_and_keeps_newcomers_out() -> None:
         with lock.shared():
             reader_saw_exclusive_done.append(entered_exclusive.is_set())
 
-    reader, reader_done = start(late_reader)
-    assert blocked(reader_done, reader)
+    reader_done = start(late_reader)
+    assert blocked(lock.statistics, 2, reader_done)
     release.set()
     assert ex_done.wait(WAIT) and reader_done.wait(WAIT)
     assert reader_saw_exclusive_done == [True]
@@ -91,10 +106,11 @@ def test_snapshot_waits_for_the_write_in_flight(tmp_path: Path,
         real_write_all(fd, data, offset)  # type: ignore[arg-type]
 
     monkeypatch.setattr(replica_module, "write_all", slow_write_all)
-    _writer, written = start(lambda: replica.write(b"w" * 4096, 8192))
+    written = start(lambda: replica.write(b"w" * 4096, 8192))
     assert in_write.wait(WAIT)
-    snapshotter, snapped = start(lambda: replica.snapshot("cut"))
-    assert blocked(snapped, snapshotter)  # the snapshot drains the write first
+    snapped = start(lambda: replica.snapshot("cut"))
+    # the snapshot drains the write first
+    assert blocked(replica.access_statistics, 1, snapped)
     release.set()
     assert written.wait(WAIT) and snapped.wait(WAIT)
     with replica.open_snapshot("cut") as cut:

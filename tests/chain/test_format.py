@@ -143,10 +143,10 @@ def test_state_record_survives_one_damaged_copy() -> None:
     page[0:36] = state.encode_record(2, 10)
     page[2048:2084] = state.encode_record(2, 10)
     page[20] ^= 0xFF  # damage the first copy
-    assert state._best(bytes(page)) == (2, 10)
+    assert state.best_record(bytes(page)) == (2, 10)
     page[2048 + 20] ^= 0xFF
     with pytest.raises(Corruption, match="both copies"):
-        state._best(bytes(page))
+        state.best_record(bytes(page))
 
 
 def test_checksum_file_damage_is_detected() -> None:

@@ -49,7 +49,7 @@ def test_fiemap_and_seek_agree(tmp_path: Path, seed: int, sync: bool) -> None:
     fd = make_layout(tmp_path / "layer.img", seed, blocks, sync=sync)
     try:
         by_seek = merged(list(block_runs(fd, 0, blocks * BS)))
-        fiemap = layerfile._fiemap_block_runs(fd, blocks * BS)
+        fiemap = layerfile.fiemap_block_runs(fd, blocks * BS)
         assert fiemap is not None, "this filesystem has FIEMAP: the fast path must be used"
         by_fiemap = merged(list(zip(fiemap[0].tolist(), fiemap[1].tolist(), strict=True)))
         assert by_fiemap == by_seek
@@ -63,7 +63,7 @@ def test_fiemap_and_seek_agree(tmp_path: Path, seed: int, sync: bool) -> None:
 
 
 def test_many_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(layerfile, "_FIEMAP_BATCH", 7)  # force many ioctl rounds
+    monkeypatch.setattr(layerfile, "FIEMAP_BATCH", 7)  # force many ioctl rounds
     fd = make_layout(tmp_path / "layer.img", 99, 5000, sync=True)
     try:
         firsts, lasts = block_run_arrays(fd, 5000 * BS)
@@ -81,7 +81,7 @@ def test_fallback_without_fiemap(tmp_path: Path) -> None:
     try:
         fd = make_layout(mount / "layer.img", 5, 4000, sync=False)
         try:
-            assert layerfile._fiemap_block_runs(fd, 4000 * BS) is None  # tmpfs has no FIEMAP
+            assert layerfile.fiemap_block_runs(fd, 4000 * BS) is None  # tmpfs has no FIEMAP
             firsts, lasts = block_run_arrays(fd, 4000 * BS)
             assert merged(list(zip(firsts.tolist(), lasts.tolist(), strict=True))) == \
                 merged(list(block_runs(fd, 0, 4000 * BS)))

@@ -264,7 +264,7 @@ def test_many_snapshots_beyond_the_one_byte_index(replica: Replica) -> None:
     for n in range(count):
         replica.write(n.to_bytes(2, "big") * (BS // 2), (n % 500) * BS)
         replica.snapshot(f"s{n}")
-    assert replica._view.index.dtype.itemsize == 2
+    assert replica.index_size.bytes_per_block == 2
     path = replica.path
     replica.close()
     with Replica.open(path) as reopened:
