@@ -15,6 +15,8 @@
   replica, and resume (invariant 5).
 * **Rebuild** (:mod:`appliance.replication.rebuild`) brings a replica in as WO and makes it
   RW only after it is proven equal (invariant 3).
+* **Locks** are taken in one order (docs/engine-locks.md), checked when
+  ``APPLIANCE_LOCK_CHECK=1`` (:mod:`appliance.replication.lockorder`).
 """
 
 from __future__ import annotations
@@ -42,17 +44,19 @@ from appliance.errors import (
     NotFound,
     StorageIOError,
 )
-from appliance.replication import membership
+from appliance.replication import fanout, membership, rebuild
 from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
+from appliance.replication.lockorder import Locks, Rank
 from appliance.replication.member import Member, Mode
 from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op
 from appliance.replication.roster import Roster
 
 log = logging.getLogger(__name__)
-#: upper bounds (seconds) of the latency histogram buckets of reads and writes
 HISTORY_SHOWN = 10  # branches of the history that the status shows
 REBUILD_LOCK_WAIT = 5.0  # seconds a structure change waits for a rebuild's last steps
+SERVED = {"read": "reads", "write": "writes"}  # the member's count of each kind of I/O
+#: upper bounds (seconds) of the latency histogram buckets of reads and writes
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -80,31 +84,40 @@ class Engine:
             raise InvalidArgument("a volume needs at least one replica")
         self.config = config
         self.volume = config.volume
-        self.members = [Member(address, config.secret, config.timeout)
-                        for address in dict.fromkeys(config.replicas)]
+        # Plain locks, or ones that check the lock order (decided once, here).
+        self._locks = Locks.from_environment()
+        self.members = [self._new_member(address) for address in dict.fromkeys(config.replicas)]
         self.size = 0
         self.generation = 0
-        self._io = AccessLock()
-        self._targets: tuple[Member, ...] = ()  # RW and WO: writes go here
-        self._readers: tuple[Member, ...] = ()  # RW, local ones first
-        # Modes and membership records; it publishes a new set of targets and readers
-        # (on_change) only once the record describing it is durable.
+        self._io = self._locks.access(AccessLock())
+        # The member set: modes and membership records; it publishes who takes writes and
+        # serves reads (roster.targets, roster.readers) only once the record describing
+        # them is durable.
         self.roster = Roster(self.volume, self.members, self._store_record,
-                             on_change=self._update_targets)
+                             lock=self._locks.lock(Rank.ROSTER, threading.RLock()))
         self.started: dict[str, Any] = {}  # what the start decided (engine status)
         self._turn = itertools.count()
-        self._rebuilds: dict[str, threading.Thread] = {}
+        self._rebuilds: dict[str, threading.Thread] = {}  # changed under roster.lock
         # One rebuild at a time: each takes a snapshot on the replicas in service and its
         # target, which another target in the middle of its own rebuild would miss.
-        self.rebuild_lock = threading.Lock()
+        self.rebuild_lock = self._locks.lock(Rank.REBUILD, threading.Lock())
         self._closed = threading.Event()
-        self._stats_lock = threading.Lock()
+        # Guards the counters below and every member's "reads" and "writes" counts.
+        self._stats_lock = self._locks.lock(Rank.STATS, threading.Lock())
         self._last_io = 0.0  # time.perf_counter() of the last completed read or write
         # latency histograms: counts per bucket of LATENCY_BUCKETS (the last: above all)
         self.latency = {kind: [0] * (len(LATENCY_BUCKETS) + 1) for kind in ("read", "write")}
         self.latency_sum = {"read": 0.0, "write": 0.0}
         self.stats = {"read_ops": 0, "read_bytes": 0, "write_ops": 0, "write_bytes": 0,
                       "flush_ops": 0, "errors": 0}
+        self._rebuild_context = rebuild.RebuildContext(
+            self.volume, self.roster, self.rebuild_lock, self._io.exclusive, self._call,
+            self._snapshot_in_service, lambda: self.size, self._closed, config.timeout,
+            config.control_timeout, config.rebuild_bandwidth)
+
+    def _new_member(self, address: tuple[str, int]) -> Member:
+        return Member(address, self.config.secret, self.config.timeout,
+                      lock=self._locks.lock(Rank.MEMBER, threading.Lock()))
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -152,7 +165,7 @@ class Engine:
         while not self._closed.wait(interval):
             if time.perf_counter() - self._last_io < interval:
                 continue
-            for member in self._targets:
+            for member in self.roster.targets:
                 if self._closed.is_set():
                     return
                 try:
@@ -183,7 +196,7 @@ class Engine:
             return
         self._closed.set()
         with self._io.exclusive():
-            if self._readers:
+            if self.roster.readers:
                 try:
                     self._flush_all()
                     if not self.roster.stop_clean():
@@ -194,19 +207,13 @@ class Engine:
                                 self.volume, exc)
             with self.roster.lock:
                 self.roster.closing = True
-        for thread in list(self._rebuilds.values()):
+                rebuilds = list(self._rebuilds.values())
+        for thread in rebuilds:
             thread.join(timeout=self.config.timeout)
         for member in self.members:
             member.close_connections()
 
     # -- membership -------------------------------------------------------------------------
-
-    def _update_targets(self) -> None:
-        """Publish who takes writes and who serves reads (the roster calls this once the
-        record describing the modes is durable)."""
-        rw = [m for m in self.members if m.mode == Mode.RW]
-        self._targets = tuple(m for m in self.members if m.mode in (Mode.RW, Mode.WO))
-        self._readers = tuple(sorted(rw, key=lambda m: not m.local))
 
     def _store_record(self, member: Member, record: dict[str, Any]) -> None:
         self._call(member, lambda conn: conn.set_volume_record(record))
@@ -215,9 +222,12 @@ class Engine:
         """Take *member* out of service and make that durable before returning."""
         self.roster.fail(member, exc)
 
-    def _call(self, member: Member, action: Any, *, control: bool = False) -> Any:
-        conn = member.connect(timeout=self.config.control_timeout) if control else \
-            member.acquire()
+    def _call(self, member: Member, action: Any, *, control: bool = False,
+              timeout: float | None = None) -> Any:
+        """Run *action* on a pooled connection to *member*, or on a connection of its own
+        bounded by *timeout* (the control timeout by default) when *control*."""
+        conn = member.connect(timeout=timeout or self.config.control_timeout) if control \
+            else member.acquire()
         try:
             result = action(conn)
         finally:
@@ -273,16 +283,21 @@ class Engine:
                                  f"({reasons})")
         return results
 
-    def _observe(self, kind: str, started: float, length: int) -> None:
-        """Count one completed read or write of *length* bytes begun at *started*."""
+    def _observe(self, kind: str, started: float, length: int,
+                 served: list[tuple[Member, bytes]]) -> None:
+        """Count one completed read or write of *length* bytes begun at *started*, and
+        served by the members of *served*."""
         self._last_io = now = time.perf_counter()
         elapsed = now - started
         bucket = bisect.bisect_left(LATENCY_BUCKETS, elapsed)
+        count = SERVED[kind]
         with self._stats_lock:
             self.stats[f"{kind}_ops"] += 1
             self.stats[f"{kind}_bytes"] += length
             self.latency[kind][bucket] += 1
             self.latency_sum[kind] += elapsed
+            for member, _ in served:
+                member.stats[count] += 1
 
     def _count(self, key: str, amount: int = 1, *more: tuple[str, int]) -> None:
         with self._stats_lock:
@@ -301,7 +316,7 @@ class Engine:
         self._check(offset, len(buf))
         started = time.perf_counter()
         while True:
-            readers = self._readers
+            readers = self.roster.readers
             if not readers:
                 self._count("errors")
                 raise StorageIOError(f"volume {self.volume}: no replica in service")
@@ -314,8 +329,7 @@ class Engine:
             except ApplianceError as exc:
                 self._fail(member, exc)
                 continue  # retried on the next replica
-            member.stats["reads"] += 1
-            self._observe("read", started, len(buf))
+            self._observe("read", started, len(buf), [(member, b"")])
             return
 
     def write(self, data: memoryview, offset: int, *, fua: bool = False) -> None:
@@ -328,12 +342,10 @@ class Engine:
             if offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
                 data, offset = self._widen(data, offset)
             written = self._settle("write", self._fan_out(
-                self._targets, Op.WRITE, offset, len(data), FLAG_FUA if fua else 0, data))
+                self.roster.targets, Op.WRITE, offset, len(data), FLAG_FUA if fua else 0, data))
         finally:
             self._io.release_range(token)
-        for member, _ in written:
-            member.stats["writes"] += 1
-        self._observe("write", started, length)
+        self._observe("write", started, length, written)
 
     def _widen(self, data: memoryview, offset: int) -> tuple[memoryview, int]:
         """Whole blocks around *data*: the edge blocks read from a replica, *data* laid over
@@ -359,7 +371,7 @@ class Engine:
             for start, end in pieces:  # partial blocks: written whole, zeros laid over them
                 data, at = self._widen(memoryview(bytes(end - start)), start)
                 self._settle("write zeroes", self._fan_out(
-                    self._targets, Op.WRITE, at, len(data), FLAG_FUA if fua else 0, data))
+                    self.roster.targets, Op.WRITE, at, len(data), FLAG_FUA if fua else 0, data))
             if whole_first < whole_last:
                 self._zero_blocks(whole_first, whole_last, fua)
         finally:
@@ -368,7 +380,7 @@ class Engine:
 
     def _zero_blocks(self, first: int, last: int, fua: bool) -> None:
         flags = FLAG_FUA if fua else 0
-        targets = self._targets
+        targets = self.roster.targets
         rebuilding = tuple(m for m in targets if m.mode == Mode.WO)
         offset, length = first * BLOCK_SIZE, (last - first) * BLOCK_SIZE
         if not rebuilding:
@@ -391,7 +403,7 @@ class Engine:
         first, last = block_span(offset, length)
         token = self._io.acquire_range(first, last)
         try:
-            self._settle("trim", self._fan_out(self._targets, Op.UNMAP, offset, length))
+            self._settle("trim", self._fan_out(self.roster.targets, Op.UNMAP, offset, length))
         finally:
             self._io.release_range(token)
 
@@ -400,12 +412,12 @@ class Engine:
         self._count("flush_ops")
 
     def _flush_all(self) -> None:
-        self._settle("flush", self._fan_out(self._targets, Op.FLUSH))
+        self._settle("flush", self._fan_out(self.roster.targets, Op.FLUSH))
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         self._check(offset, length)
         while True:
-            readers = self._readers
+            readers = self.roster.readers
             if not readers:
                 raise StorageIOError(f"volume {self.volume}: no replica in service")
             try:
@@ -423,33 +435,30 @@ class Engine:
         """Snapshot every replica at the same point: no write in flight, none admitted."""
         check_name(name)
         with self._io.exclusive():
-            if any(m.mode == Mode.WO for m in self.members):
+            if self.roster.rebuilding():
                 raise FailedPrecondition(f"volume {self.volume}: a rebuild is in progress; "
                                          "snapshot when it is done")
-            self._snapshot_locked(self._targets, name, labels, user_created)
+            self._snapshot_locked(self.roster.targets, name, labels, user_created,
+                                  self.config.control_timeout)
+
+    def _snapshot_in_service(self, name: str) -> None:
+        """A rebuild's snapshot of the RW members (writes are paused: each is bounded by
+        the data timeout)."""
+        self._snapshot_locked(self.roster.readers, name, None, False, self.config.timeout)
 
     def _snapshot_locked(self, members: tuple[Member, ...], name: str,
-                         labels: Mapping[str, str] | None, user_created: bool) -> None:
-        failures: list[tuple[Member, ApplianceError]] = []
-        done = 0
-        for member in members:
-            try:
-                self._call(member, lambda conn: conn.snapshot(
-                    name, labels=labels, user_created=user_created), control=True)
-                done += 1
-            except ApplianceError as exc:
-                if not done and isinstance(exc, (AlreadyExists, InvalidArgument)):
-                    raise  # refused before anything changed
-                failures.append((member, exc))
-        for failed, error in failures:
-            self._fail(failed, error)
-        if not done:
-            raise StorageIOError(f"volume {self.volume}: snapshot {name!r} failed on every "
-                                 "replica")
+                         labels: Mapping[str, str] | None, user_created: bool,
+                         timeout: float) -> None:
+        fanout.apply_to_each(
+            f"volume {self.volume}: snapshot {name!r}", members,
+            lambda member: self._call(member, lambda conn: conn.snapshot(
+                name, labels=labels, user_created=user_created), control=True,
+                timeout=timeout),
+            refusals=(AlreadyExists, InvalidArgument), demote=self._fail)
 
     def snapshots(self) -> list[dict[str, Any]]:
         """The layers of the volume (snapshots and the head), from a replica in service."""
-        for member in self._readers:
+        for member in self.roster.readers:
             try:
                 layers: list[dict[str, Any]] = self._call(member, lambda conn: conn.layers(),
                                                           control=True)
@@ -492,13 +501,13 @@ class Engine:
         fails only if it failed everywhere, or was refused before anything changed."""
         busy = FailedPrecondition(f"volume {self.volume}: a rebuild is in progress; {what} "
                                   "when it is done")
-        if any(m.mode == Mode.WO for m in self.members):
+        if self.roster.rebuilding():
             raise busy
         # No replica is rebuilding: wait briefly for one that is finishing (or starting).
         if not self.rebuild_lock.acquire(timeout=REBUILD_LOCK_WAIT):
             raise busy
         try:
-            if any(m.mode == Mode.WO for m in self.members):  # one started meanwhile
+            if self.roster.rebuilding():  # one started meanwhile
                 raise busy
             if pause_io:
                 with self._io.exclusive():
@@ -508,21 +517,12 @@ class Engine:
             self.rebuild_lock.release()
 
     def _each_target(self, what: str, action: Any) -> list[Any]:
-        results: list[Any] = []
-        failures: list[tuple[Member, ApplianceError]] = []
-        for member in self._targets:
-            try:
-                results.append(self._call(member, action, control=True))
-            except ApplianceError as exc:
-                if not results and isinstance(exc, (AlreadyExists, InvalidArgument, NotFound,
-                                                    FailedPrecondition)):
-                    raise  # refused before anything changed
-                failures.append((member, exc))
-        for failed, error in failures:
-            self._fail(failed, error)
-        if not results:
-            raise StorageIOError(f"volume {self.volume}: {what} failed on every replica")
-        return results
+        done = fanout.apply_to_each(
+            f"volume {self.volume}: {what}", self.roster.targets,
+            lambda member: self._call(member, action, control=True),
+            refusals=(AlreadyExists, InvalidArgument, NotFound, FailedPrecondition),
+            demote=self._fail)
+        return [result for _, result in done]
 
     def add_replica(self, address: tuple[str, int], *, discard: bool = False) -> None:
         """Bring a replica (new, or one that failed) in: WO, rebuilt, verified, then RW.
@@ -539,10 +539,12 @@ class Engine:
                     f"({member.kept['since']}); rebuilding it discards that data: add it "
                     "with --discard once it is no longer needed")
             if member is None:
-                member = Member(address, self.config.secret, self.config.timeout)
+                member = self._new_member(address)
                 self.members.append(member)
             member.session(self.generation, int.from_bytes(os.urandom(8), "big"))
-        self._start_rebuild(member)
+            # Registered before the lock is released: a second call for the same replica
+            # finds this rebuild and is refused.
+            self._start_rebuild(member)
 
     def remove_replica(self, address: tuple[str, int]) -> None:
         with self.roster.lock:
@@ -550,31 +552,33 @@ class Engine:
             if member is None:
                 raise NotFound(f"replica {proto.format_address(address)} is not in volume "
                                f"{self.volume}")
-            if member.mode == Mode.RW and len(self._readers) == 1:
+            if member.mode == Mode.RW and len(self.roster.readers) == 1:
                 raise FailedPrecondition(f"replica {member.name} is the last one in service "
                                          f"of volume {self.volume}")
             self._fail(member, FailedPrecondition("removed by the operator"))
             self.members.remove(member)
 
     def _start_rebuild(self, member: Member) -> None:
-        from appliance.replication.rebuild import rebuild_member  # noqa: PLC0415 - cycle
+        with self.roster.lock:
+            thread = threading.Thread(target=self._run_rebuild, args=(member,),
+                                      name=f"rebuild-{member.name}", daemon=True)
+            self._rebuilds[member.name] = thread
+            thread.start()
 
-        thread = threading.Thread(target=self._run_rebuild, args=(member, rebuild_member),
-                                  name=f"rebuild-{member.name}", daemon=True)
-        self._rebuilds[member.name] = thread
-        thread.start()
-
-    def _run_rebuild(self, member: Member, rebuild: Any) -> None:
+    def _run_rebuild(self, member: Member) -> None:
         try:
-            rebuild(self, member)
+            rebuild.rebuild_member(self._rebuild_context, member)
         except Exception:
             log.exception("volume %s: rebuild of %s failed", self.volume, member.name)
         finally:
-            self._rebuilds.pop(member.name, None)
+            with self.roster.lock:
+                self._rebuilds.pop(member.name, None)
 
     def wait_rebuilds(self, timeout: float) -> bool:
         """Wait until no rebuild runs; False if one still runs after *timeout* seconds."""
-        for thread in list(self._rebuilds.values()):
+        with self.roster.lock:
+            rebuilds = list(self._rebuilds.values())
+        for thread in rebuilds:
             thread.join(timeout)
         return not self._rebuilds
 

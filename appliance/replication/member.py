@@ -11,6 +11,7 @@ from typing import Any
 from appliance.errors import ApplianceError, Unavailable
 from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
+from appliance.replication.lockorder import Lock
 from appliance.replication.protocol import Role
 
 
@@ -35,7 +36,9 @@ class Member:
     """A replica of the volume. Connections are pooled: a caller takes one for a request
     (or a fan-out) and gives it back; a broken one is dropped."""
 
-    def __init__(self, address: tuple[str, int], secret: bytes, timeout: float) -> None:
+    def __init__(self, address: tuple[str, int], secret: bytes, timeout: float, *,
+                 lock: Lock | None = None) -> None:
+        """*lock* guards the pool (the engine passes one that checks the lock order)."""
         self.address = address
         self.name = proto.format_address(address)
         self.replica_id = ""
@@ -48,9 +51,11 @@ class Member:
         self._generation = 0
         self._token = 0
         self._idle: list[ReplicaConnection] = []
-        self._lock = threading.Lock()
+        self._lock: Lock = threading.Lock() if lock is None else lock
         self.rebuild: dict[str, Any] | None = None
         self.kept: Mapping[str, Any] | None = None  # a diverged branch a salvage kept
+        # "reads" and "writes" are counted under the engine's stats lock, "errors" (by
+        # leave) under the roster's lock
         self.stats = {"reads": 0, "writes": 0, "errors": 0}
 
     def session(self, generation: int, token: int) -> None:

@@ -1,5 +1,7 @@
-"""The engine's roster: which replica is in which mode, and the membership records that make
-each change durable before the engine acts on it (docs/membership.md, "Running").
+"""The engine's roster, its member set: which replica is in which mode, who takes writes and
+who serves reads, and the membership records that make each change durable before the
+engine acts on it (docs/membership.md, "Running"). The engine and its rebuilds change modes
+only through it (:meth:`Roster.fail`, :meth:`Roster.begin_rebuild`, :meth:`Roster.promote`).
 
 Pure logic over *seats* (the engine's :class:`~appliance.replication.member.Member`, or a
 simulated replica in the model-based tests) and one injected action, *store*, which makes a
@@ -13,9 +15,10 @@ The rules it keeps:
   volume is faulted with its last good record intact where the data is;
 * a WO replica becomes RW only once every RW replica durably names it a member;
 * whenever an RW replica leaves, a new branch begins (the one that left stays on the old);
-* the engine's view of who takes writes (``on_change``) is published only after the record
-  describing it is durable, so a write sent to the new set is never acknowledged before
-  that; writes still aimed at a replica that left fail on it and wait for this lock.
+* who takes writes (:attr:`Roster.targets`) and serves reads (:attr:`Roster.readers`) is
+  published only after the record describing it is durable, so a write sent to the new set
+  is never acknowledged before that; writes still aimed at a replica that left fail on it
+  and wait for this lock.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 
 from appliance.errors import ApplianceError, Unavailable
 from appliance.replication import membership
+from appliance.replication.lockorder import Lock
 from appliance.replication.member import Mode
 from appliance.replication.membership import Branch, Decision, Record
 
@@ -41,6 +45,7 @@ class Seat(Protocol):
     mode: Mode
     reason: str
     kept: Mapping[str, Any] | None
+    local: bool  # on this host: preferred for reads
 
     def leave(self) -> None:
         """Called when the replica leaves service: drop its connections."""
@@ -51,16 +56,21 @@ Store = Callable[[Any, dict[str, Any]], None]
 
 class Roster:
     def __init__(self, volume: str, seats: list[Any], store: Store, *,
-                 on_change: Callable[[], None] = lambda: None,
                  clock: Callable[[], str] = membership.now,
-                 make_id: Callable[[], str] = membership.new_branch_id) -> None:
+                 make_id: Callable[[], str] = membership.new_branch_id,
+                 lock: Lock | None = None) -> None:
         self.volume = volume
         self.seats = seats  # shared with the engine, which adds and removes replicas
         self.store = store
-        self._on_change = on_change
         self._clock = clock
         self._make_id = make_id
-        self.lock = threading.RLock()
+        # Guards modes and records; reentrant: a failure found while writing a record
+        # fails the replica under the same lock.
+        self.lock: Lock = threading.RLock() if lock is None else lock
+        # Published together once the record describing them is durable; read without the
+        # lock (a tuple is replaced whole) by the data path.
+        self.targets: tuple[Any, ...] = ()  # RW and WO: writes go here
+        self.readers: tuple[Any, ...] = ()  # RW, local ones first: reads come from here
         self.epoch = 0
         self.generation = 0
         self.history: tuple[Branch, ...] = ()
@@ -73,7 +83,22 @@ class Roster:
         return self.history[-1].id if self.history else ""
 
     def serving(self) -> list[Any]:
+        """The RW replicas."""
         return [s for s in self.seats if s.mode == Mode.RW]
+
+    def in_service(self) -> list[Any]:
+        """The RW and WO replicas (those that take writes)."""
+        return [s for s in self.seats if s.mode in (Mode.RW, Mode.WO)]
+
+    def rebuilding(self) -> bool:
+        """True while a replica is WO."""
+        return any(s.mode == Mode.WO for s in self.seats)
+
+    def _publish(self) -> None:
+        """Publish the targets and readers of the current modes (the record describing
+        them is durable, or no record can be written)."""
+        self.targets = tuple(self.in_service())
+        self.readers = tuple(sorted(self.serving(), key=lambda s: not s.local))
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -119,7 +144,7 @@ class Roster:
             was_rw = seat.mode == Mode.RW
             self._leave(seat, exc)
             if not was_rw:  # a WO replica is no member: no record changes
-                self._on_change()
+                self._publish()
                 return
             self._branch(f"replica {seat.name} left: {exc}")
             self._commit()
@@ -159,7 +184,7 @@ class Roster:
         while True:
             rw = self.serving()
             if not rw:
-                self._on_change()
+                self._publish()
                 return False
             members = [*rw, promoting] if promoting is not None else rw
             self.epoch += 1
@@ -174,7 +199,7 @@ class Roster:
                     promoting = None
                     continue
                 promoting.mode = Mode.RW
-            self._on_change()
+            self._publish()
             return True
 
     def _write(self, seats: list[Any], document: dict[str, Any]) -> Any:

@@ -25,8 +25,8 @@ from typing import Any
 
 from appliance.chain import BLOCK_SIZE, Replica
 from appliance.errors import ApplianceError, InvalidArgument, ProtocolError, StaleSession
-from appliance.replication import control_ops, rebuild
 from appliance.replication import protocol as proto
+from appliance.replication import rebuild_job, replica_ops
 from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op, Request, Role
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class ReplicaServer:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control")
         self._sessions: set[Session] = set()
         self._sessions_lock = threading.Lock()
-        self.rebuild: Any = None  # the rebuild job, when one runs (appliance.replication.rebuild)
+        self.rebuild: Any = None  # the rebuild job, when one runs (rebuild_job.RebuildJob)
         self._inline: dict[int, Callable[[Session, Request, memoryview], Parts]] = {
             Op.READ: self._read, Op.WRITE: self._write, Op.WRITE_ZEROES: self._write_zeroes,
             Op.ZERO_EXACT: self._zero_exact, Op.UNMAP: self._unmap, Op.PING: self._ping,
@@ -84,7 +84,7 @@ class ReplicaServer:
             Op.REBUILD_STATUS: self._rebuild_status,
         }
         self._control: dict[int, Callable[[Session, Request, bytes], Parts]] = {
-            **control_ops.handlers(self), **rebuild.handlers(self)}
+            **replica_ops.handlers(self), **rebuild_job.handlers(self)}
 
     # -- connections ------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Replica servers on loopback, in this process, for engine tests."""
+"""Replica servers on loopback, in this process, for engine tests. Engines built here check
+their lock order (docs/engine-locks.md)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,33 @@ from typing import Any
 import pytest
 
 from appliance.chain import Replica
+from appliance.replication import lockorder
 from appliance.replication.engine import Engine, EngineConfig
-from appliance.replication.serve import RunningServer
+from appliance.replication.server_process import RunningServer
 
 SECRET = b"s3cret-for-tests-only-0123456789"
 MiB = 1 << 20
 BS = 4096
+
+
+@pytest.fixture(autouse=True)
+def check_lock_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every engine of these tests raises when it takes a lock out of order."""
+    monkeypatch.setenv(lockorder.ENVIRONMENT, "1")
+
+
+# The warnings engine tests expect (tests.logcheck.expect_log patterns).
+#: any replica leaving service
+LEFT = r"roster: volume vol: replica 127\.0\.0\.1:\d+ failed \("
+#: a rebuild attempt that failed, or a rebuild that stopped
+REBUILD_FAILED = r"rebuild: volume vol: rebuild of [\d.:]+(, attempt \d+ failed| stopped): "
+#: a replica server's rebuild job that failed or was cancelled
+JOB_FAILED = r"rebuild_job: rebuild from 127\.0\.0\.1:\d+ failed: "
+
+
+def left(remaining: int) -> str:
+    """A replica leaving service, *remaining* replicas staying in service."""
+    return LEFT + rf".*\); {remaining} replica\(s\) remain in service"
 
 
 def mv(data: bytes) -> memoryview:

@@ -13,9 +13,10 @@ import pytest
 from appliance.chain import Replica
 from appliance.errors import FailedPrecondition, NoSpace, StorageIOError
 from appliance.replication.engine import Engine, EngineConfig
-from appliance.replication.serve import RunningServer
+from appliance.replication.server_process import RunningServer
+from tests.logcheck import expect_log
 
-from .conftest import BS, SECRET, Cluster, MiB, modes, mv, read
+from .conftest import BS, SECRET, Cluster, MiB, left, modes, mv, read
 
 
 def test_writes_reach_every_replica_and_reads_come_back(cluster: Cluster) -> None:
@@ -61,7 +62,7 @@ def test_a_failed_replica_leaves_and_the_volume_continues(
         assert record is not None
         assert cluster.servers[1].replica.replica_id not in record["members"]
     assert "replica 127.0.0.1" in caplog.text
-    caplog.clear()
+    expect_log(caplog, left(2))
     engine.close()
 
 
@@ -84,7 +85,8 @@ def test_a_newer_engine_fences_the_old_one(cluster: Cluster,
     assert read(new, 0, BS) == b"3" * BS
     new.close()
     old.close()
-    caplog.clear()
+    expect_log(caplog, r"roster: .* failed \(.*a newer engine session owns this replica\)",
+               left(0))
 
 
 def test_clean_restart_keeps_every_replica(cluster: Cluster) -> None:
@@ -101,8 +103,7 @@ def test_clean_restart_keeps_every_replica(cluster: Cluster) -> None:
     again.close()
 
 
-def test_unclean_restart_trusts_one_and_resyncs_the_others(
-        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+def test_unclean_restart_trusts_one_and_resyncs_the_others(cluster: Cluster) -> None:
     for _ in range(3):
         cluster.add()
     engine = cluster.engine()
@@ -121,7 +122,6 @@ def test_unclean_restart_trusts_one_and_resyncs_the_others(
     assert heads[0] == heads[1] == heads[2]
     assert heads[0][:4 * MiB] == data
     again.close()
-    caplog.clear()
 
 
 def test_snapshot_on_every_replica(cluster: Cluster) -> None:
@@ -137,8 +137,7 @@ def test_snapshot_on_every_replica(cluster: Cluster) -> None:
     engine.close()
 
 
-def test_rebuild_a_new_replica(cluster: Cluster, tmp_path: Path,
-                               caplog: pytest.LogCaptureFixture) -> None:
+def test_rebuild_a_new_replica(cluster: Cluster, tmp_path: Path) -> None:
     for _ in range(2):
         cluster.add()
     engine = cluster.engine()
@@ -157,7 +156,6 @@ def test_rebuild_a_new_replica(cluster: Cluster, tmp_path: Path,
     with new.replica.open_snapshot("before") as snap:
         assert snap.read(MiB, len(data)) == data
     engine.close()
-    caplog.clear()
 
 
 def test_rebuild_after_a_short_outage_copies_only_what_differs(
@@ -179,7 +177,7 @@ def test_rebuild_after_a_short_outage_copies_only_what_differs(
     heads = cluster.heads()
     assert heads[0] == heads[1]
     engine.close()
-    caplog.clear()
+    expect_log(caplog, left(1))
 
 
 def test_start_refuses_when_a_member_may_hold_newer_writes(
@@ -198,7 +196,8 @@ def test_start_refuses_when_a_member_may_hold_newer_writes(
     salvaged = cluster.engine(salvage=True)  # the operator accepts the best reachable one
     assert read(salvaged, 0, 3) == b"old"
     salvaged.close()
-    caplog.clear()
+    expect_log(caplog, left(1),
+               r"engine: volume vol salvaged from .*given up: .*unreachable member")
 
 
 def test_start_with_an_unreachable_non_member(cluster: Cluster,
@@ -212,7 +211,7 @@ def test_start_with_an_unreachable_non_member(cluster: Cluster,
     again = cluster.engine()  # replica 2 left the membership: not needed to start
     assert modes(again) == ["RW", "RW", "ERR"]
     again.close()
-    caplog.clear()
+    expect_log(caplog, left(2))
 
 
 def test_all_replicas_full_fails_the_write_and_keeps_them(tmp_path: Path,
@@ -257,4 +256,4 @@ def test_an_idle_volume_notices_a_dead_replica(cluster: Cluster,
     assert engine.status()["state"] == "degraded"
     assert read(engine, 0, BS) == b"m" * BS
     engine.close()
-    caplog.clear()
+    expect_log(caplog, left(1))

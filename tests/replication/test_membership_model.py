@@ -77,6 +77,7 @@ class Seat:
     mode: Mode = Mode.ERR
     reason: str = ""
     kept: Any = None
+    local: bool = False
 
     def leave(self) -> None:
         pass
@@ -103,15 +104,11 @@ class SimEngine:
                  salvage_from: str | None) -> None:
         self.world = world
         self.seats = [Seat(name) for name in names]
-        self.targets: list[Seat] = []
         self.salvage, self.salvage_from = salvage, salvage_from
-        self.roster = Roster("vol", self.seats, self.store, on_change=self.publish,
+        self.roster = Roster("vol", self.seats, self.store,
                              make_id=lambda: f"b{next(world.ids)}")
         self.rebuilds: dict[str, tuple[str, dict[int, int], dict[int, int]]] = {}
         self.decision: membership.Decision | None = None
-
-    def publish(self) -> None:
-        self.targets = [s for s in self.seats if s.mode in (Mode.RW, Mode.WO)]
 
     def replica(self, seat: Seat) -> SimReplica:
         return self.world.replicas[seat.name]
@@ -136,9 +133,9 @@ class SimEngine:
         self.roster.start(decision)
 
     def write(self, block: int, wid: int) -> bool:
-        """Fan a write out; True when it is acknowledged (Engine._settle's rule)."""
+        """Fan a write out; True when it is acknowledged (the engine's rule)."""
         succeeded, failed = [], []
-        for seat in list(self.targets):
+        for seat in self.roster.targets:  # as published once the record is durable
             self.world.tick()
             replica = self.replica(seat)
             if seat.mode == Mode.ERR or not replica.up:

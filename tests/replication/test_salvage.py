@@ -20,8 +20,9 @@ from appliance.errors import (
 )
 from appliance.replication.engine import Engine
 from tests.harness import wait_for
+from tests.logcheck import expect_log
 
-from .conftest import BS, Cluster, MiB, modes, mv, read
+from .conftest import BS, JOB_FAILED, LEFT, REBUILD_FAILED, Cluster, MiB, left, modes, mv, read
 
 
 def copying(engine: Engine, index: int) -> bool:
@@ -37,7 +38,7 @@ def record_of(cluster: Cluster, index: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-def rebuilding(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> tuple[Engine, bytes]:
+def rebuilding(cluster: Cluster) -> tuple[Engine, bytes]:
     """A, B in RW holding 8 MiB of acknowledged data; C added and being rebuilt slowly."""
     for _ in range(2):
         cluster.add(size=32 * MiB)
@@ -47,7 +48,6 @@ def rebuilding(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> tuple[Engi
     new = cluster.add(size=32 * MiB)
     engine.add_replica(new.address)
     wait_for(lambda: copying(engine, 2), 60, "C to copy", interval=0.02)
-    caplog.clear()
     return engine, data
 
 
@@ -80,7 +80,7 @@ def test_double_crash_during_rebuild_never_serves_the_half_rebuilt_replica(
     heads = cluster.heads()
     assert heads[0] == heads[1] == heads[2] and heads[0][:8 * MiB] == data
     again.close()
-    caplog.clear()
+    expect_log(caplog, LEFT, REBUILD_FAILED, JOB_FAILED)
 
 
 def test_the_rebuilding_replica_crashing_too(cluster: Cluster, rebuilding: tuple[Engine, bytes],
@@ -98,7 +98,7 @@ def test_the_rebuilding_replica_crashing_too(cluster: Cluster, rebuilding: tuple
     assert again.wait_rebuilds(120)
     assert cluster.heads()[2][:8 * MiB] == data
     again.close()
-    caplog.clear()
+    expect_log(caplog, LEFT, REBUILD_FAILED, JOB_FAILED)
 
 
 def test_one_rw_survivor_serves_and_the_rebuild_completes(
@@ -119,7 +119,8 @@ def test_one_rw_survivor_serves_and_the_rebuild_completes(
     assert again.wait_rebuilds(120)
     assert modes(again) == ["RW", "RW", "RW"]
     again.close()
-    caplog.clear()
+    expect_log(caplog, left(1),
+               f"{REBUILD_FAILED}|{JOB_FAILED}")
 
 
 def test_crash_during_promotion(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
@@ -154,7 +155,8 @@ def test_crash_during_promotion(cluster: Cluster, caplog: pytest.LogCaptureFixtu
     assert again.wait_rebuilds(120)
     assert modes(again) == ["RW", "RW", "RW"]
     again.close()
-    caplog.clear()
+    expect_log(caplog, LEFT,
+               r"rebuild: volume vol: rebuild of .* stopped: .*could not be made RW")
 
 
 def test_divergent_histories_are_never_resolved_automatically(
@@ -211,7 +213,9 @@ def test_divergent_histories_are_never_resolved_automatically(
     heads = cluster.heads()
     assert heads[0] == heads[1]
     chosen.close()
-    caplog.clear()
+    expect_log(caplog, left(1),
+               r"engine: volume vol salvaged from .*unreachable member",
+               r"engine: volume vol salvaged from .*kept, not rebuilt")
 
 
 def test_a_rebuild_is_not_repeated_after_a_clean_restart(
@@ -236,7 +240,7 @@ def test_a_rebuild_is_not_repeated_after_a_clean_restart(
     assert again.status()["started"]["behind"] == []
     assert modes(again) == ["RW", "RW"]
     again.close()
-    caplog.clear()
+    expect_log(caplog, left(1))
 
 
 def test_a_start_that_cannot_reach_any_replica_is_unavailable(tmp_path: Path,

@@ -23,7 +23,8 @@ from appliance.errors import (
 from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
 from appliance.replication.protocol import Op, Role
-from appliance.replication.serve import RunningServer
+from appliance.replication.server_process import RunningServer
+from tests.logcheck import expect_log
 
 SECRET = b"s3cret-for-tests-only-0123456789"
 MiB = 1 << 20
@@ -55,7 +56,7 @@ def test_wrong_secret_is_refused_and_not_logged(server: RunningServer,
         ReplicaConnection(server.address, b"wrong")
     assert "authentication failed" in caplog.text
     assert SECRET.decode() not in caplog.text and "wrong" not in caplog.text
-    caplog.clear()
+    expect_log(caplog, r"server: refused a connection from .*: authentication failed")
 
 
 def test_client_refuses_a_server_without_the_secret(tmp_path: Path,
@@ -65,7 +66,7 @@ def test_client_refuses_a_server_without_the_secret(tmp_path: Path,
             pytest.raises(AuthenticationFailed):
         ReplicaConnection(other.address, SECRET)
     assert "authentication failed" in caplog.text
-    caplog.clear()
+    expect_log(caplog, r"server: refused a connection from .*: authentication failed")
 
 
 def test_not_a_replica_server(tmp_path: Path) -> None:
@@ -140,7 +141,7 @@ def test_newer_generation_fences_the_older_engine(server: RunningServer,
     with pytest.raises(StaleSession, match="generation is 2"):
         writer(server, generation=1)
     assert "generation 1 is older than 2" in caplog.text
-    caplog.clear()
+    expect_log(caplog, r"server: refused a writer from .*: generation 1 is older than 2")
     buf = memoryview(bytearray(BS))
     new.read(buf, 0)
     assert bytes(buf) == b"a" * BS
@@ -183,7 +184,7 @@ def test_bad_frames_close_the_connection(server: RunningServer,
         with pytest.raises(Unavailable):
             conn.receive()
     assert "bad request magic" in caplog.text
-    caplog.clear()
+    expect_log(caplog, r"server: closed the connection from .*: bad request magic")
     with writer(server) as conn:  # the server is fine
         conn.ping()
 
