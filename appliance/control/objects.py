@@ -186,3 +186,23 @@ class Settings(Record):
         if not 0 <= self.replica_replenishment_wait <= 86400:
             raise InvalidArgument("replica_replenishment_wait must be 0 to 86400 seconds")
         return self
+
+
+@dataclass
+class BackupJob(Record):
+    """A backup this node started that is not complete on the target (a complete backup
+    is its manifest there): kept so that one that failed or was cancelled, by an operator
+    or by a stop of the daemon, is reported so after a restart."""
+
+    PREFIX: ClassVar[str] = "/backup/jobs/"
+    id: str
+    volume: str
+    snapshot: str
+    started: float  # seconds since the epoch
+    finished: float | None = None
+    state: str = "in-progress"  # in-progress, failed, cancelled
+    error: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.key_of(self.id)

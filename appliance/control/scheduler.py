@@ -31,10 +31,13 @@ class DiskState:
     reserved: int = 0
     tags: tuple[str, ...] = ()
     allow_scheduling: bool = True
+    problem: str = ""  # why its usage is unknown (it then takes no replica)
 
 
 def refusal(disk: DiskState, size: int, tags: list[str], settings: Settings) -> str:
     """Why *disk* cannot take a replica of *size* bytes, or an empty string."""
+    if disk.problem:
+        return disk.problem
     if not disk.allow_scheduling:
         return "scheduling is disabled"
     missing = sorted(set(tags) - set(disk.tags))

@@ -65,11 +65,10 @@ class SQLiteStore(StateStore):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            Path(path).chmod(0o600)
             return db
 
-        db = await trio.to_thread.run_sync(connect)
-        Path(path).chmod(0o600)
-        return cls(db)
+        return cls(await trio.to_thread.run_sync(connect))
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)

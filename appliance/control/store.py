@@ -14,12 +14,14 @@ node, nothing to install); an etcd implementation goes behind the same interface
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, Conflict
+
+UPDATE_ATTEMPTS = 10  # reads and writes of one update before it gives up
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,32 @@ class StateStore(abc.ABC):
         every change under *prefix* with a revision greater than *after*, as it happens.
         Raises :class:`Compacted` when *after* is too old to replay."""
 
+    async def update(self, key: str,
+                     change: Callable[[dict[str, Any]], dict[str, Any] | None], *,
+                     attempts: int = UPDATE_ATTEMPTS) -> Entry | None:
+        """Read-modify-write of *key* that loses no concurrent change (docs/state-store.md,
+        "Updates"): read the entry, call *change* with its value, write what it returns
+        with ``expect`` set to the revision read; on a conflict read and call *change*
+        again, at most *attempts* times, then raise :class:`~appliance.errors.Conflict`.
+
+        *change* returns the new value, or None to leave the entry as it is (nothing is
+        written); an exception it raises ends the update (nothing is written). Returns
+        the entry as it is afterwards, or None when *key* does not exist (*change* is not
+        called: creating is :meth:`put` with ``expect=0``)."""
+        for _ in range(attempts):
+            entry = await self.get(key)
+            if entry is None:
+                return None
+            value = change(entry.value)
+            if value is None:
+                return entry
+            try:
+                revision = await self.put(key, value, expect=entry.revision, lease=entry.lease)
+            except Conflict:
+                continue
+            return Entry(key, value, revision, entry.created, entry.lease)
+        raise Conflict(f"{key} kept changing: {attempts} attempts to update it conflicted")
+
     @abc.abstractmethod
     async def grant_lease(self, ttl: float) -> int:
         """A new lease that expires *ttl* seconds from now unless kept alive."""
@@ -90,4 +118,4 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def aclose(self) -> None:
-        """Release the store's resources."""
+        """Release the store's resources (again: nothing happens)."""

@@ -1,5 +1,7 @@
 """Backups on a node: the backup target, backup jobs, listing, restore into a new volume,
-deletion and verification. The API (api.py) calls this; the work runs in worker threads.
+deletion and verification. The API (api.py) calls this; the work runs in worker threads,
+which a cancellation reaches (node/work.py): a stop of the daemon cancels a running backup,
+which then writes no manifest and is reported cancelled (node/backupjobs.py).
 
 The target's URL is kept in the state store; its credentials and encryption key are kept
 in DATA_DIR/secrets (mode 0600), never in the store, the log or an error message.
@@ -12,8 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,17 @@ from appliance.backup.image import SnapshotImage
 from appliance.backup.jobs import BackupOptions, create_backup, restore_backup
 from appliance.backup.keys import BackupKey
 from appliance.backup.store import BackupStore
-from appliance.backup.targets import open_target, parse_target
+from appliance.backup.targets import TargetSpec, open_target, parse_target
 from appliance.chain import Replica
 from appliance.chain.format import check_labels, check_name
 from appliance.control.objects import ReplicaRecord
 from appliance.control.store import StateStore
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, NotFound
 from appliance.node import volumeops
+from appliance.node.backupjobs import INTERRUPTED, BackupJobs, Job
+from appliance.node.placement import load_settings
+from appliance.node.service import NodeService
+from appliance.node.work import run_job
 from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
 from appliance.replication.protocol import Role
@@ -40,47 +44,21 @@ log = logging.getLogger(__name__)
 TARGET_KEY = "/backup/target"  # not under /settings/: it is not a Settings record
 
 
-@dataclass
-class Job:
-    id: str
-    volume: str
-    snapshot: str
-    started: float
-    finished: float | None = None
-    state: str = "in-progress"  # in-progress, complete, failed, cancelled
-    done: int = 0
-    total: int = 0
-    error: str = ""
-    manifest: fmt.Manifest | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
+class BackupTarget:
+    """The backup target: its URL in the state store, its credentials and key in the
+    secrets directory; opens the backup store on it, and restores a backup into a new
+    volume's replicas (the controller's restorer)."""
 
-
-class BackupService:
-    def __init__(self, store: StateStore, service: Any, secrets_dir: Path) -> None:
+    def __init__(self, store: StateStore, secrets_dir: Path) -> None:
         self.store = store
-        self.service = service  # the NodeService: volumes, snapshots
-        self.controller = service.controller
-        self.supervisor = service.controller.supervisor
         self.secrets_dir = secrets_dir
-        self.jobs: dict[str, Job] = {}
-        self._nursery: trio.Nursery | None = None
-        self.controller.restorer = self._restore_into
-        self.last_success: dict[str, float] = {}
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
-
-    # -- the target -----------------------------------------------------------------------
 
     @property
-    def _credentials_file(self) -> Path:
+    def credentials_file(self) -> Path:
         return self.secrets_dir / "backup-credentials"
 
     @property
-    def _key_file(self) -> Path:
+    def key_file(self) -> Path:
         return self.secrets_dir / "backup-key"
 
     async def set_target(self, url: str, credentials: str | None,
@@ -94,32 +72,35 @@ class BackupService:
             except ValueError:
                 raise InvalidArgument("the encryption key must be 32 bytes, given as 64 hex "
                                       "digits") from None
+        if credentials is None and spec.scheme == "s3":
+            raise InvalidArgument(f"backup target {spec.url} needs credentials "
+                                  "(--credentials FILE)")
+        secret = encryption_key.strip().encode() if encryption_key is not None else None
+        await trio.to_thread.run_sync(self._check_and_keep, spec, credentials, secret)
+        await self.store.put(TARGET_KEY, {"url": url, "credentials": credentials is not None,
+                                          "key_id": key.key_id if key else None})
+        return await self.show_target()
+
+    def _check_and_keep(self, spec: TargetSpec, credentials: str | None,
+                        key: bytes | None) -> None:
+        """Blocking: reach the target with *credentials* (staged in a file), then keep
+        them and *key* in the secrets directory (written and synced: files, not store)."""
         staged: Path | None = None
         try:
             if credentials is not None:
                 staged = self.secrets_dir / f".staged-credentials-{time.monotonic_ns()}"
                 write_secret_file(staged, credentials.encode())
-            elif spec.scheme == "s3":
-                raise InvalidArgument(f"backup target {spec.url} needs credentials "
-                                      "(--credentials FILE)")
-            await trio.to_thread.run_sync(self._probe, spec, staged)
-            self._replace_secret(self._credentials_file, staged)
+            with open_target(spec, staged) as target:
+                list(zip(range(1), target.list(f"{fmt.ROOT}/"), strict=False))
+            self._replace_secret(self.credentials_file, staged)
             staged = None
-            self._replace_secret(self._key_file, encryption_key.strip().encode()
-                                 if encryption_key is not None else None)
+            self._replace_secret(self.key_file, key)
         finally:
             if staged is not None:
                 staged.unlink(missing_ok=True)
-        await self.store.put(TARGET_KEY, {"url": url, "credentials": credentials is not None,
-                                          "key_id": key.key_id if key else None})
-        return await self.show_target()
 
     @staticmethod
-    def _probe(spec: Any, credentials: Path | None) -> None:
-        with open_target(spec, credentials) as target:
-            list(zip(range(1), target.list(f"{fmt.ROOT}/"), strict=False))
-
-    def _replace_secret(self, path: Path, source: Path | bytes | None) -> None:
+    def _replace_secret(path: Path, source: Path | bytes | None) -> None:
         path.unlink(missing_ok=True)
         if isinstance(source, Path):
             source.rename(path)
@@ -134,32 +115,80 @@ class BackupService:
         return {"url": value["url"], "credentials": value["credentials"],
                 "encrypted": value["key_id"] is not None, "key_id": value["key_id"]}
 
-    def _target_value(self, entry_value: dict[str, Any] | None) -> dict[str, Any]:
-        if entry_value is None:
+    async def settings(self) -> dict[str, Any]:
+        """The target as kept in the store; FailedPrecondition when none is set."""
+        entry = await self.store.get(TARGET_KEY)
+        if entry is None:
             raise FailedPrecondition("no backup target: set one with 'appliance backup-target "
                                      "set URL'")
-        return entry_value
+        return entry.value
 
     @contextlib.contextmanager
-    def _backup_store(self, value: dict[str, Any]) -> Iterator[BackupStore]:
+    def open_store(self, value: dict[str, Any]) -> Iterator[BackupStore]:
+        """Blocking: the backup store on the target *value* (from :meth:`settings`)."""
         spec = parse_target(value["url"])
         key = None
         if value.get("key_id"):
-            key = BackupKey.from_bytes(bytes.fromhex(read_secret_file(self._key_file).decode()))
-        credentials = self._credentials_file if value.get("credentials") else None
+            key = BackupKey.from_bytes(bytes.fromhex(read_secret_file(self.key_file).decode()))
+        credentials = self.credentials_file if value.get("credentials") else None
         with open_target(spec, credentials) as target:
             yield BackupStore(target, key)
 
-    async def _target(self) -> dict[str, Any]:
-        entry = await self.store.get(TARGET_KEY)
-        return self._target_value(entry.value if entry else None)
+    async def restore_into(self, backup_id: str, volume: str, replicas: list[ReplicaRecord],
+                           progress: Callable[[int, int], None]) -> int:
+        """Write backup *backup_id* into the new volume's replica directories (in a worker
+        thread that a cancellation stops between blocks); return the bytes written."""
+        target = await self.settings()
+        return await run_job(self._restore_blocking, target, backup_id, volume, replicas,
+                             progress)
+
+    def _restore_blocking(self, target: dict[str, Any], backup_id: str, volume: str,
+                          replicas: list[ReplicaRecord], progress: Callable[[int, int], None],
+                          *, cancel: threading.Event) -> int:
+        with self.open_store(target) as store:
+            manifest = store.find(backup_id)
+            with contextlib.ExitStack() as stack:
+                opened = [stack.enter_context(Replica.open(Path(r.directory)))
+                          for r in replicas]
+                written = restore_backup(store, manifest, opened, cancel=cancel,
+                                         progress=progress)
+                volumeops.mark_equal(volume, opened, "restored from a backup")
+                return written
+
+
+class BackupService:
+    """Backup jobs, listing, showing, deleting and verifying backups, restores."""
+
+    def __init__(self, store: StateStore, service: NodeService, target: BackupTarget,
+                 jobs: BackupJobs) -> None:
+        self.store = store
+        self.service = service  # volumes, snapshots
+        self.supervisor = service.controller.supervisor
+        self.target = target
+        self.jobs = jobs
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run backup jobs until cancelled (which cancels them: see :meth:`_run_backup`)."""
+        await self.jobs.load()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def set_target(self, url: str, credentials: str | None,
+                         encryption_key: str | None) -> dict[str, Any]:
+        return await self.target.set_target(url, credentials, encryption_key)
+
+    async def show_target(self) -> dict[str, Any]:
+        return await self.target.show_target()
 
     # -- backups --------------------------------------------------------------------------
 
     async def create(self, volume: str, snapshot: str | None,
                      labels: dict[str, str]) -> dict[str, Any]:
         check_labels(labels)
-        target = await self._target()
+        target = await self.target.settings()
         info = await self.service.show_volume(volume)
         if snapshot is None:
             snapshot = "backup-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + \
@@ -171,23 +200,29 @@ class BackupService:
                        for s in await self.service.list_snapshots(volume)):
                 raise NotFound(f"snapshot {snapshot!r} of volume {volume!r} does not exist")
         job = Job(fmt.new_backup_id(), volume, snapshot, time.time())
-        self.jobs[job.id] = job
+        await self.jobs.start(job)
         assert self._nursery is not None
         self._nursery.start_soon(self._run_backup, job, target, labels, info)
         return self._job_info(job)
 
     async def _run_backup(self, job: Job, target: dict[str, Any], labels: dict[str, str],
                           volume: dict[str, Any]) -> None:
+        """Run *job*; a cancellation of this task (the daemon stops) cancels the job too:
+        it ends at its next block, with no manifest written, and is recorded cancelled."""
         def progress(done: int, total: int) -> None:
             job.done, job.total = done, total
 
-        settings = await self.controller.settings()
+        settings = await load_settings(self.store)
         options = BackupOptions(compression=settings.backup_compression,
                                 block_size=settings.backup_block_size, labels=labels,
-                                cancel=job.cancel, progress=progress)
+                                progress=progress)
         try:
-            job.manifest = await trio.to_thread.run_sync(partial(
-                self._backup_blocking, job, target, options, volume))
+            job.manifest = await run_job(self._backup_blocking, job, target, options, volume,
+                                         cancel=job.cancel)
+        except trio.Cancelled:
+            job.state, job.error = "cancelled", INTERRUPTED
+            log.info("backup %s of volume %s cancelled: the daemon stops", job.id, job.volume)
+            raise
         except ApplianceError as exc:
             job.state, job.error = ("cancelled" if job.cancel.is_set() else "failed"), str(exc)
             log.warning("backup %s of volume %s failed: %s", job.id, job.volume, exc)
@@ -196,13 +231,14 @@ class BackupService:
             log.exception("backup %s of volume %s failed", job.id, job.volume)
         else:
             job.state = "complete"
-            self.last_success[job.volume] = time.time()
         finally:
-            job.finished = time.time()
+            with trio.CancelScope(shield=True):  # recorded even when the daemon stops
+                await self.jobs.finish(job)
 
     def _backup_blocking(self, job: Job, target: dict[str, Any], options: BackupOptions,
-                         volume: dict[str, Any]) -> fmt.Manifest:
-        with self._backup_store(target) as store, self._source(volume) as source:
+                         volume: dict[str, Any], *, cancel: threading.Event) -> fmt.Manifest:
+        options.cancel = cancel
+        with self.target.open_store(target) as store, self._source(volume) as source:
             return create_backup(store, job.volume, SnapshotImage(source, job.snapshot),
                                  options, job.id)
 
@@ -226,9 +262,6 @@ class BackupService:
                 as local:
             yield local
 
-    def running(self, volume: str) -> bool:
-        return any(j.volume == volume and j.state == "in-progress" for j in self.jobs.values())
-
     @staticmethod
     def _manifest_info(manifest: fmt.Manifest) -> dict[str, Any]:
         return {"id": manifest.id, "volume": manifest.volume, "snapshot": manifest.snapshot,
@@ -251,10 +284,10 @@ class BackupService:
         """Complete backups on the target, and this node's jobs that are not (yet)."""
         if volume is not None:
             check_name(volume, "volume name")
-        target = await self._target()
+        target = await self.target.settings()
         backups, problems = await trio.to_thread.run_sync(self._list_blocking, target, volume)
         listed = {b["id"] for b in backups}
-        backups += [self._job_info(j) for j in self.jobs.values()
+        backups += [self._job_info(j) for j in self.jobs.all()
                     if j.id not in listed and (volume is None or j.volume == volume)
                     and j.state != "complete"]
         return {"backups": backups, "problems": problems}
@@ -263,7 +296,7 @@ class BackupService:
                        ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         backups: list[dict[str, Any]] = []
         problems: list[dict[str, str]] = []
-        with self._backup_store(target) as store:
+        with self.target.open_store(target) as store:
             if volume is None:
                 volumes, stray = store.volumes()
                 problems += [{"object": p.name, "problem": p.reason} for p in stray]
@@ -280,12 +313,12 @@ class BackupService:
         job = self.jobs.get(backup_id)
         if job is not None and job.state != "complete":
             return self._job_info(job)
-        target = await self._target()
+        target = await self.target.settings()
         manifest = await trio.to_thread.run_sync(self._find, target, backup_id)
         return self._manifest_info(manifest)
 
     def _find(self, target: dict[str, Any], backup_id: str) -> fmt.Manifest:
-        with self._backup_store(target) as store:
+        with self.target.open_store(target) as store:
             return store.find(backup_id)
 
     async def delete(self, backup_id: str) -> dict[str, Any]:
@@ -294,22 +327,22 @@ class BackupService:
         if job is not None and job.state == "in-progress":
             job.cancel.set()
             return {"status": "cancelling"}
-        target = await self._target()
+        target = await self.target.settings()
 
         def blocking() -> int:
-            with self._backup_store(target) as store:
+            with self.target.open_store(target) as store:
                 manifest = store.find(backup_id)
                 return store.delete_backup(manifest.volume, backup_id)
 
         removed = await trio.to_thread.run_sync(blocking)
-        self.jobs.pop(backup_id, None)
+        await self.jobs.forget(backup_id)
         return {"status": "deleted", "blocks_removed": removed}
 
     async def verify(self, backup_id: str | None, volume: str | None) -> dict[str, Any]:
-        target = await self._target()
+        target = await self.target.settings()
 
         def blocking() -> dict[str, Any]:
-            with self._backup_store(target) as store:
+            with self.target.open_store(target) as store:
                 listing: list[Any] = []
                 if backup_id is not None:
                     manifests = [store.find(fmt.check_backup_id(backup_id))]
@@ -331,7 +364,7 @@ class BackupService:
         manifest_info = await self.show(backup_id)
         if manifest_info["state"] != "complete":
             raise FailedPrecondition(f"backup {backup_id} is {manifest_info['state']}")
-        have = (await self._target()).get("key_id")
+        have = (await self.target.settings()).get("key_id")
         if manifest_info["key_id"] != have:  # refused before a volume is made
             raise FailedPrecondition(
                 f"backup {backup_id} is encrypted with key {manifest_info['key_id']}; "
@@ -342,20 +375,3 @@ class BackupService:
             name, manifest_info["size"], replicas or 2, [], {},
             {"backup": backup_id})
         return created
-
-    def _restore_into(self, backup_id: str, volume: str, replicas: list[ReplicaRecord],
-                      progress: Callable[[int, int], None]) -> int:
-        """Blocking: write backup *backup_id* into the new volume's replica directories."""
-        entry = trio.from_thread.run(self.store.get, TARGET_KEY)
-        target = self._target_value(entry.value if entry else None)
-        with self._backup_store(target) as store:
-            manifest = store.find(backup_id)
-            with contextlib.ExitStack() as stack:
-                opened = [stack.enter_context(Replica.open(Path(r.directory)))
-                          for r in replicas]
-                written = restore_backup(store, manifest, opened, progress=progress)
-                volumeops.mark_equal(volume, opened, "restored from a backup")
-                return written
-
-    def metrics(self) -> list[Job]:
-        return list(self.jobs.values())

@@ -4,7 +4,9 @@ Each pass compares every volume's spec with what is observed (replica directorie
 servers, the engine and its replicas' modes, the block device) and does the next step
 toward the spec; a pass after a crash or a restart simply continues. Passes run when the
 store changes and at least every ``reconcile_interval`` seconds (to notice processes that
-died). Blocking work (processes, files, sockets) runs in worker threads.
+died). Blocking work (processes, files, sockets) runs in worker threads; the copies that
+make a clone or a restore run as jobs that a stop of the daemon cancels (work.py). Where
+new replicas go is :mod:`appliance.node.placement`'s to say.
 
 For an attached volume: its replica servers run, its engine runs, its device exists. A
 replica the engine reports out of service is restarted if its server died, and added back
@@ -21,66 +23,52 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import trio
 
-from appliance.control.objects import Disk, ReplicaRecord, Settings, Volume
-from appliance.control.scheduler import DiskState, place, refusal
+from appliance.control.objects import ReplicaRecord, Settings, Volume
 from appliance.control.store import StateStore
 from appliance.errors import ApplianceError, Conflict, FailedPrecondition
 from appliance.node.config import NodeConfig
 from appliance.node.events import EventLog
 from appliance.node.lineage import one_line
+from appliance.node.placement import Placement, load_settings
 from appliance.node.recovery import Recovery
 from appliance.node.supervisor import Supervisor
+from appliance.node.work import run_job
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RESYNC_INTERVAL = 60.0  # seconds: a detached, unchanged volume is looked at this often
 
 
-def disk_state(disk: Disk, replicas: list[ReplicaRecord], volumes: dict[str, Volume]) -> DiskState:
-    try:
-        stat = os.statvfs(disk.path)
-    except OSError:
-        return DiskState(disk.name, 0, 0, 0, allow_scheduling=False)
-    scheduled = sum(volumes[r.volume].size for r in replicas
-                    if r.disk == disk.name and r.volume in volumes)
-    return DiskState(disk.name, stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize,
-                     scheduled, disk.storage_reserved, tuple(disk.tags), disk.allow_scheduling)
+class Restorer(Protocol):
+    """Writes a backup into a new volume's replicas; returns the bytes written (the backup
+    service's target provides it; a node without backups has none)."""
 
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+    async def __call__(self, backup_id: str, volume: str, replicas: list[ReplicaRecord],
+                       progress: Callable[[int, int], None]) -> int: ...
 
 
 class Controller(Recovery):
-    def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig) -> None:
+    def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig, *,
+                 placement: Placement | None = None, restorer: Restorer | None = None) -> None:
         self.store = store
         self.supervisor = supervisor
         self.config = config
         self.wake = trio.Event()
         self.passes = 0
         self._lock = trio.Lock()  # one pass at a time
-        self.placement = trio.Lock()  # replicas are placed one volume at a time
+        # replicas are placed one volume at a time (under placement.lock)
+        self.placement = placement if placement is not None else Placement(store, config)
         self._jobs: trio.Nursery | None = None  # long work (clones) beside the passes
         self.cloning: dict[str, tuple[int, int]] = {}  # volume -> (copied, total) bytes
-        # restores a new volume from a backup: (backup id, volume, replicas, progress)
-        self.restorer: Callable[[str, str, list[ReplicaRecord], Callable[[int, int], None]],
-                                int] | None = None
+        self.restorer = restorer  # restores a new volume from a backup
         # detached volumes found in order: skipped until they change or RESYNC_INTERVAL
         self._settled: dict[str, tuple[tuple[Any, ...], float]] = {}
         self.events = EventLog(store)
@@ -91,7 +79,8 @@ class Controller(Recovery):
         # replicas being handed over to a volume of their own (a kept diverged branch)
         self._handed_over: set[str] = set()
 
-    async def thread(self, function: Any, *args: Any) -> Any:
+    async def thread(self, function: Callable[..., T], *args: Any) -> T:
+        """Blocking work (processes, files, sockets) in a worker thread."""
         return await trio.to_thread.run_sync(function, *args)
 
     # -- loop ---------------------------------------------------------------------------
@@ -159,8 +148,7 @@ class Controller(Recovery):
             self._settled[volume] = (key, time.monotonic())
 
     async def settings(self) -> Settings:
-        entry = await self.store.get(Settings.key_of("global"))
-        return Settings.from_dict(entry.value) if entry else Settings()
+        return await load_settings(self.store)
 
     async def replicas_of(self, volume: str) -> list[ReplicaRecord]:
         entries, _ = await self.store.list(ReplicaRecord.prefix_of(volume))
@@ -168,20 +156,15 @@ class Controller(Recovery):
                 if ReplicaRecord.from_dict(e.value).volume == volume]
 
     async def _status(self, name: str, **changes: Any) -> None:
-        """Write status fields of volume *name* (retrying on concurrent spec changes)."""
-        for _ in range(10):
-            entry = await self.store.get(Volume.key_of(name))
-            if entry is None:
-                return
-            volume = Volume.from_dict(entry.value)
+        """Write status fields of volume *name* (retrying on concurrent spec changes; a
+        volume that keeps changing gets them at a later pass)."""
+        def change(value: dict[str, Any]) -> dict[str, Any] | None:
+            volume = Volume.from_dict(value)
             updated = replace(volume, **changes)
-            if updated == volume:
-                return
-            try:
-                await self.store.put(updated.key, updated.to_dict(), expect=entry.revision)
-                return
-            except Conflict:
-                continue
+            return None if updated == volume else updated.to_dict()
+
+        with contextlib.suppress(Conflict):
+            await self.store.update(Volume.key_of(name), change)
 
     # -- one volume ---------------------------------------------------------------------
 
@@ -209,8 +192,8 @@ class Controller(Recovery):
         missing = volume.replicas - len(replicas)
         placed: list[ReplicaRecord] = []
         if missing > 0:
-            async with self.placement:
-                placed = await self._place(volume, replicas, missing)
+            async with self.placement.lock:
+                placed = await self.placement.place(volume, replicas, missing)
             replicas += placed
         # Directories are made for new replicas only: one that vanished later is a failed
         # replica (replaced after the wait), not something to recreate empty in its place.
@@ -242,16 +225,15 @@ class Controller(Recovery):
                 if self.restorer is None:
                     raise FailedPrecondition("backups are not available on this node")
                 log.info("volume %s: restoring backup %s", volume.name, volume.source["backup"])
-                copied = await self.thread(partial(
-                    self.restorer, volume.source["backup"], volume.name, replicas, progress))
+                copied = await self.restorer(volume.source["backup"], volume.name, replicas,
+                                             progress)
             else:
                 source, snapshot = volume.source["volume"], volume.source["snapshot"]
                 log.info("volume %s: cloning snapshot %s of volume %s", volume.name,
                          snapshot, source)
                 source_replicas = await self.replicas_of(source)
-                copied = await self.thread(partial(
-                    self.supervisor.clone_into, source, source_replicas, snapshot,
-                    volume.name, replicas, progress))
+                copied = await run_job(self.supervisor.clone_into, source, source_replicas,
+                                       snapshot, volume.name, replicas, progress)
         except ApplianceError as exc:
             log.warning("volume %s: the %s failed: %s", volume.name, what, exc)
             await self._status(volume.name, state="failed", message=f"{what} failed: {exc}")
@@ -262,79 +244,14 @@ class Controller(Recovery):
             del self.cloning[volume.name]
             self.poke()
 
-    async def _place(self, volume: Volume, existing: list[ReplicaRecord],
-                     count: int) -> list[ReplicaRecord]:
-        replicas = await self.plan_replicas(volume, existing, count)
-        for replica in replicas:
-            await self.store.put(replica.key, replica.to_dict(), expect=0)
-            log.info("volume %s: replica %s placed on disk %s", volume.name, replica.name,
-                     replica.disk)
-        return replicas
-
-    async def plan_replicas(self, volume: Volume, existing: list[ReplicaRecord],
-                            count: int) -> list[ReplicaRecord]:
-        """New replica objects for *count* more replicas of *volume* (not stored yet);
-        raises FailedPrecondition naming why each disk was refused."""
-        disk_entries, _ = await self.store.list(Disk.PREFIX)
-        disks = [Disk.from_dict(e.value) for e in disk_entries]
-        all_replicas = [ReplicaRecord.from_dict(e.value) for e in
-                        (await self.store.list(ReplicaRecord.PREFIX))[0]]
-        volumes = {Volume.from_dict(e.value).name: Volume.from_dict(e.value)
-                   for e in (await self.store.list(Volume.PREFIX))[0]}
-        volumes[volume.name] = volume
-        states = [disk_state(d, all_replicas, volumes) for d in disks]
-        chosen = place(volume.size, count, states, [r.disk for r in existing],
-                       volume.disk_tags, await self.settings())
-        used_ports = {r.port for r in all_replicas}
-        by_name = {d.name: d for d in disks}
-        planned = []
-        for disk_name in chosen:
-            port = next((p for p in range(*self.config.port_range) if p not in used_ports
-                         and _port_free(self.config.replica_address, p)), None)
-            if port is None:
-                raise FailedPrecondition("no free replica server port in the configured range")
-            used_ports.add(port)
-            name = f"{volume.name}-{uuid.uuid4().hex[:8]}"
-            planned.append(ReplicaRecord(name, volume.name, disk_name,
-                                   str(Path(by_name[disk_name].path) / "replicas" / name), port))
-        return planned
-
-    async def check_capacity(self, grown: Volume, replicas: list[ReplicaRecord]) -> None:
-        """Refuse growing a volume to ``grown.size`` when a disk of its replicas would be
-        scheduled beyond its limits."""
-        entry = await self.store.get(grown.key)
-        current = Volume.from_dict(entry.value).size if entry else grown.size
-        disks = {Disk.from_dict(e.value).name: Disk.from_dict(e.value)
-                 for e in (await self.store.list(Disk.PREFIX))[0]}
-        all_replicas = [ReplicaRecord.from_dict(e.value) for e in
-                        (await self.store.list(ReplicaRecord.PREFIX))[0]]
-        volumes = {Volume.from_dict(e.value).name: Volume.from_dict(e.value)
-                   for e in (await self.store.list(Volume.PREFIX))[0]}
-        settings = await self.settings()
-        for replica in replicas:
-            disk = disks.get(replica.disk)
-            if disk is None:
-                raise FailedPrecondition(f"disk {replica.disk} of replica {replica.name} is "
-                                         "gone")
-            why = refusal(disk_state(disk, all_replicas, volumes), grown.size - current,
-                          [], settings)
-            if why:
-                raise FailedPrecondition(f"cannot expand volume {grown.name} to {grown.size} "
-                                         f"bytes: disk {disk.name}: {why}")
-
     async def set_size(self, name: str, size: int) -> None:
         """Record the new size of volume *name* (after its replicas grew)."""
-        for _ in range(10):
-            entry = await self.store.get(Volume.key_of(name))
-            if entry is None:
-                return
-            volume = replace(Volume.from_dict(entry.value), size=size)
-            try:
-                await self.store.put(volume.key, volume.to_dict(), expect=entry.revision)
-                return
-            except (Conflict, FailedPrecondition):
-                continue
-        raise Conflict(f"volume {name} keeps changing; its new size was not recorded")
+        try:
+            await self.store.update(Volume.key_of(name), lambda value: replace(
+                Volume.from_dict(value), size=size).to_dict())
+        except Conflict:
+            raise Conflict(f"volume {name} keeps changing; its new size was not recorded"
+                           ) from None
 
     async def _run_attached(self, volume: Volume, replicas: list[ReplicaRecord]) -> None:
         sup = self.supervisor
@@ -456,9 +373,9 @@ class Controller(Recovery):
                        address: str) -> None:
         sup = self.supervisor
         others = [r for r in replicas if r.name != failed.name]
-        async with self.placement:
+        async with self.placement.lock:
             try:
-                [new] = await self.plan_replicas(volume, others, 1)
+                [new] = await self.placement.plan_replicas(volume, others, 1)
             except FailedPrecondition as exc:
                 log.warning("volume %s: replica %s cannot be replaced: %s", volume.name,
                             failed.name, exc)

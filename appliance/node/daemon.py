@@ -20,15 +20,23 @@ from hypercorn.trio import serve as serve_http
 from appliance.control.objects import Disk
 from appliance.control.sqlite_store import SQLiteStore
 from appliance.node.api import create_app
-from appliance.node.backups import BackupService
+from appliance.node.backupjobs import BackupJobs
+from appliance.node.backups import BackupService, BackupTarget
 from appliance.node.config import NodeConfig
 from appliance.node.controller import Controller
 from appliance.node.metrics import Metrics
+from appliance.node.placement import Placement
 from appliance.node.service import NodeService
 from appliance.node.supervisor import Supervisor
 from appliance.replication.protocol import format_address
 
 log = logging.getLogger(__name__)
+
+
+def prepare_data_dir(config: NodeConfig) -> str:
+    """Blocking: make the data directory (mode 0700) if it is missing; the API token."""
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return ensure_token(config)
 
 
 def ensure_token(config: NodeConfig) -> str:
@@ -46,20 +54,22 @@ def ensure_token(config: NodeConfig) -> str:
 async def run_daemon(config: NodeConfig,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     os.umask(0o077)  # the database, its journal, runtime files: the daemon's only
-    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = ensure_token(config)
+    token = await trio.to_thread.run_sync(prepare_data_dir, config)
     store = await SQLiteStore.open(config.state_db)
     try:
         supervisor = Supervisor(config)
-        controller = Controller(store, supervisor, config)
-        service = NodeService(store, controller)
-        backups = BackupService(store, service, config.secrets_dir)
-        service.backups = backups
+        placement = Placement(store, config)
+        target = BackupTarget(store, config.secrets_dir)
+        controller = Controller(store, supervisor, config, placement=placement,
+                                restorer=target.restore_into)
+        jobs = BackupJobs(store)
+        service = NodeService(store, controller, backup_jobs=jobs)
+        backups = BackupService(store, service, target, jobs)
         if not (await store.list(Disk.PREFIX))[0]:
-            config.default_disk.mkdir(parents=True, exist_ok=True)
+            await trio.to_thread.run_sync(partial(config.default_disk.mkdir, parents=True,
+                                                  exist_ok=True))
             await service.add_disk(str(config.default_disk), [])
-        metrics = Metrics(store, supervisor, config)
-        metrics.backups = backups
+        metrics = Metrics(store, supervisor, config, placement=placement, backup_jobs=jobs)
         app = create_app(service, backups, token, metrics.render)
         http = HypercornConfig()
         http.bind = [format_address(config.listen)]

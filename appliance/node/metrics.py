@@ -19,9 +19,11 @@ from prometheus_client.registry import Collector
 
 from appliance import __version__
 from appliance.control.objects import Disk, ReplicaRecord, Volume
+from appliance.control.scheduler import DiskState
 from appliance.control.store import StateStore
+from appliance.node.backupjobs import BackupJobs
 from appliance.node.config import NodeConfig
-from appliance.node.controller import disk_state
+from appliance.node.placement import Placement
 from appliance.node.supervisor import Supervisor
 
 STATES = ("creating", "detached", "attaching", "attached", "detaching", "deleting", "failed")
@@ -50,11 +52,13 @@ class _Snapshot(Collector):
 
 
 class Metrics:
-    def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig) -> None:
+    def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig, *,
+                 placement: Placement, backup_jobs: BackupJobs | None = None) -> None:
         self.store = store
         self.supervisor = supervisor
         self.config = config
-        self.backups: Any = None  # the BackupService
+        self.placement = placement  # disk usage, bounded in time
+        self.backup_jobs = backup_jobs  # None: this node runs no backups
 
     async def render(self) -> bytes:
         volumes = [Volume.from_dict(e.value) for e in (await self.store.list(Volume.PREFIX))[0]]
@@ -66,15 +70,15 @@ class Metrics:
             if volume.attached:
                 engines[volume.name] = await trio.to_thread.run_sync(
                     self.supervisor.engine_status, volume.name)
+        usage = await self.placement.disk_states(disks, replicas, {v.name: v for v in volumes})
         families = await trio.to_thread.run_sync(self._families, volumes, replicas, disks,
-                                                 engines)
+                                                 usage, engines)
         registry = CollectorRegistry()
         registry.register(_Snapshot(families))
         return generate_latest(registry)
 
     def _families(self, volumes: list[Volume], replicas: list[ReplicaRecord], disks: list[Disk],
-                  engines: dict[str, Any]) -> list[Any]:
-        by_volume = {v.name: v for v in volumes}
+                  states: dict[str, DiskState], engines: dict[str, Any]) -> list[Any]:
         node = GaugeMetricFamily("appliance_node_info", "This node.",
                                  labels=["node", "version"])
         node.add_metric([self.config.node_name, __version__], 1)
@@ -86,7 +90,7 @@ class Metrics:
         scheduled = GaugeMetricFamily("appliance_disk_scheduled_bytes",
                                       "Sizes of the replicas placed on a disk.", labels=["disk"])
         for disk in disks:
-            usage = disk_state(disk, replicas, by_volume)
+            usage = states[disk.name]
             capacity.add_metric([disk.name], usage.capacity)
             available.add_metric([disk.name], usage.available)
             scheduled.add_metric([disk.name], usage.scheduled)
@@ -113,13 +117,14 @@ class Metrics:
         families += [size, actual, state, robust, count]
         names = {f"{self.config.replica_address}:{r.port}": r.name for r in replicas}
         families += self._engine_families(engines, names)
-        if self.backups is not None:
-            families += self._backup_families()
+        if self.backup_jobs is not None:
+            families += self._backup_families(self.backup_jobs)
         return families
 
-    def _backup_families(self) -> list[Any]:
-        """This node's backup jobs since the daemon started (complete ones are listed on
-        the target too)."""
+    @staticmethod
+    def _backup_families(jobs: BackupJobs) -> list[Any]:
+        """This node's backup jobs: those since the daemon started, and those before that
+        did not complete (complete ones are listed on the target too)."""
         state = GaugeMetricFamily("appliance_backup_state", "Backup state (1 for the current).",
                                   labels=["backup", "volume", "state"])
         size = GaugeMetricFamily("appliance_backup_size_bytes", "Size of the backed-up volume.",
@@ -133,7 +138,7 @@ class Metrics:
         last = GaugeMetricFamily("appliance_volume_last_backup_timestamp_seconds",
                                  "When the last backup of a volume completed.",
                                  labels=["volume"])
-        for job in self.backups.metrics():
+        for job in jobs.all():
             for name in ("in-progress", "complete", "failed", "cancelled"):
                 state.add_metric([job.id, job.volume, name], int(job.state == name))
             if job.manifest is not None:
@@ -142,7 +147,7 @@ class Metrics:
                                     job.manifest.stats.get("uploaded_bytes", 0))
             duration.add_metric([job.id, job.volume],
                                 (job.finished or time.time()) - job.started)
-        for volume, when in self.backups.last_success.items():
+        for volume, when in jobs.last_success.items():
             last.add_metric([volume], when)
         return [state, size, uploaded, duration, last]
 

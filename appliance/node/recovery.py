@@ -20,10 +20,11 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from appliance.control.objects import ReplicaRecord, Settings, Volume
 from appliance.control.store import StateStore
@@ -42,6 +43,7 @@ from appliance.node.supervisor import Supervisor
 from appliance.replication import membership
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RETRY_INTERVAL = 30.0  # seconds: a refused engine start is tried again this often
 
 
@@ -58,7 +60,7 @@ class Recovery:
     _refused: dict[str, tuple[str, Any, float]]
 
     if TYPE_CHECKING:  # provided by the Controller
-        async def thread(self, function: Any, *args: Any) -> Any: ...
+        async def thread(self, function: Callable[..., T], *args: Any) -> T: ...
         def poke(self) -> None: ...
         async def _status(self, name: str, **changes: Any) -> None: ...
         async def _put_replica(self, replica: ReplicaRecord) -> None: ...

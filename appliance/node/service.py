@@ -23,19 +23,29 @@ from appliance.control.objects import (
     check_tags,
     check_volume_size,
 )
+from appliance.control.scheduler import DiskState
 from appliance.control.store import StateStore
-from appliance.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from appliance.errors import (
+    AlreadyExists,
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from appliance.node import volumeops
-from appliance.node.controller import Controller, disk_state
+from appliance.node.backupjobs import BackupJobs
+from appliance.node.controller import Controller
 
 _DISK_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class NodeService:
-    def __init__(self, store: StateStore, controller: Controller) -> None:
+    def __init__(self, store: StateStore, controller: Controller, *,
+                 backup_jobs: BackupJobs | None = None) -> None:
         self.store = store
         self.controller = controller
-        self.backups: Any = None  # the BackupService, when the daemon has one
+        self.placement = controller.placement
+        self.backup_jobs = backup_jobs  # None: this node runs no backups
 
     # -- disks --------------------------------------------------------------------------
 
@@ -43,26 +53,31 @@ class NodeService:
         tags = check_tags(tags)
         if not path.startswith("/"):
             raise InvalidArgument(f"disk path {path!r} must be absolute")
-        directory = Path(path)
-        if not directory.is_dir():
-            raise NotFound(f"disk path {path} is not a directory")
-        await trio.to_thread.run_sync(self._probe, directory)
-        name = _DISK_NAME.sub("-", str(directory.resolve()).strip("/")) or "root"
-        for disk in await self._disks():
-            if Path(disk.path).resolve() == directory.resolve():
+        disks = await self._disks()
+        resolved, known = await trio.to_thread.run_sync(self._check_disk, path,
+                                                        [Path(d.path) for d in disks])
+        name = _DISK_NAME.sub("-", str(resolved).strip("/")) or "root"
+        for disk, where in zip(disks, known, strict=True):
+            if where == resolved:
                 raise AlreadyExists(f"disk {path} is already added (as {disk.name})")
-        disk = Disk(name, str(directory.resolve()), tags)
+        disk = Disk(name, str(resolved), tags)
         await self.store.put(disk.key, disk.to_dict(), expect=0)
         self.controller.poke()
         return await self._disk_info(disk)
 
     @staticmethod
-    def _probe(directory: Path) -> None:
+    def _check_disk(path: str, disks: list[Path]) -> tuple[Path, list[Path]]:
+        """Blocking (file systems answer when they do): check that directory *path* can
+        hold replicas; its resolved path, and those of the *disks* already added."""
+        directory = Path(path)
+        if not directory.is_dir():
+            raise NotFound(f"disk path {path} is not a directory")
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             probe_filesystem(fd, directory)
         finally:
             os.close(fd)
+        return directory.resolve(), [disk.resolve() for disk in disks]
 
     async def _disks(self) -> list[Disk]:
         entries, _ = await self.store.list(Disk.PREFIX)
@@ -72,13 +87,25 @@ class NodeService:
         replicas = [ReplicaRecord.from_dict(e.value)
                     for e in (await self.store.list(ReplicaRecord.PREFIX))[0]]
         volumes = {v.name: v for v in await self._volumes()}
-        state = disk_state(disk, replicas, volumes)
+        state = (await self.placement.disk_states([disk], replicas, volumes))[disk.name]
+        return self._disk_fields(disk, state, replicas)
+
+    @staticmethod
+    def _disk_fields(disk: Disk, state: DiskState,
+                     replicas: list[ReplicaRecord]) -> dict[str, Any]:
         return {**disk.to_dict(), "capacity": state.capacity, "available": state.available,
                 "scheduled": state.scheduled,
                 "replicas": sorted(r.name for r in replicas if r.disk == disk.name)}
 
     async def list_disks(self) -> list[dict[str, Any]]:
-        return [await self._disk_info(disk) for disk in await self._disks()]
+        """The disks with their usage (asked side by side: a disk whose file system does
+        not answer shows none, after a few seconds at most)."""
+        disks = await self._disks()
+        replicas = [ReplicaRecord.from_dict(e.value)
+                    for e in (await self.store.list(ReplicaRecord.PREFIX))[0]]
+        volumes = {v.name: v for v in await self._volumes()}
+        states = await self.placement.disk_states(disks, replicas, volumes)
+        return [self._disk_fields(disk, states[disk.name], replicas) for disk in disks]
 
     # -- volumes ------------------------------------------------------------------------
 
@@ -101,8 +128,8 @@ class NodeService:
             raise FailedPrecondition("no disks: add one with 'appliance disk add PATH'")
         if await self.store.get(volume.key) is not None:
             raise AlreadyExists(f"volume {name!r} already exists")
-        async with self.controller.placement:  # no other placement in between
-            planned = await self.controller.plan_replicas(volume, [], replicas)
+        async with self.placement.lock:  # no other placement in between
+            planned = await self.placement.plan_replicas(volume, [], replicas)
             try:
                 await self.store.put(volume.key, volume.to_dict(), expect=0)
             except FailedPrecondition:
@@ -182,18 +209,20 @@ class NodeService:
         return info
 
     async def _change(self, name: str, **changes: Any) -> dict[str, Any]:
-        for _ in range(10):
-            volume, revision = await self._volume(name)
+        def change(value: dict[str, Any]) -> dict[str, Any]:
+            volume = Volume.from_dict(value)
             if volume.deleting:
                 raise FailedPrecondition(f"volume {name!r} is being deleted")
-            updated = replace(volume, **changes)
-            try:
-                await self.store.put(updated.key, updated.to_dict(), expect=revision)
-            except FailedPrecondition:
-                continue
-            self.controller.poke()
-            return await self._describe(updated)
-        raise FailedPrecondition(f"volume {name!r} keeps changing; try again")
+            return replace(volume, **changes).to_dict()
+
+        try:
+            entry = await self.store.update(Volume.key_of(name), change)
+        except Conflict:
+            raise FailedPrecondition(f"volume {name!r} keeps changing; try again") from None
+        if entry is None:
+            raise NotFound(f"volume {name!r} does not exist")
+        self.controller.poke()
+        return await self._describe(Volume.from_dict(entry.value))
 
     async def attach(self, name: str) -> dict[str, Any]:
         # a refused start is tried again at once (refusal: the status the CLI waits on)
@@ -316,7 +345,7 @@ class NodeService:
 
     async def purge_snapshots(self, volume: str) -> None:
         _, directories = await self._where(volume)
-        if self.backups is not None and self.backups.running(volume):
+        if self.backup_jobs is not None and self.backup_jobs.running(volume):
             raise FailedPrecondition(f"a backup of volume {volume!r} is running: purge "
                                      "when it is done (it reads the snapshot's layers)")
         if directories is None:
@@ -340,10 +369,10 @@ class NodeService:
             await trio.to_thread.run_sync(supervisor.check_growable, name)
         if size == volume.size and not resize_fs:
             return await self._describe(volume)
-        async with self.controller.placement:  # the disks must have room for the growth
+        async with self.placement.lock:  # the disks must have room for the growth
             grown = replace(volume, size=size)
             replicas = await self.controller.replicas_of(name)
-            await self.controller.check_capacity(grown, replicas)
+            await self.placement.check_capacity(grown, replicas)
             _, directories = await self._where(name)
             if directories is None:
                 await self._engine(name, "expand", size=size)

@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.backup.jobs import Cancelled
 from appliance.chain import Replica
 from appliance.control.objects import ReplicaRecord, Volume
 from appliance.defaults import CONTROL_TIMEOUT
@@ -27,7 +29,7 @@ from appliance.nbd import launch
 from appliance.nbd.settings import EngineSettings
 from appliance.node import lineage, volumeops
 from appliance.node.config import NodeConfig
-from appliance.replication import control
+from appliance.replication import engine_control
 from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
 from appliance.replication.protocol import Role
@@ -113,11 +115,21 @@ class Supervisor:
 
     def clone_into(self, source: str, source_replicas: list[ReplicaRecord], snapshot: str,
                    volume: str, replicas: list[ReplicaRecord],
-                   progress: Callable[[int, int], None]) -> int:
+                   progress: Callable[[int, int], None], *,
+                   cancel: threading.Event | None = None) -> int:
         """Copy snapshot *snapshot* of volume *source* into the replicas of new volume
         *volume*: from a replica server in service when the source is attached, else from
-        the source's replica directories."""
+        the source's replica directories. Setting *cancel* stops the copy after the piece
+        being copied (:class:`~appliance.backup.jobs.Cancelled`; the volume stays
+        ``creating``, and its copy starts over at the next start of the daemon)."""
         targets = [Path(r.directory) for r in replicas]
+
+        def checked(done: int, total: int) -> None:  # called after every piece
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"the copy of snapshot {snapshot} of volume {source} into "
+                                f"volume {volume} was cancelled")
+            progress(done, total)
+
         status = self.engine_status(source)
         if status is not None:
             address = next((r["address"] for r in status["replicas"] if r["mode"] == "RW"),
@@ -126,15 +138,15 @@ class Supervisor:
                 raise Unavailable(f"volume {source} has no replica in service to clone from")
             with ReplicaConnection(proto.parse_address(address), read_secret_file(
                     self.secret_file(source)), role=Role.READER) as connection:
-                return volumeops.copy_snapshot(connection, snapshot, volume, targets, progress)
+                return volumeops.copy_snapshot(connection, snapshot, volume, targets, checked)
         with volumeops.local_source([Path(r.directory) for r in source_replicas]) as local:
-            return volumeops.copy_snapshot(local, snapshot, volume, targets, progress)
+            return volumeops.copy_snapshot(local, snapshot, volume, targets, checked)
 
     # -- engines ------------------------------------------------------------------------
 
     def engine_status(self, volume: str) -> dict[str, Any] | None:
         try:
-            result: dict[str, Any] = control.call(self.control_socket(volume), "status",
+            result: dict[str, Any] = engine_control.call(self.control_socket(volume), "status",
                                                   timeout=10)
         except Unavailable:
             return None
@@ -163,7 +175,8 @@ class Supervisor:
             launch.stop_engine(self.control_socket(volume))
 
     def engine_call(self, volume: str, op: str, **arguments: Any) -> Any:
-        return control.call(self.control_socket(volume), op, timeout=CONTROL_TIMEOUT, **arguments)
+        return engine_control.call(self.control_socket(volume), op, timeout=CONTROL_TIMEOUT,
+                                   **arguments)
 
     # -- devices ------------------------------------------------------------------------
 

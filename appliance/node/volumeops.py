@@ -20,8 +20,8 @@ from typing import Any
 
 from appliance.chain import BLOCK_SIZE, Replica
 from appliance.chain.source import LayerSource, LocalSource, ancestry
-from appliance.errors import ApplianceError, FailedPrecondition, StorageIOError
-from appliance.replication import membership
+from appliance.errors import ApplianceError, FailedPrecondition
+from appliance.replication import fanout, membership
 
 log = logging.getLogger(__name__)
 PIECE = 1 << 20
@@ -43,27 +43,20 @@ def _opened(directories: list[Path], *, writable: bool) -> Iterator[list[Replica
 
 def change(directories: list[Path], what: str,
            action: Callable[[Replica], Any]) -> list[Any]:
-    """Apply *action* to every replica; raise if it was refused or failed everywhere."""
+    """Apply *action* to every replica (the policy of appliance/replication/fanout.py: any
+    error before a replica took the change refuses it); raise if it failed everywhere."""
+    def left_behind(replica: Replica, exc: ApplianceError) -> None:
+        log.warning("%s failed on replica %s (it will be rebuilt): %s", what, replica.path,
+                    exc)
+
     with _opened(directories, writable=True) as replicas:
         newest = max(r.revision for r in replicas)
-        results: list[Any] = []
-        changed: list[Replica] = []
-        for replica in replicas:
-            try:
-                results.append(action(replica))
-            except ApplianceError as exc:
-                if not changed:
-                    raise  # the first refusal: nothing changed anywhere
-                log.warning("%s failed on replica %s (it will be rebuilt): %s", what,
-                            replica.path, exc)
-                continue
-            changed.append(replica)
-        for replica in changed:
+        done = fanout.apply_to_each(what, replicas, action, refusals=(ApplianceError,),
+                                    demote=left_behind)
+        for replica, _ in done:
             replica.set_revision(newest + 1)
             replica.flush()
-        if not changed:
-            raise StorageIOError(f"{what} failed on every replica")
-        return results
+        return [result for _, result in done]
 
 
 def layers(directories: list[Path]) -> list[dict[str, Any]]:

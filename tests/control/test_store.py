@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from appliance.control import sqlite_store
 from appliance.control.sqlite_store import SQLiteStore
-from appliance.control.store import Compacted, Event
-from appliance.errors import Conflict, InvalidArgument, NotFound
+from appliance.control.store import Compacted, Entry, Event
+from appliance.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 
 
 @pytest.fixture
@@ -120,7 +122,6 @@ async def test_watch_replays_recent_history_and_refuses_older(store: SQLiteStore
                 pass
     finally:
         await reopened.aclose()
-    store._db = (await SQLiteStore.open(tmp_path / "state.db"))._db  # for the fixture
 
 
 async def test_leases_expire_with_their_keys(store: SQLiteStore,
@@ -154,3 +155,87 @@ async def test_bad_keys_and_values(store: SQLiteStore) -> None:
         await store.put("/k", [1, 2])  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         await store.grant_lease(0)
+
+
+# -- update: read-modify-write with compare-and-swap (docs/state-store.md, "Updates") ------
+
+
+def add(amount: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda value: {**value, "n": value["n"] + amount}
+
+
+async def test_update_writes_what_the_change_returns(store: SQLiteStore) -> None:
+    created = await store.put("/k", {"n": 1, "other": "kept"})
+    updated = await store.update("/k", add(2))
+    assert updated is not None and updated.value == {"n": 3, "other": "kept"}
+    assert updated.revision > created and updated.created == created
+    assert await store.get("/k") == updated
+
+
+async def test_update_of_a_missing_key_or_without_change_writes_nothing(
+        store: SQLiteStore) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def unchanged(value: dict[str, Any]) -> None:
+        calls.append(value)
+
+    assert await store.update("/absent", add(1)) is None
+    assert await store.get("/absent") is None
+    revision = await store.put("/k", {"n": 1})
+    entry = await store.update("/k", unchanged)
+    assert calls == [{"n": 1}] and entry is not None and entry.revision == revision
+    assert (await store.list("/"))[1] == revision  # no write at all
+
+    def refuse(value: dict[str, Any]) -> dict[str, Any]:
+        raise FailedPrecondition("refused")
+
+    with pytest.raises(FailedPrecondition, match="refused"):
+        await store.update("/k", refuse)
+    assert (await store.list("/"))[1] == revision
+
+
+async def test_concurrent_updates_lose_nothing(store: SQLiteStore) -> None:
+    await store.put("/counter", {"n": 0})
+    async with trio.open_nursery() as nursery:
+        for _ in range(30):
+            nursery.start_soon(partial(store.update, "/counter", add(1), attempts=100))
+    entry = await store.get("/counter")
+    assert entry is not None and entry.value["n"] == 30
+
+
+class Contended(SQLiteStore):
+    """A store where another writer changes every entry right after it is read."""
+
+    async def get(self, key: str) -> Entry | None:
+        entry = await super().get(key)
+        if entry is not None:
+            await self.put(key, {**entry.value, "n": entry.value["n"] + 100})
+        return entry
+
+
+async def test_update_gives_up_after_its_attempts(tmp_path: Path) -> None:
+    store = await Contended.open(tmp_path / "contended.db")
+    try:
+        await store.put("/k", {"n": 0})
+        seen: list[int] = []
+
+        def change(value: dict[str, Any]) -> dict[str, Any]:
+            seen.append(value["n"])
+            return {"n": -1}
+
+        with pytest.raises(Conflict, match="3 attempts"):
+            await store.update("/k", change, attempts=3)
+        assert seen == [0, 100, 200]  # each attempt on the newest value
+        entry = await SQLiteStore.get(store, "/k")
+        assert entry is not None and entry.value == {"n": 300}  # the other writer's
+    finally:
+        await store.aclose()
+
+
+async def test_update_keeps_the_entry_lease(store: SQLiteStore) -> None:
+    lease = await store.grant_lease(60)
+    await store.put("/locks/x", {"n": 0}, lease=lease)
+    updated = await store.update("/locks/x", add(1))
+    assert updated is not None and updated.lease == lease
+    await store.revoke(lease)
+    assert await store.get("/locks/x") is None

@@ -10,14 +10,15 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.harness import VERIFY, MiB, Node, alive, fio_errors, run, wait_for
+from tests.harness import VERIFY, MiB, Node, alive, engine_writes, fio_errors, run, wait_for
+
+WRITES = 100  # writes a workload has made before a fault, and again after it
 
 
 def sha256(path: Path) -> str:
@@ -66,10 +67,13 @@ def test_daemon_restart_under_load(node: Node, tmp_path: Path) -> None:
          "--verify_state_save=0",
          "--size=64M", "--time_based", "--runtime=8"], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-    time.sleep(2)
+    control = node.engine_control("busy")
+    wait_for(lambda: engine_writes(control) >= WRITES, 60, f"{WRITES} writes by fio")
     engine = int((node.data / "run" / "busy" / "nbd.sock.pid").read_text())
     node.stop(signal.SIGKILL)  # the daemon dies; the data path must not notice
-    time.sleep(1)
+    before = engine_writes(control)
+    wait_for(lambda: engine_writes(control) >= before + WRITES, 60,
+             f"{WRITES} more writes served while the daemon is down")
     node.start()
     stdout, stderr = workload.communicate(timeout=120)
     result = subprocess.CompletedProcess(workload.args, workload.returncode, stdout, stderr)
@@ -80,9 +84,8 @@ def test_daemon_restart_under_load(node: Node, tmp_path: Path) -> None:
     assert (info["state"], info["robustness"]) == ("attached", "healthy")
 
 
-def test_controller_rebuilds_a_killed_replica(node: Node, caplog: pytest.LogCaptureFixture) -> None:
-    httpx.patch(node.url + "/v1/settings", json={"replica_replenishment_wait": 1},
-                headers={"Authorization": f"Bearer {node.token_file.read_text().strip()}"})
+def test_controller_rebuilds_a_killed_replica(node: Node) -> None:
+    assert node.change_settings(replica_replenishment_wait=1)["replica_replenishment_wait"] == 1
     node.cli("volume", "create", "heal", "--size", "64M", "--replicas", "2")
     device = node.cli("volume", "attach", "heal").stdout.strip()
     with open(device, "r+b") as block:
@@ -210,8 +213,7 @@ def test_hostile_requests(node: Node, method: str, path: str, body: bytes,
 def test_a_lost_replica_is_replaced(node: Node) -> None:
     """A replica whose directory is gone (a failed disk) is replaced by a new replica,
     rebuilt online; the volume becomes healthy again with its data."""
-    httpx.patch(node.url + "/v1/settings", json={"replica_replenishment_wait": 1},
-                headers={"Authorization": f"Bearer {node.token_file.read_text().strip()}"})
+    assert node.change_settings(replica_replenishment_wait=1)["replica_replenishment_wait"] == 1
     node.cli("volume", "create", "lose", "--size", "32M", "--replicas", "2")
     device = node.cli("volume", "attach", "lose").stdout.strip()
     payload = os.urandom(4 * MiB)
