@@ -26,6 +26,7 @@ packages=(
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fio   # the NBD data path and its clients
     stress-ng                                      # CPU load under the reliability tests
     fuse3 libfuse3-dev nftables iproute2           # attach, and test hosts in network namespaces
+    gcc                                            # builds the tests' FUSE file system (hungfs)
     prometheus                                     # promtool checks the metrics exposition
 )
 

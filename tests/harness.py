@@ -17,6 +17,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from appliance.frontend import attach as frontend
 from appliance.nbd.launch import process_running
 
@@ -54,6 +56,19 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str,
 
 def alive(pid: int) -> bool:
     return process_running(pid)
+
+
+def engine_status(control: Path) -> dict[str, Any]:
+    """``appliance engine status -o json`` of the engine behind *control*."""
+    result: dict[str, Any] = json.loads(
+        run("engine", "status", "--control", control, "-o", "json").stdout)
+    return result
+
+
+def engine_writes(control: Path) -> int:
+    """The writes the engine has completed since it started (its ``io.write_ops``): the
+    observable progress a test waits on before it injects a fault."""
+    return int(engine_status(control)["io"]["write_ops"])
 
 
 class Volume:
@@ -128,9 +143,10 @@ class Volume:
         return result
 
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(
-            run("engine", "status", "--control", self.control, "-o", "json").stdout)
-        return result
+        return engine_status(self.control)
+
+    def writes(self) -> int:
+        return engine_writes(self.control)
 
     def modes(self) -> list[str]:
         return [replica["mode"] for replica in self.status()["replicas"]]
@@ -251,6 +267,18 @@ class Node:
     @property
     def token_file(self) -> Path:
         return self.data / "token"
+
+    def engine_control(self, volume: str) -> Path:
+        """The control socket of the engine the daemon runs for *volume*."""
+        return self.data / "run" / volume / "ctl.sock"
+
+    def change_settings(self, **changes: Any) -> dict[str, Any]:
+        """PATCH /v1/settings; the settings the daemon answers with."""
+        response = httpx.patch(self.url + "/v1/settings", json=changes, headers={
+            "Authorization": f"Bearer {self.token_file.read_text().strip()}"})
+        assert response.status_code == 200, response.text
+        settings: dict[str, Any] = response.json()
+        return settings
 
     def cli(self, *args: str | Path, check: bool = True,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:

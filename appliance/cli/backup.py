@@ -17,7 +17,7 @@ import click
 
 from appliance.backup.format import check_backup_id
 from appliance.cli.client import ApiClient, api, client_options
-from appliance.cli.node import OUTPUT
+from appliance.cli.node import OUTPUT, wait_for_volume
 from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL
 from appliance.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -162,12 +162,11 @@ def backup_show(backup_id: str, output: str, url: str, token_file: Path) -> None
 def backup_restore(backup_id: str, name: str, replicas: int | None, url: str,
                    token_file: Path) -> None:
     """Restore BACKUP into a new volume NAME."""
-    from appliance.cli.node import _wait  # noqa: PLC0415
 
     client = api(url, token_file)
     client.call("POST", f"/v1/backups/{backup_id}/restore",
                 {"name": name, "replicas": replicas})
-    info = _wait(client, name, lambda v: v and v["state"] != "creating", "restoring")
+    info = wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "restoring")
     assert info is not None
     if info["state"] == "failed":
         raise FailedPrecondition(info["message"] or f"the restore into {name} failed")

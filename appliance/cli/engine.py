@@ -14,7 +14,7 @@ from appliance.frontend.attach import attach as attach_device
 from appliance.frontend.attach import detach as detach_device
 from appliance.nbd.launch import start_engine, stop_engine
 from appliance.nbd.settings import EngineSettings
-from appliance.replication import control
+from appliance.replication import engine_control
 from appliance.replication.protocol import format_address
 from appliance.units import format_size
 
@@ -65,7 +65,7 @@ def start(name: str, replicas: tuple[tuple[str, int], ...], secret_file: Path,
                               rebuild_bandwidth=rebuild_bandwidth)
     pid = start_engine(settings, foreground=foreground)
     click.echo(f"engine of {name} serving on {socket_path} (pid {pid})")
-    info = control.call(control_path, "status")
+    info = engine_control.call(control_path, "status")
     started = info.get("started") or {}
     for label, key in (("rebuilding (behind)", "behind"), ("kept (diverged)", "kept"),
                        ("unreachable", "unreachable")):
@@ -80,7 +80,7 @@ def start(name: str, replicas: tuple[tuple[str, int], ...], secret_file: Path,
 @output_option
 def status(control_path: Path, output: str) -> None:
     """Show the volume, its replicas and their modes."""
-    info = control.call(control_path, "status")
+    info = engine_control.call(control_path, "status")
     if output == "json":
         emit_json(info)
         return
@@ -117,7 +117,7 @@ def _note(replica: dict[str, Any]) -> str:
               help="Also take a replica whose diverged branch a salvage kept (its data goes).")
 def add_replica(control_path: Path, address: tuple[str, int], discard: bool) -> None:
     """Add the replica at ADDRESS (HOST:PORT): it is rebuilt, then serves."""
-    control.call(control_path, "add-replica", address=format_address(address),
+    engine_control.call(control_path, "add-replica", address=format_address(address),
                  discard=discard)
     click.echo(f"replica {format_address(address)} added; rebuilding")
 
@@ -127,7 +127,7 @@ def add_replica(control_path: Path, address: tuple[str, int], discard: bool) -> 
 @click.argument("address", type=ADDRESS)
 def remove_replica(control_path: Path, address: tuple[str, int]) -> None:
     """Take the replica at ADDRESS out of the volume."""
-    control.call(control_path, "remove-replica", address=format_address(address))
+    engine_control.call(control_path, "remove-replica", address=format_address(address))
     click.echo(f"replica {format_address(address)} removed")
 
 
@@ -137,7 +137,8 @@ def remove_replica(control_path: Path, address: tuple[str, int]) -> None:
 @click.option("--label", "labels", type=LABEL, multiple=True, help="KEY=VALUE, repeatable.")
 def snapshot(control_path: Path, name: str, labels: tuple[tuple[str, str], ...]) -> None:
     """Snapshot every replica at one point in the stream of writes."""
-    control.call(control_path, "snapshot", name=name, labels=dict(labels), timeout=CONTROL_TIMEOUT)
+    engine_control.call(control_path, "snapshot", name=name, labels=dict(labels),
+                        timeout=CONTROL_TIMEOUT)
     click.echo(f"snapshot {name} created")
 
 
@@ -145,7 +146,7 @@ def snapshot(control_path: Path, name: str, labels: tuple[tuple[str, str], ...])
 @CONTROL
 def attach(control_path: Path) -> None:
     """Attach the volume as a local block device and print its path."""
-    info = control.call(control_path, "status")
+    info = engine_control.call(control_path, "status")
     device = attach_device(info["volume"], Path(info["socket"]), attach_state(control_path),
                            int(info["size"]))
     click.echo(device)

@@ -84,7 +84,7 @@ def _volume_rows(items: list[dict[str, Any]]) -> str:
                  ["NAME", "SIZE", "REPLICAS", "STATE", "ROBUSTNESS", "DEVICE"])
 
 
-def _wait(client: ApiClient, name: str, done: Any, what: str) -> dict[str, Any] | None:
+def wait_for_volume(client: ApiClient, name: str, done: Any, what: str) -> dict[str, Any] | None:
     """Poll volume *name* until done(volume) (None when it is gone); progress on stderr."""
     deadline = time.monotonic() + WAIT_TIMEOUT
     shown = said = ""
@@ -125,7 +125,7 @@ def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...
     client = api(url, token_file)
     client.call("POST", "/v1/volumes", {"name": name, "size": size, "replicas": replicas,
                                         "disk_tags": list(disk_tags)})
-    _wait(client, name, lambda v: v and v["state"] != "creating", "creating")
+    wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "creating")
     click.echo(f"volume {name} created ({format_size(size)}, {replicas} replicas)")
 
 
@@ -205,7 +205,7 @@ def volume_attach(name: str, url: str, token_file: Path) -> None:
     tried again by itself, and 'volume salvage' lets an operator choose."""
     client = api(url, token_file)
     client.call("POST", f"/v1/volumes/{name}/attach")
-    click.echo(_device(_wait(client, name, _served_or_refused, "attaching")))
+    click.echo(_device(wait_for_volume(client, name, _served_or_refused, "attaching")))
 
 
 @volume.command("salvage")
@@ -222,7 +222,7 @@ def volume_salvage(name: str, source: str | None, url: str, token_file: Path) ->
     asked = client.call("POST", f"/v1/volumes/{name}/salvage",
                         {"from": source} if source else None)
     number = asked["salvage_request"]["id"]
-    info = _wait(client, name, lambda v: v and v["salvage_done"] >= number and
+    info = wait_for_volume(client, name, lambda v: v and v["salvage_done"] >= number and
                  _served_or_refused(v), "salvaging")
     device = _device(info)
     assert info is not None
@@ -240,7 +240,7 @@ def volume_detach(name: str, url: str, token_file: Path) -> None:
     """Detach volume NAME."""
     client = api(url, token_file)
     client.call("POST", f"/v1/volumes/{name}/detach")
-    _wait(client, name, lambda v: v and v["state"] == "detached", "detaching")
+    wait_for_volume(client, name, lambda v: v and v["state"] == "detached", "detaching")
     click.echo(f"volume {name} detached")
 
 
@@ -251,7 +251,7 @@ def volume_delete(name: str, url: str, token_file: Path) -> None:
     """Delete volume NAME and its data."""
     client = api(url, token_file)
     client.call("DELETE", f"/v1/volumes/{name}")
-    _wait(client, name, lambda v: v is None, "deleting")
+    wait_for_volume(client, name, lambda v: v is None, "deleting")
     click.echo(f"volume {name} deleted")
 
 
@@ -280,7 +280,7 @@ def volume_clone(source: str, name: str, snapshot: str | None, replicas: int | N
     client = api(url, token_file)
     client.call("POST", f"/v1/volumes/{source}/clone",
                 {"name": name, "snapshot": snapshot, "replicas": replicas})
-    info = _wait(client, name, lambda v: v and v["state"] not in ("creating",), "cloning")
+    info = wait_for_volume(client, name, lambda v: v and v["state"] not in ("creating",), "cloning")
     assert info is not None
     if info["state"] == "failed":
         raise FailedPrecondition(info["message"] or f"the clone {name} failed")

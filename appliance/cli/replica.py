@@ -22,7 +22,7 @@ from appliance.cli.output import emit_json, table
 from appliance.cli.params import ADDRESS, LABEL, SIZE, output_option
 from appliance.nbd.launch import replica_server_files, start_replica_server
 from appliance.replication.protocol import format_address
-from appliance.replication.serve import serve_forever
+from appliance.replication.server_process import serve_forever
 from appliance.secrets import read_secret_file
 from appliance.units import format_size
 

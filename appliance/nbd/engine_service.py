@@ -14,8 +14,8 @@ from typing import Any
 from appliance.errors import InvalidArgument
 from appliance.nbd.settings import EngineSettings
 from appliance.replication import protocol as proto
-from appliance.replication.control import ControlServer
 from appliance.replication.engine import Engine, EngineConfig
+from appliance.replication.engine_control import ControlServer
 from appliance.secrets import read_secret_file, write_secret_file
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from appliance.errors import (
     NotFound,
     Unavailable,
 )
-from appliance.nbd.daemon import spawn_daemon
 from appliance.nbd.failure import read_start_failure
 from appliance.nbd.settings import EngineSettings
-from appliance.replication import control
+from appliance.nbd.spawn import spawn_daemon
+from appliance.replication import engine_control
 from appliance.replication.client import ReplicaConnection
 from appliance.secrets import read_secret_file
 
@@ -113,7 +113,7 @@ def start_engine(settings: EngineSettings, *, foreground: bool) -> int:
         raise InvalidArgument(f"the NBD socket path {settings.socket} is longer than "
                               f"{unixsock.MAX_PATH} bytes; choose a shorter runtime directory")
     with contextlib.suppress(Unavailable):
-        control.call(settings.control, "status", timeout=5)
+        engine_control.call(settings.control, "status", timeout=5)
         raise AlreadyExists(f"an engine is already running with control socket "
                             f"{settings.control}")
     _remove_stale_socket(settings.socket)
@@ -124,7 +124,7 @@ def start_engine(settings: EngineSettings, *, foreground: bool) -> int:
     pid = spawn_daemon(command, plugin_environment(), settings.log_file)
 
     def ready() -> bool:
-        control.call(settings.control, "status", timeout=5)
+        engine_control.call(settings.control, "status", timeout=5)
         return settings.socket.exists()
 
     try:
@@ -140,9 +140,9 @@ def start_engine(settings: EngineSettings, *, foreground: bool) -> int:
 
 def stop_engine(control_path: Path) -> None:
     """Ask the engine to stop cleanly and wait until its process is gone."""
-    status = control.call(control_path, "status")
+    status = engine_control.call(control_path, "status")
     pid = int(status["pid"])
-    control.call(control_path, "stop")
+    engine_control.call(control_path, "stop")
     deadline = time.monotonic() + STOP_TIMEOUT
     while process_running(pid):
         if time.monotonic() > deadline:

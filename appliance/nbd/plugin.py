@@ -15,8 +15,8 @@ from typing import Any
 import nbdkit  # type: ignore[import-not-found]
 
 from appliance.errors import ApplianceError
+from appliance.nbd.engine_service import EngineService
 from appliance.nbd.failure import report_start_failure
-from appliance.nbd.service import EngineService
 from appliance.nbd.settings import FRONTEND_EXPORT, FRONTEND_SIZE, EngineSettings
 from appliance.replication.engine import Engine
 

@@ -63,8 +63,7 @@ def test_fio_verify_and_real_clients(tmp_path: Path, volumes: list[Volume],
     assert images[0].read_bytes() == back.read_bytes()
 
 
-def test_attach_mkfs_crash_rebuild_fsck(tmp_path: Path, volumes: list[Volume],
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_attach_mkfs_crash_rebuild_fsck(tmp_path: Path, volumes: list[Volume]) -> None:
     volume = make(volumes, tmp_path, 3, "512M")
     volume.start_engine("--timeout", "4")
     device = run("engine", "attach", "--control", volume.control).stdout.strip()
@@ -109,7 +108,6 @@ def test_attach_mkfs_crash_rebuild_fsck(tmp_path: Path, volumes: list[Volume],
     for index in range(3):
         volume.stop_server(index)
     volume.replicas_identical()
-    caplog.clear()
 
 
 def test_snapshot_add_and_remove_replica(tmp_path: Path, volumes: list[Volume]) -> None:

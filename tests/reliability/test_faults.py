@@ -33,6 +33,7 @@ from tests.netns import hosts
 
 TIMEOUT = "2"  # the engine's replica timeout in these tests (seconds)
 ORACLE_REGION = (160 * MiB, 32 * MiB)  # fio writes the first 96 MiB
+REPORT_WAIT = 30  # seconds the oracle has to publish its next progress report
 
 
 @pytest.fixture(params=["idle", "loaded"])
@@ -61,6 +62,49 @@ def oracle(volume: Volume, root: Path, **options: Any) -> Iterator[AckWorkload]:
                      max_blocks=8, **options) as workload:
         workload.wait_writes(1, 60)
         yield workload
+
+
+def report_stamp(workload: AckWorkload) -> int:
+    """The ``st_mtime_ns`` of the oracle's progress report (0: none yet). The oracle
+    replaces the report (a rename) every 0.2 s, each time with counts computed just before."""
+    report = workload.progress_file
+    return report.stat().st_mtime_ns if report.exists() else 0
+
+
+def next_report(workload: AckWorkload, after: int) -> int:
+    """Wait until the oracle publishes a report other than the one stamped *after*."""
+    wait_for(lambda: report_stamp(workload) != after, REPORT_WAIT,
+             "the oracle's next progress report", interval=0.02)
+    return report_stamp(workload)
+
+
+def fresh_progress(workload: AckWorkload) -> dict[str, int]:
+    """The oracle's counts as computed after this call began. The report replacing the one
+    current now may hold counts computed before; the next one cannot."""
+    next_report(workload, next_report(workload, report_stamp(workload)))
+    return workload.progress()
+
+
+def fio_writes(volume: Volume, workload: AckWorkload) -> int:
+    """At least how many writes fio has had completed: the engine's count of completed
+    writes (both clients') less every write the oracle had issued by then."""
+    engine = volume.writes()
+    return engine - fresh_progress(workload)["issued"]
+
+
+def under_way(volume: Volume, workload: AckWorkload, writes: int) -> None:
+    """Wait until both clients, fio and the oracle, have had *writes* writes each
+    acknowledged, so that the fault that follows meets I/O in flight however slow the
+    host (a fixed sleep could inject it before any)."""
+    workload.wait_writes(writes, 60)
+    wait_for(lambda: fio_writes(volume, workload) >= writes, 60, f"{writes} writes by fio",
+             interval=0)
+
+
+def served_after_fault(workload: AckWorkload, writes: int = 100) -> None:
+    """The volume goes on serving: *writes* more of the oracle's writes acknowledged after
+    the fault."""
+    workload.wait_writes(fresh_progress(workload)["acked"] + writes, 60)
 
 
 def check_acknowledged(volume: Volume, workload: AckWorkload) -> dict[str, Any]:
@@ -124,13 +168,13 @@ def rebuild(volume: Volume, index: int) -> None:
 # -- row 1: a replica process crashes ------------------------------------------------------
 
 
-def test_row1_replica_crash(tmp_path: Path, volumes: list[Volume],
-                            caplog: pytest.LogCaptureFixture) -> None:
+def test_row1_replica_crash(tmp_path: Path, volumes: list[Volume]) -> None:
     volume = start(volumes, Volume(tmp_path, 3))
     with oracle(volume, tmp_path) as acks:
         workload = background_fio(volume, tmp_path, 8)
-        acks.wait_writes(200, 60)  # both workloads are under way
+        under_way(volume, acks, 200)
         volume.crash_server(1)
+        served_after_fault(acks)
         result = finish(workload)
         no_client_errors(acks.stop())
     assert result.returncode == 0 and fio_errors(result) == 0, result.stderr
@@ -149,10 +193,10 @@ def test_row2_hung_replica_is_dropped_and_never_silently_rejoins(tmp_path: Path,
     volume = start(volumes, Volume(tmp_path, 3))
     with oracle(volume, tmp_path) as acks:
         workload = background_fio(volume, tmp_path, 8)
-        acks.wait_writes(100, 60)
+        under_way(volume, acks, 100)
         volume.signal_server(2, signal.SIGSTOP)
         volume.wait_mode(2, "ERR", timeout=30)
-        acks.wait_writes(acks.progress()["acked"] + 100, 60)  # served without it
+        served_after_fault(acks)  # without it
         volume.signal_server(2, signal.SIGCONT)
         result = finish(workload)
         no_client_errors(acks.stop())
@@ -175,10 +219,11 @@ def test_row3_short_partition_is_ridden_out(tmp_path: Path, volumes: list[Volume
                                        namespaces=[n.name for n in nodes]))
         with oracle(volume, tmp_path) as acks:
             workload = background_fio(volume, tmp_path, 5)
-            acks.wait_writes(100, 60)
+            under_way(volume, acks, 100)
             nodes[1].partition()
             time.sleep(0.5)  # the fault's length: shorter than the replica timeout
             nodes[1].heal()
+            served_after_fault(acks)
             result = finish(workload)
             no_client_errors(acks.stop())
         assert result.returncode == 0 and fio_errors(result) == 0, result.stderr
@@ -189,7 +234,7 @@ def test_row3_short_partition_is_ridden_out(tmp_path: Path, volumes: list[Volume
 
 
 def test_row3_long_partition_then_rebuild_copies_only_what_differs(
-        tmp_path: Path, volumes: list[Volume], caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, volumes: list[Volume]) -> None:
     with hosts(3) as nodes:
         volume = start(volumes, Volume(tmp_path, 3, hosts=[n.address for n in nodes],
                                        namespaces=[n.name for n in nodes]))
@@ -208,20 +253,18 @@ def test_row3_long_partition_then_rebuild_copies_only_what_differs(
         assert 0 < copied <= len(offsets) * MiB, copied  # a chunk per write, not 96 MiB
         stop_all(volume)
         volume.replicas_identical()
-    caplog.clear()
 
 
 # -- row 4: partition of every replica -----------------------------------------------------
 
 
-def test_row4_partition_all_then_restart(tmp_path: Path, volumes: list[Volume],
-                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_row4_partition_all_then_restart(tmp_path: Path, volumes: list[Volume]) -> None:
     with hosts(3) as nodes:
         volume = start(volumes, Volume(tmp_path, 3, hosts=[n.address for n in nodes],
                                        namespaces=[n.name for n in nodes]))
         with oracle(volume, tmp_path) as acks:
             workload = background_fio(volume, tmp_path, 30)
-            acks.wait_writes(200, 60)
+            under_way(volume, acks, 200)
             for node in nodes:
                 node.partition()
             result = finish(workload)
@@ -269,8 +312,7 @@ def test_row5_slow_replica_causes_no_errors_and_no_rebuild(tmp_path: Path,
 # -- row 6: a replica's disk fills up --------------------------------------------------------
 
 
-def test_row6_one_replica_disk_full(tmp_path: Path, volumes: list[Volume],
-                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_row6_one_replica_disk_full(tmp_path: Path, volumes: list[Volume]) -> None:
     with small_disk(tmp_path, "small", 40) as small:
         directories = [tmp_path / "r0", small / "r1", tmp_path / "r2"]
         volume = start(volumes, Volume(tmp_path, 3, directories=directories))
@@ -324,8 +366,7 @@ def test_row6_every_disk_full(tmp_path: Path, volumes: list[Volume]) -> None:
 # -- row 7: a replica's disk returns I/O errors ----------------------------------------------
 
 
-def test_row7_replica_io_errors(tmp_path: Path, volumes: list[Volume],
-                                caplog: pytest.LogCaptureFixture) -> None:
+def test_row7_replica_io_errors(tmp_path: Path, volumes: list[Volume]) -> None:
     disk = FaultyDisk(tmp_path, 512)
     volume = Volume(tmp_path, 3, directories=[disk.mount / "r0", tmp_path / "r1",
                                               tmp_path / "r2"])
@@ -362,7 +403,7 @@ def test_row9_engine_crash_loses_no_acknowledged_write(tmp_path: Path,
     volume = start(volumes, Volume(tmp_path, 3))
     with oracle(volume, tmp_path) as acks:
         workload = background_fio(volume, tmp_path, 30)
-        acks.wait_writes(300, 60)
+        under_way(volume, acks, 300)
         volume.crash_engine()
         finish(workload)  # fio stops with errors: its engine died
         assert acks.finish()["stopped"] != "seconds"  # so did the oracle's connection
@@ -373,8 +414,7 @@ def test_row9_engine_crash_loses_no_acknowledged_write(tmp_path: Path,
     volume.replicas_identical()
 
 
-def test_row9_engine_crash_under_a_filesystem(tmp_path: Path, volumes: list[Volume],
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_row9_engine_crash_under_a_filesystem(tmp_path: Path, volumes: list[Volume]) -> None:
     volume = start(volumes, Volume(tmp_path, 2, "256M"))
     device = run("engine", "attach", "--control", volume.control).stdout.strip()
     mountpoint = tmp_path / "mnt"
@@ -384,11 +424,14 @@ def test_row9_engine_crash_under_a_filesystem(tmp_path: Path, volumes: list[Volu
     kept = os.urandom(3 * MiB)
     (mountpoint / "kept").write_bytes(kept)
     subprocess.run(["sync"], check=True)
+    before = volume.writes()
+    # direct I/O: the writer's data goes to the engine now, not at the next writeback
     writer = subprocess.Popen(["dd", "if=/dev/urandom", f"of={mountpoint / 'busy'}",
-                               "bs=1M", "count=100"], stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
+                               "bs=1M", "count=100", "oflag=direct"], stderr=subprocess.DEVNULL)
+    wait_for(lambda: volume.writes() >= before + 16, 60, "the writer's data at the engine",
+             interval=0)
     volume.crash_engine()
-    writer.wait(timeout=120)
+    assert writer.wait(timeout=120) != 0  # the crash met the writer half-way
     subprocess.run(["umount", "-l", str(mountpoint)], check=False)
     run("engine", "detach", "--control", volume.control)
     volume.start_engine("--timeout", TIMEOUT)
@@ -403,18 +446,16 @@ def test_row9_engine_crash_under_a_filesystem(tmp_path: Path, volumes: list[Volu
     volume.wait_healthy()
     stop_all(volume)
     volume.replicas_identical()
-    caplog.clear()
 
 
 # -- row 10: every replica crashes -----------------------------------------------------------
 
 
-def test_row10_all_replicas_crash_then_restart(tmp_path: Path, volumes: list[Volume],
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_row10_all_replicas_crash_then_restart(tmp_path: Path, volumes: list[Volume]) -> None:
     volume = start(volumes, Volume(tmp_path, 3))
     with oracle(volume, tmp_path) as acks:
         workload = background_fio(volume, tmp_path, 30)
-        acks.wait_writes(300, 60)
+        under_way(volume, acks, 300)
         for index in range(3):
             volume.crash_server(index)
         result = finish(workload)
@@ -428,8 +469,7 @@ def test_row10_all_replicas_crash_then_restart(tmp_path: Path, volumes: list[Vol
 # -- row 11: crashes during a rebuild ----------------------------------------------------------
 
 
-def test_row11_crash_during_rebuild(tmp_path: Path, volumes: list[Volume],
-                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_row11_crash_during_rebuild(tmp_path: Path, volumes: list[Volume]) -> None:
     volume = start(volumes, Volume(tmp_path, 3), "--rebuild-bandwidth", str(16 * MiB))
     subprocess.run(["nbdcopy", "--", "[", "nbdkit", "random", "size=80M", "]", volume.uri],
                    check=True)
@@ -468,14 +508,13 @@ def test_row11_crash_during_rebuild(tmp_path: Path, volumes: list[Volume],
     survivors = [i for i in range(3) if i != index]
     stop_all(volume)
     volume.replicas_identical(survivors)
-    caplog.clear()
 
 
 # -- row 4, fifty times under CPU load (a soak: pytest -m slow -s) ---------------------------
 
 
 @pytest.mark.slow
-def test_row4_soak_under_cpu_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_row4_soak_under_cpu_load(tmp_path: Path) -> None:
     """Row 4 repeated (ROW4_ITERATIONS, default 50) under CPU load, judged by the oracle;
     fio's verify state is judged too, to show what it counts: writes that failed at the
     partition, which it takes for written."""
@@ -500,7 +539,6 @@ def test_row4_soak_under_cpu_load(tmp_path: Path, caplog: pytest.LogCaptureFixtu
           f"state flagged {flagged} iterations "
           f"({sum(line['fio_flagged'] for line in lines)} blocks)", flush=True)
     assert lost == 0, lines
-    caplog.clear()
 
 
 def _row4_once(volume: Volume, root: Path, nodes: list[Any]) -> dict[str, Any]:
@@ -508,7 +546,7 @@ def _row4_once(volume: Volume, root: Path, nodes: list[Any]) -> dict[str, Any]:
     volume.start_engine("--timeout", TIMEOUT)
     with oracle(volume, root) as acks:
         workload = background_fio(volume, root, 30, "--verify_state_save=1")
-        acks.wait_writes(200, 60)
+        under_way(volume, acks, 200)
         for node in nodes:
             node.partition()
         finish(workload)
