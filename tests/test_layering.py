@@ -59,31 +59,18 @@ def module_name(path: Path, package: Path = PACKAGE) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def type_checking_only(tree: ast.AST) -> set[ast.AST]:
-    """The import statements under ``if TYPE_CHECKING:``: never run, so never a cycle."""
-    skipped: set[ast.AST] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING",
-                                                                   "typing.TYPE_CHECKING"):
-            for statement in node.body:
-                skipped.update(ast.walk(statement))
-    return skipped
-
-
-def runtime_imports(source: str, module: str, is_package: bool,
-                    known: set[str]) -> dict[str, int]:
-    """The modules of *known* that *module* imports when it runs (at the top or inside a
-    function: a lazy import that hides a cycle is still a cycle), each with the line of its
-    first import. ``from p import name`` depends on ``p.name`` if that is a module, else on
-    ``p`` itself; importing a submodule runs its package's ``__init__`` too, but that edge is
-    left out (a package re-exporting its modules would otherwise be a cycle of each)."""
+def module_imports(source: str, module: str, is_package: bool,
+                   known: set[str]) -> dict[str, int]:
+    """The modules of *known* that *module* imports (at the top, inside a function, or under
+    ``if TYPE_CHECKING:``: a lazy or type-only import that hides a cycle still joins two
+    modules that need each other), each with the line of its first import. ``from p import
+    name`` depends on ``p.name`` if that is a module, else on ``p`` itself; importing a
+    submodule runs its package's ``__init__`` too, but that edge is left out (a package
+    re-exporting its modules would otherwise be a cycle of each)."""
     tree = ast.parse(source)
-    skipped = type_checking_only(tree)
     base = module.split(".") if is_package else module.split(".")[:-1]
     edges: dict[str, int] = {}
     for node in ast.walk(tree):
-        if node in skipped:
-            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -102,7 +89,7 @@ def runtime_imports(source: str, module: str, is_package: bool,
 def import_graph(package: Path = PACKAGE) -> dict[str, dict[str, int]]:
     paths = {module_name(path, package): path for path in sorted(package.rglob("*.py"))}
     known = set(paths)
-    return {name: runtime_imports(path.read_text(), name, path.name == "__init__.py", known)
+    return {name: module_imports(path.read_text(), name, path.name == "__init__.py", known)
             for name, path in paths.items()}
 
 
@@ -165,14 +152,14 @@ def test_the_import_graph_has_no_cycles() -> None:
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-def test_the_cycle_check_sees_lazy_imports_and_skips_type_checking_ones() -> None:
+def test_the_cycle_check_sees_lazy_and_type_checking_imports() -> None:
     known = {"pkg", "pkg.a", "pkg.b", "pkg.c"}
-    lazy = runtime_imports("def f():\n    from pkg import b\n", "pkg.a", False, known)
+    lazy = module_imports("def f():\n    from pkg import b\n", "pkg.a", False, known)
     assert lazy == {"pkg.b": 2}
-    relative = runtime_imports("from .c import x\nfrom . import b\n", "pkg.a", False, known)
+    relative = module_imports("from .c import x\nfrom . import b\n", "pkg.a", False, known)
     assert relative == {"pkg.c": 1, "pkg.b": 2}
     typing_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.a\n"
-    assert runtime_imports(typing_only, "pkg.b", False, known) == {}
+    assert module_imports(typing_only, "pkg.b", False, known) == {"pkg.a": 3}
     graph = {"pkg.a": {"pkg.b": 1}, "pkg.b": {"pkg.c": 4}, "pkg.c": {"pkg.a": 9}}
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
     assert describe_cycle(find_cycle(graph), graph) == \

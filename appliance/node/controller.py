@@ -57,7 +57,8 @@ class Restorer(Protocol):
 
 class Controller(Recovery):
     def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig, *,
-                 placement: Placement | None = None, restorer: Restorer | None = None) -> None:
+                 placement: Placement | None = None, restorer: Restorer | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.supervisor = supervisor
         self.config = config
@@ -69,6 +70,7 @@ class Controller(Recovery):
         self._jobs: trio.Nursery | None = None  # long work (clones) beside the passes
         self.cloning: dict[str, tuple[int, int]] = {}  # volume -> (copied, total) bytes
         self.restorer = restorer  # restores a new volume from a backup
+        self._wall_clock = wall_clock  # stamps kept in the store (a replica's failed_at)
         # detached volumes found in order: skipped until they change or RESYNC_INTERVAL
         self._settled: dict[str, tuple[tuple[Any, ...], float]] = {}
         self.events = EventLog(store)
@@ -111,7 +113,7 @@ class Controller(Recovery):
             volumes = [Volume.from_dict(entry.value) for entry in entries]
             self._handed_over = {v.source["replica"] for v in volumes if v.state == "creating"
                                  and v.source and "replica" in v.source}
-            now = time.monotonic()
+            now = trio.current_time()
             for entry, volume in zip(entries, volumes, strict=True):
                 settled = self._settled.get(volume.name)
                 if settled and settled[0] == self._steady_key(volume) and \
@@ -145,7 +147,7 @@ class Controller(Recovery):
         if key is None:
             self._settled.pop(volume, None)
         else:
-            self._settled[volume] = (key, time.monotonic())
+            self._settled[volume] = (key, trio.current_time())
 
     async def settings(self) -> Settings:
         return await load_settings(self.store)
@@ -339,9 +341,9 @@ class Controller(Recovery):
                     await self._put_replica(replace(replica, failed_at=None))
                 continue
             if replica.failed_at is None:
-                await self._put_replica(replace(replica, failed_at=time.time()))
+                await self._put_replica(replace(replica, failed_at=self._wall_clock()))
                 continue
-            if time.time() - replica.failed_at < settings.replica_replenishment_wait:
+            if self._wall_clock() - replica.failed_at < settings.replica_replenishment_wait:
                 continue
             if replica.name in unservable:
                 await self._replace(volume, replicas, replica, address)

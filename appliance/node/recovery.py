@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
 
 from appliance.control.objects import ReplicaRecord, Settings, Volume
 from appliance.control.store import StateStore
@@ -102,7 +103,7 @@ class Recovery:
                tuple((r.name, r.port) for r in replicas), tuple(sorted(failures)))
         last = self._refused.get(name)
         if last is not None and last[1] == key and volume.refusal == last[0] and \
-                time.monotonic() - last[2] < RETRY_INTERVAL:
+                trio.current_time() - last[2] < RETRY_INTERVAL:
             return False
         try:
             await self._try_start(volume, replicas, failures, request)
@@ -110,7 +111,7 @@ class Recovery:
             names = await self.names()
             message = one_line(names.text(node_terms(exc.message, name)),
                                self.supervisor.engine_log(name))
-            self._refused[name] = (message, key, time.monotonic())
+            self._refused[name] = (message, key, trio.current_time())
             # once: not at every try, nor again after a daemon restart
             if self._note(name, "refused", message) and volume.refusal != message:
                 log.warning("volume %s: its engine refused to start: %s", name, message)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from appliance.chain import Replica
 from appliance.chain import checksum as checksums
 from appliance.chain.format import BLOCK_SIZE
 from appliance.chain.staging import LayerSpec, StagedLayer
@@ -25,9 +26,7 @@ from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument
 from appliance.replication import protocol as proto
 from appliance.replication.client import ReplicaConnection
 from appliance.replication.protocol import Op, Request, Role
-
-if TYPE_CHECKING:
-    from appliance.replication.server import Parts, ReplicaServer, Session
+from appliance.replication.session import Handler, Parts, Session
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,9 @@ IN_FLIGHT = 4  # READ_LAYER requests kept in flight
 class RebuildJob:
     """Runs in the target's server: makes its snapshot layers equal to the source's."""
 
-    def __init__(self, server: ReplicaServer, source: tuple[str, int], snapshot: str,
+    def __init__(self, replica: Replica, source: tuple[str, int], snapshot: str,
                  bandwidth: int, secret: bytes, timeout: float) -> None:
-        self.server = server
-        self.replica = server.replica
+        self.replica = replica
         self.source = source
         self.snapshot = snapshot
         self.bandwidth = bandwidth
@@ -181,17 +179,47 @@ def _clip(blocks: list[tuple[int, int]], ranges: list[tuple[int, int]]) -> list[
     return sorted(result)
 
 
-def handlers(server: ReplicaServer) -> dict[int, Any]:
-    def rebuild(session: Session, request: Request, payload: bytes) -> Parts:
-        document = proto.json_object(payload)
-        job = server.rebuild
-        if job is not None and job.state == "running":
-            raise FailedPrecondition("a rebuild is already running on this replica")
-        job = RebuildJob(server, proto.parse_address(str(document.get("source", ""))),
-                         str(document.get("snapshot", "")), int(document.get("bandwidth", 0)),
-                         server.secret, float(document.get("timeout", REPLICA_TIMEOUT)))
-        server.rebuild = job
-        job.thread.start()
-        return []
+class RebuildSlot:
+    """The one rebuild job a replica server runs at a time, and the REBUILD operation that
+    starts it."""
 
-    return {Op.REBUILD: rebuild}
+    def __init__(self, replica: Replica, secret: bytes) -> None:
+        self.replica = replica
+        self._secret = secret
+        self._lock = threading.Lock()
+        self._job: RebuildJob | None = None
+
+    def start(self, document: dict[str, Any]) -> None:
+        with self._lock:
+            if self._job is not None and self._job.state == "running":
+                raise FailedPrecondition("a rebuild is already running on this replica")
+            job = RebuildJob(self.replica, proto.parse_address(str(document.get("source", ""))),
+                             str(document.get("snapshot", "")),
+                             int(document.get("bandwidth", 0)), self._secret,
+                             float(document.get("timeout", REPLICA_TIMEOUT)))
+            self._job = job
+            job.thread.start()
+
+    def status(self) -> dict[str, Any] | None:
+        job = self._job
+        return job.status() if job is not None else None
+
+    def cancel(self) -> None:
+        job = self._job
+        if job is not None:
+            job.cancel()
+
+    def stop(self, timeout: float) -> None:
+        """Cancel the job and wait up to *timeout* seconds for its thread to end."""
+        job = self._job
+        if job is not None:
+            job.cancel()
+            if job.thread.is_alive():
+                job.thread.join(timeout=timeout)
+
+    def handlers(self) -> dict[int, Handler]:
+        def rebuild(session: Session, request: Request, payload: bytes) -> Parts:
+            self.start(proto.json_object(payload))
+            return []
+
+        return {Op.REBUILD: rebuild}

@@ -3,17 +3,13 @@ order. Each takes the request and its JSON (or empty) payload and returns reply 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from appliance.chain import Replica
 from appliance.errors import InvalidArgument
 from appliance.replication import protocol as proto
 from appliance.replication.protocol import Op, Request
-
-if TYPE_CHECKING:
-    from appliance.replication.server import Parts, ReplicaServer, Session
-
-Handler = Callable[["Session", Request, bytes], "Parts"]
+from appliance.replication.session import Handler, Parts, Session
 
 
 def _text(document: dict[str, Any], key: str, *, optional: bool = False) -> Any:
@@ -25,8 +21,7 @@ def _text(document: dict[str, Any], key: str, *, optional: bool = False) -> Any:
     return value
 
 
-def handlers(server: ReplicaServer) -> dict[int, Handler]:
-    replica = server.replica
+def handlers(replica: Replica) -> dict[int, Handler]:
 
     def flush(session: Session, request: Request, payload: bytes) -> Parts:
         replica.flush()

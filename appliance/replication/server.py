@@ -28,40 +28,12 @@ from appliance.errors import ApplianceError, InvalidArgument, ProtocolError, Sta
 from appliance.replication import protocol as proto
 from appliance.replication import rebuild_job, replica_ops
 from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op, Request, Role
+from appliance.replication.session import Parts, Session
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 JOB_STOP_TIMEOUT = 60.0  # seconds a stopping server waits for its rebuild job to stop
-Parts = list[bytes | memoryview]
-
-
-class Session:
-    """One authenticated connection."""
-
-    def __init__(self, sock: socket.socket, peer: str, role: Role, generation: int,
-                 token: int) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.role = role
-        self.key = (generation, token)
-        self.send_lock = threading.Lock()
-        self.buffer = bytearray(1 << 20)
-
-    def view(self, size: int) -> memoryview:
-        if len(self.buffer) < size:
-            self.buffer = bytearray(size)
-        return memoryview(self.buffer)[:size]
-
-    def reply(self, request: Request, parts: Parts | None = None, error: int = 0) -> None:
-        parts = parts or []
-        length = sum(len(part) for part in parts)
-        header = proto.encode_response(request.op, request.id, error, length)
-        with self.send_lock:
-            proto.send_parts(self.sock, [header, *parts])
-
-    def reply_error(self, request: Request, exc: ApplianceError) -> None:
-        self.reply(request, [str(exc).encode()], proto.error_code(exc))
 
 
 class ReplicaServer:
@@ -75,7 +47,7 @@ class ReplicaServer:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control")
         self._sessions: set[Session] = set()
         self._sessions_lock = threading.Lock()
-        self.rebuild: Any = None  # the rebuild job, when one runs (rebuild_job.RebuildJob)
+        self.rebuild = rebuild_job.RebuildSlot(replica, secret)
         self._inline: dict[int, Callable[[Session, Request, memoryview], Parts]] = {
             Op.READ: self._read, Op.WRITE: self._write, Op.WRITE_ZEROES: self._write_zeroes,
             Op.ZERO_EXACT: self._zero_exact, Op.UNMAP: self._unmap, Op.PING: self._ping,
@@ -84,7 +56,7 @@ class ReplicaServer:
             Op.REBUILD_STATUS: self._rebuild_status,
         }
         self._control: dict[int, Callable[[Session, Request, bytes], Parts]] = {
-            **replica_ops.handlers(self), **rebuild_job.handlers(self)}
+            **replica_ops.handlers(replica), **self.rebuild.handlers()}
 
     # -- connections ------------------------------------------------------------------------
 
@@ -109,11 +81,7 @@ class ReplicaServer:
     def close(self) -> None:
         """Stop the work left running (a rebuild job, control operations) before the
         replica is closed under it."""
-        job = self.rebuild
-        if job is not None:
-            job.cancel()
-            if job.thread.is_alive():
-                job.thread.join(timeout=JOB_STOP_TIMEOUT)
+        self.rebuild.stop(JOB_STOP_TIMEOUT)
         self._pool.shutdown(wait=True)
 
     def close_sessions(self) -> None:
@@ -184,7 +152,7 @@ class ReplicaServer:
                 return errno.ESTALE
             if generation > self.replica.generation:
                 self.replica.set_generation(generation)
-            if self._writer != (generation, token) and self.rebuild is not None:
+            if self._writer != (generation, token):
                 self.rebuild.cancel()  # it belonged to the session being replaced
             self._writer = (generation, token)
         return 0
@@ -302,7 +270,6 @@ class ReplicaServer:
         return [proto.encode_runs(runs)]
 
     def _rebuild_status(self, session: Session, request: Request, payload: memoryview) -> Parts:
-        job = self.rebuild
-        return [proto.encode_json(job.status() if job is not None else None)]
+        return [proto.encode_json(self.rebuild.status())]
 
 

@@ -15,8 +15,8 @@ Three things keep virtual time honest here:
   again after each change. Virtual time then advances only through the controller's own
   wait between passes (``reconcile_interval``); a test that waits forever is ended by
   pytest's timeout.
-* The controller stamps a failed replica with wall-clock time (``time.time()``, kept in the
-  store across restarts). The tests make that clock follow the virtual one, so the
+* The controller stamps a failed replica with wall-clock time (kept in the store across
+  restarts). The tests give it a wall clock that follows the virtual one, so the
   replenishment wait elapses in virtual time.
 """
 
@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-import pytest
 import trio
 import trio.testing
 
@@ -60,8 +59,9 @@ class FakeSupervisor:
     on simulated processes: replica servers that run or not, engines with a mode per
     replica address, devices. Called from worker threads, hence the lock."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, clock: Callable[[], float]) -> None:
         self.config = config
+        self.clock = clock
         self.lock = threading.Lock()
         self.calls: list[Call] = []
         self.servers: set[str] = set()  # names of the replicas whose server runs
@@ -70,7 +70,7 @@ class FakeSupervisor:
 
     def record(self, method: str, *args: Any) -> None:
         with self.lock:
-            self.calls.append(Call(method, args, time.time()))
+            self.calls.append(Call(method, args, self.clock()))
 
     def called(self, method: str) -> list[Call]:
         with self.lock:
@@ -204,27 +204,28 @@ class Running:
         self.controller.poke()
 
 
-@pytest.fixture
-def virtual_wall_clock(autojump_clock: trio.testing.MockClock,
-                       monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
-    """``time.time()`` follows the virtual clock (see the module)."""
+def wall_clock_following(clock: trio.testing.MockClock) -> Callable[[], float]:
+    """A wall clock that follows the virtual one (see the module); callable from worker
+    threads too."""
     base = time.time()
-    monkeypatch.setattr(time, "time", lambda: base + autojump_clock.current_time())
-    return autojump_clock
+    return lambda: base + clock.current_time()
 
 
 @asynccontextmanager
-async def running(root: Path) -> AsyncIterator[Running]:
-    """A controller running its loop over a store with two disks, until the block ends."""
+async def running(root: Path, clock: trio.testing.MockClock) -> AsyncIterator[Running]:
+    """A controller running its loop over a store with two disks, until the block ends;
+    *clock* is the test's (pytest-trio runs a test on the clock fixture it asks for)."""
+    wall_clock = wall_clock_following(clock)
     config = NodeConfig(data_dir=root, listen=("127.0.0.1", 0), node_name="test")
     store = await SQLiteStore.open(root / "state.db")
     try:
         for name in DISKS:  # one replica of a volume per disk
             (root / name).mkdir()
             await store.put(Disk.key_of(name), Disk(name, str(root / name)).to_dict())
-        supervisor = FakeSupervisor(config)
+        supervisor = FakeSupervisor(config, wall_clock)
         controller = Controller(store, cast(Supervisor, supervisor), config,
-                                placement=Placement(store, config, statfs_timeout=math.inf))
+                                placement=Placement(store, config, statfs_timeout=math.inf),
+                                wall_clock=wall_clock)
         async with trio.open_nursery() as nursery:
             await nursery.start(controller.run)
             yield Running(controller, store, supervisor)
@@ -254,8 +255,8 @@ async def attached_and_healthy(run: Running, name: str) -> None:
 
 
 async def test_an_attached_volume_gets_its_servers_engine_and_device(
-        tmp_path: Path, virtual_wall_clock: trio.testing.MockClock) -> None:
-    async with running(tmp_path) as run:
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path, autojump_clock) as run:
         await run.create("vol", 2, attached=True)
         await attached_and_healthy(run, "vol")
         sup = run.supervisor
@@ -275,9 +276,9 @@ async def test_an_attached_volume_gets_its_servers_engine_and_device(
 
 
 async def test_a_failed_replica_is_added_back_after_the_replenishment_wait(
-        tmp_path: Path, virtual_wall_clock: trio.testing.MockClock) -> None:
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     wait = 600.0
-    async with running(tmp_path) as run:
+    async with running(tmp_path, autojump_clock) as run:
         await run.store.put(Settings.key_of("global"),
                             Settings(replica_replenishment_wait=wait).to_dict())
         await run.create("vol", 2, attached=True)
@@ -312,8 +313,8 @@ async def test_a_failed_replica_is_added_back_after_the_replenishment_wait(
 
 
 async def test_a_detached_volume_has_its_processes_stopped(
-        tmp_path: Path, virtual_wall_clock: trio.testing.MockClock) -> None:
-    async with running(tmp_path) as run:
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path, autojump_clock) as run:
         await run.create("vol", 2, attached=True)
         await attached_and_healthy(run, "vol")
         await run.change("vol", attached=False)
