@@ -514,6 +514,7 @@ def test_row11_crash_during_rebuild(tmp_path: Path, volumes: list[Volume]) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)  # about 25 s an iteration under load; the default is 300 s
 def test_row4_soak_under_cpu_load(tmp_path: Path) -> None:
     """Row 4 repeated (ROW4_ITERATIONS, default 50) under CPU load, judged by the oracle;
     fio's verify state is judged too, to show what it counts: writes that failed at the
