@@ -10,6 +10,9 @@ from __future__ import annotations
 REPLICA_TIMEOUT = 8.0
 #: seconds long control operations (snapshot, checksum, purge) may take on one replica
 CONTROL_TIMEOUT = 600.0
+#: nbdkit worker threads per NBD connection of an engine (docs/performance.md: more threads
+#: fight over the interpreter lock without adding parallel work)
+ENGINE_THREADS = 16
 #: seconds between pings of an idle volume's replicas (0: off)
 MONITOR_INTERVAL = 5.0
 #: where the node daemon's API listens unless told otherwise

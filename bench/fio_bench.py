@@ -130,7 +130,7 @@ def peer(root: Path, size: int) -> Target:
     raise AssertionError("unreachable")
 
 
-def project(root: Path, size: int, replicas: int) -> Target:
+def project(root: Path, size: int, replicas: int, engine_args: tuple[str, ...] = ()) -> Target:
     base = root / f"project{replicas}"
     base.mkdir()
     secret = base / "secret"
@@ -149,7 +149,8 @@ def project(root: Path, size: int, replicas: int) -> Target:
     control = base / "ctl.sock"
     target = Target(f"{replicas} replica{'s' if replicas > 1 else ''}", base / "nbd.sock")
     subprocess.run([APPLIANCE, "engine", "start", "vol", *addresses, "--secret-file",
-                    str(secret), "--socket", str(target.socket), "--control", str(control)],
+                    str(secret), "--socket", str(target.socket), "--control", str(control),
+                    *engine_args],
                    check=True, capture_output=True)
     target.pids = [int(Path(str(target.socket) + ".pid").read_text())] + \
         [int((base / f"r{i}" / "server.pid").read_text()) for i in range(replicas)]

@@ -2,7 +2,9 @@
 
 Thin on purpose: it collects the ``key=value`` parameters, starts the engine service after
 nbdkit forked, and maps each NBD callback to the engine, translating errors once: an
-:class:`~appliance.errors.ApplianceError` becomes the errno the NBD client sees.
+:class:`~appliance.errors.ApplianceError` becomes the errno the NBD client sees. Each data
+callback first pins its thread's Python thread state (:mod:`appliance.nbd.threadstate`), which
+nbdkit would otherwise create and destroy around every request.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from appliance.errors import ApplianceError
 from appliance.nbd.engine_service import EngineService
 from appliance.nbd.failure import report_start_failure
 from appliance.nbd.settings import FRONTEND_EXPORT, FRONTEND_SIZE, EngineSettings
+from appliance.nbd.threadstate import pin
 from appliance.replication.engine import Engine
 
 API_VERSION = 2
@@ -151,6 +154,7 @@ def _failed(exc: ApplianceError) -> None:
 
 
 def pread(h: Handle, buf: Any, offset: int, flags: int) -> None:
+    pin()
     try:
         h.read(memoryview(buf), offset)
     except ApplianceError as exc:
@@ -159,6 +163,7 @@ def pread(h: Handle, buf: Any, offset: int, flags: int) -> None:
 
 
 def pwrite(h: Handle, buf: Any, offset: int, flags: int) -> None:
+    pin()
     try:
         h.write(memoryview(buf), offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except ApplianceError as exc:
@@ -167,6 +172,7 @@ def pwrite(h: Handle, buf: Any, offset: int, flags: int) -> None:
 
 
 def zero(h: Handle, count: int, offset: int, flags: int) -> None:
+    pin()
     try:
         h.zero(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
     except ApplianceError as exc:
@@ -175,6 +181,7 @@ def zero(h: Handle, count: int, offset: int, flags: int) -> None:
 
 
 def trim(h: Handle, count: int, offset: int, flags: int) -> None:
+    pin()
     try:
         h.trim(offset, count)
         if flags & nbdkit.FLAG_FUA:
@@ -185,6 +192,7 @@ def trim(h: Handle, count: int, offset: int, flags: int) -> None:
 
 
 def flush(h: Handle, flags: int) -> None:
+    pin()
     try:
         h.flush()
     except ApplianceError as exc:
@@ -193,6 +201,7 @@ def flush(h: Handle, flags: int) -> None:
 
 
 def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+    pin()
     try:
         found = h.extents(offset, count)
     except ApplianceError as exc:

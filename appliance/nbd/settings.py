@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.chain.format import MAX_SIZE, check_name
-from appliance.defaults import REPLICA_TIMEOUT
+from appliance.defaults import ENGINE_THREADS, REPLICA_TIMEOUT
 from appliance.errors import InvalidArgument
 from appliance.replication.protocol import format_address, parse_address
 
@@ -32,7 +32,7 @@ class EngineSettings:
     salvage_from: Address | None = None
     timeout: float = REPLICA_TIMEOUT
     rebuild_bandwidth: int = 0
-    threads: int = 16
+    threads: int = ENGINE_THREADS  # nbdkit worker threads per connection
     extra: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:

@@ -3,16 +3,21 @@
 :class:`ReplicaConnection` is one authenticated TCP connection. :meth:`call` sends a request
 and waits for its reply; :meth:`send` and :meth:`receive` are the two halves, for callers
 that fan one request out to several replicas or keep several in flight. Every wait is
-bounded by the connection's timeout; any failure of the connection closes it and raises
-:class:`~appliance.errors.Unavailable` (or the error the replica reported).
+bounded by the connection's timeout, kept by the kernel (:func:`protocol.set_timeout`); any
+failure of the connection closes it and raises :class:`~appliance.errors.Unavailable` (or
+the error the replica reported).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import hmac
 import os
 import socket
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +60,7 @@ class ReplicaConnection:
         except OSError as exc:
             raise Unavailable(f"replica {self.name}: cannot connect ({_reason(exc)})") from exc
         try:
+            proto.set_timeout(self.sock, timeout)
             if not unix_path:
                 proto.tune_socket(self.sock)
             self.welcome = self._handshake(secret, role, generation, token)
@@ -141,13 +147,13 @@ class ReplicaConnection:
         """Send one request and wait for its reply (*timeout* overrides the connection's,
         for control operations that take long)."""
         if timeout is not None:
-            self.sock.settimeout(timeout)
+            proto.set_timeout(self.sock, timeout)
         try:
             request_id = self.send(op, offset, length, flags, payload)
             response, data = self.receive(into)
         finally:
             if timeout is not None and self.sock.fileno() >= 0:
-                self.sock.settimeout(self.timeout)
+                proto.set_timeout(self.sock, self.timeout)
         if response.id != request_id:
             self.close()
             raise ProtocolError(f"replica {self.name} answered request {response.id}, "
@@ -281,7 +287,183 @@ class ReplicaConnection:
         self.close()
 
 
+class _Slot:
+    """One request in flight on a :class:`Pipeline`."""
+
+    __slots__ = ("data", "done", "error", "into", "wake")
+
+    def __init__(self, into: memoryview | None) -> None:
+        self.into = into
+        self.data = b""
+        self.error: ApplianceError | None = None
+        self.done = False
+        # Released to wake the request's thread: its reply came, or it may receive next.
+        # A wake may come twice (both), so releasing an unlocked one is fine.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+    def signal(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already signalled
+            self.wake.release()
+
+
+class Pipeline:
+    """Many requests in flight on one connection, from many threads: the engine's data path
+    to one replica (docs/performance.md). The server serves a connection's data requests in
+    order, on one thread, so one connection per replica keeps the replica's work on one
+    thread instead of one per engine thread fighting over its interpreter lock.
+
+    Replies are matched to requests by id. There is no receiving thread: a thread waiting
+    for its reply that finds nobody receiving becomes the receiver, reads replies (a read of
+    the socket often brings several) and hands each to its request, until its own has come;
+    then it wakes a waiting thread to receive next. So a reply usually reaches its thread
+    without a hand-off. A connection that fails, or a reply that does not come within the
+    connection's timeout, fails every request in flight and the pipeline (make a new one).
+
+    The interpreter lock makes each step on the shared dict and deque atomic; the order of
+    the steps (a waiter registers, then checks for a receiver; a receiver steps down, then
+    wakes a waiter) makes sure a reply that came is always received by someone.
+    """
+
+    def __init__(self, conn: ReplicaConnection) -> None:
+        self.conn = conn
+        self.name = conn.name
+        self._sock = conn.sock
+        self._timeout = conn.timeout
+        self._reader = proto.BufferedReader(conn.sock, 256 << 10)
+        self._send_lock = threading.Lock()
+        self._receiving = threading.Lock()  # held by the thread that receives
+        self._slots: dict[int, _Slot] = {}
+        self._waiters: collections.deque[_Slot] = collections.deque()
+        self._next_id = 1
+        self.failure: ApplianceError | None = None
+
+    @property
+    def broken(self) -> bool:
+        return self.failure is not None
+
+    def submit(self, op: int, offset: int = 0, length: int = 0, flags: int = 0,
+               payload: bytes | memoryview = b"", into: memoryview | None = None) -> _Slot:
+        """Send a request; :meth:`wait` for its reply (whose payload goes into *into* when
+        given, which it must fill exactly)."""
+        slot = _Slot(into)
+        with self._send_lock:
+            if self.failure is not None:
+                raise self.failure
+            request_id = self._next_id
+            self._next_id = request_id + 1
+            self._slots[request_id] = slot
+            header = proto.encode_request(op, request_id, offset, length, flags, len(payload))
+            try:
+                proto.send_parts(self._sock, [header, payload] if payload else [header])
+                return slot
+            except OSError as exc:
+                failure = Unavailable(f"replica {self.name}: {_reason(exc)}")
+        raise self._fail(failure)
+
+    def wait(self, slot: _Slot) -> bytes:
+        """The reply's payload (empty when it went into the request's buffer); the error the
+        replica reported, or the failure of the connection, is raised."""
+        deadline = time.monotonic() + self._timeout
+        receiving = self._receiving
+        while not slot.done:
+            if receiving.acquire(blocking=False):
+                try:
+                    self._receive_until(slot)
+                finally:
+                    receiving.release()
+                    self._wake_next()
+                break
+            self._waiters.append(slot)
+            if slot.done or not receiving.locked():
+                continue  # it came meanwhile, or nobody receives now: try again
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not slot.wake.acquire(timeout=remaining):
+                if not slot.done:
+                    self._fail(Unavailable(f"replica {self.name}: timed out"))
+                break
+        if slot.error is not None:
+            raise slot.error
+        return slot.data
+
+    def call(self, op: int, offset: int = 0, length: int = 0, flags: int = 0,
+             payload: bytes | memoryview = b"", into: memoryview | None = None) -> bytes:
+        return self.wait(self.submit(op, offset, length, flags, payload, into))
+
+    def _wake_next(self) -> None:
+        """Wake a thread still waiting for its reply: it receives next."""
+        waiters = self._waiters
+        while waiters:
+            try:
+                slot = waiters.popleft()
+            except IndexError:
+                return
+            if not slot.done:
+                slot.signal()
+                return
+
+    def _receive_until(self, mine: _Slot) -> None:
+        reader = self._reader
+        slots = self._slots
+        slot: _Slot | None = None  # taken from the table, not yet done
+        try:
+            while not mine.done:
+                response = proto.decode_response(reader.read(proto.RESPONSE.size))
+                slot = slots.pop(response.id, None)
+                payload = reader.read(response.payload_length)
+                if slot is None:
+                    raise ProtocolError(f"replica {self.name} answered request "
+                                        f"{response.id}, which is not in flight")
+                if response.error:
+                    slot.error = proto.error_from_code(
+                        response.error,
+                        f"replica {self.name}: {bytes(payload).decode(errors='replace')}")
+                elif slot.into is not None:
+                    if len(payload) != len(slot.into):
+                        raise ProtocolError(f"replica {self.name} sent {len(payload)} bytes "
+                                            f"where {len(slot.into)} were expected")
+                    slot.into[:] = payload
+                else:
+                    slot.data = bytes(payload)
+                slot.done = True
+                if slot is not mine:
+                    slot.signal()
+                slot = None
+        except ApplianceError as exc:
+            failure = self._fail(exc)
+        except OSError as exc:
+            failure = self._fail(Unavailable(f"replica {self.name}: {_reason(exc)}"))
+        else:
+            return
+        # The request whose reply was being read is no longer in the table: fail it here.
+        for orphan in (slot, mine):
+            if orphan is not None and not orphan.done:
+                orphan.error = failure
+                orphan.done = True
+                orphan.signal()
+
+    def _fail(self, exc: ApplianceError) -> ApplianceError:
+        """Fail the pipeline and every request in flight with *exc*; return it."""
+        with self._send_lock:
+            if self.failure is None:
+                self.failure = exc
+            failure = self.failure
+            slots, self._slots = list(self._slots.values()), {}
+        with contextlib.suppress(OSError):  # wakes a receiver blocked on the socket
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self.conn.close()
+        for slot in slots:
+            if not slot.done:
+                slot.error = failure
+                slot.done = True
+                slot.signal()
+        return failure
+
+    def close(self, reason: str = "closed") -> None:
+        self._fail(Unavailable(f"replica {self.name}: {reason}"))
+
+
 def _reason(exc: OSError) -> str:
-    if isinstance(exc, TimeoutError):
+    if proto.timed_out(exc):
         return "timed out"
     return exc.strerror or str(exc)

@@ -46,7 +46,6 @@ from appliance.errors import (
 )
 from appliance.replication import fanout, membership, rebuild
 from appliance.replication import protocol as proto
-from appliance.replication.client import ReplicaConnection
 from appliance.replication.lockorder import Locks, Rank
 from appliance.replication.member import Member, Mode
 from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op
@@ -56,6 +55,8 @@ log = logging.getLogger(__name__)
 HISTORY_SHOWN = 10  # branches of the history that the status shows
 REBUILD_LOCK_WAIT = 5.0  # seconds a structure change waits for a rebuild's last steps
 SERVED = {"read": "reads", "write": "writes"}  # the member's count of each kind of I/O
+#: the engine's counters of each kind of I/O: operations, bytes
+COUNTERS = {kind: (f"{kind}_ops", f"{kind}_bytes") for kind in SERVED}
 #: upper bounds (seconds) of the latency histogram buckets of reads and writes
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -241,26 +242,22 @@ class Engine:
 
     def _fan_out(self, targets: tuple[Member, ...], op: int, offset: int = 0, length: int = 0,
                  flags: int = 0, payload: bytes | memoryview = b"") -> Outcome:
-        sent: list[tuple[Member, ReplicaConnection]] = []
+        """Send the request to every target, then wait for every reply."""
+        sent = []
         failures: list[tuple[Member, ApplianceError]] = []
         for member in targets:
             try:
-                conn = member.acquire()
-                conn.send(op, offset, length, flags, payload)
+                pipeline = member.pipeline()
+                sent.append((member, pipeline, pipeline.submit(op, offset, length, flags,
+                                                               payload)))
             except ApplianceError as exc:
                 failures.append((member, exc))
-                continue
-            sent.append((member, conn))
         results: list[tuple[Member, bytes]] = []
-        for member, conn in sent:
+        for member, pipeline, slot in sent:
             try:
-                _response, data = conn.receive()
+                results.append((member, pipeline.wait(slot)))
             except ApplianceError as exc:
                 failures.append((member, exc))
-                member.release(conn)  # kept when the replica only reported an error
-                continue
-            member.release(conn)
-            results.append((member, data))
         return results, failures
 
     def _settle(self, what: str, outcome: Outcome) -> list[tuple[Member, bytes]]:
@@ -291,9 +288,11 @@ class Engine:
         elapsed = now - started
         bucket = bisect.bisect_left(LATENCY_BUCKETS, elapsed)
         count = SERVED[kind]
+        ops, volume = COUNTERS[kind]
+        stats = self.stats
         with self._stats_lock:
-            self.stats[f"{kind}_ops"] += 1
-            self.stats[f"{kind}_bytes"] += length
+            stats[ops] += 1
+            stats[volume] += length
             self.latency[kind][bucket] += 1
             self.latency_sum[kind] += elapsed
             for member, _ in served:
@@ -323,7 +322,7 @@ class Engine:
             member = readers[0] if readers[0].local else \
                 readers[next(self._turn) % len(readers)]
             try:
-                self._call(member, lambda conn: conn.read(buf, offset))
+                member.pipeline().call(Op.READ, offset, len(buf), into=buf)
             except InvalidArgument:
                 raise
             except ApplianceError as exc:

@@ -10,7 +10,7 @@ from typing import Any
 
 from appliance.errors import ApplianceError, Unavailable
 from appliance.replication import protocol as proto
-from appliance.replication.client import ReplicaConnection
+from appliance.replication.client import Pipeline, ReplicaConnection
 from appliance.replication.lockorder import Lock
 from appliance.replication.protocol import Role
 
@@ -33,8 +33,9 @@ class Mode(StrEnum):
 
 
 class Member:
-    """A replica of the volume. Connections are pooled: a caller takes one for a request
-    (or a fan-out) and gives it back; a broken one is dropped."""
+    """A replica of the volume. The data path (reads, writes, zeroes, trims, flushes) shares
+    one pipelined connection (:meth:`pipeline`); other requests take a pooled connection
+    and give it back (:meth:`acquire`, :meth:`release`); a broken one is dropped."""
 
     def __init__(self, address: tuple[str, int], secret: bytes, timeout: float, *,
                  lock: Lock | None = None) -> None:
@@ -51,6 +52,7 @@ class Member:
         self._generation = 0
         self._token = 0
         self._idle: list[ReplicaConnection] = []
+        self._pipeline: Pipeline | None = None  # the data path's connection
         self._lock: Lock = threading.Lock() if lock is None else lock
         self.rebuild: dict[str, Any] | None = None
         self.kept: Mapping[str, Any] | None = None  # a diverged branch a salvage kept
@@ -63,8 +65,11 @@ class Member:
         with self._lock:
             self._generation, self._token = generation, token
             idle, self._idle = self._idle, []
+            pipeline, self._pipeline = self._pipeline, None
         for conn in idle:
             conn.close()
+        if pipeline is not None:
+            pipeline.close("replaced by a new session")
 
     def connect(self, *, role: Role = Role.WRITER, timeout: float | None = None) -> \
             ReplicaConnection:
@@ -83,6 +88,20 @@ class Member:
         except ApplianceError:
             return  # the same address on another host, or in another mount namespace
         self.unix_path = path
+
+    def pipeline(self) -> Pipeline:
+        """The connection of the data path: one per replica, shared by every thread, many
+        requests in flight (made on first use, and again after it failed)."""
+        pipeline = self._pipeline
+        if pipeline is not None and pipeline.failure is None:
+            return pipeline
+        with self._lock:
+            if self._pipeline is not None and self._pipeline.failure is None:
+                return self._pipeline
+            if self.mode == Mode.ERR:
+                raise Unavailable(f"replica {self.name} is out of service ({self.reason})")
+            self._pipeline = Pipeline(self.connect())
+            return self._pipeline
 
     def acquire(self) -> ReplicaConnection:
         with self._lock:
@@ -109,8 +128,11 @@ class Member:
     def close_connections(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
+            pipeline, self._pipeline = self._pipeline, None
         for conn in idle:
             conn.close()
+        if pipeline is not None:
+            pipeline.close("out of service")
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"address": self.name, "mode": str(self.mode),

@@ -317,6 +317,25 @@ def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
     sock.sendall(remaining)
 
 
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound every send and receive on *sock* by *seconds*, in the kernel (``SO_RCVTIMEO``,
+    ``SO_SNDTIMEO``). The socket stays in blocking mode, so each call is one system call:
+    a Python-level timeout would add a ``poll()`` and a cycle of the interpreter lock before
+    every send and receive. A call that times out raises an OSError that :func:`timed_out`
+    recognises."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    value = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def timed_out(exc: OSError) -> bool:
+    """True when *exc* is the end of a wait: a Python timeout, or a kernel one
+    (:func:`set_timeout`), which blocking calls report as EAGAIN."""
+    return isinstance(exc, TimeoutError) or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
 def tune_socket(sock: socket.socket) -> None:
     """Low latency, and dead peers noticed within about half a minute."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
