@@ -8,6 +8,9 @@ from __future__ import annotations
 
 #: seconds a replica has to answer one data request before it leaves service
 REPLICA_TIMEOUT = 8.0
+#: seconds a replica has to answer a flush or a FUA write: they write back whatever the
+#: page cache holds (the idle monitor's pings still find a replica that stopped answering)
+FLUSH_TIMEOUT = 120.0
 #: seconds long control operations (snapshot, checksum, purge) may take on one replica
 CONTROL_TIMEOUT = 600.0
 #: nbdkit worker threads per NBD connection of an engine (docs/performance.md: more threads

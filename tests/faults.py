@@ -75,9 +75,10 @@ def small_disk(root: Path, name: str, size_mib: int) -> Iterator[Path]:
 
 class FaultyDisk:
     """ext4 on a loop device on a FUSE file served by ``nbdkit file --filter=error``:
-    every I/O of the disk fails with EIO while :attr:`trigger` exists."""
+    every I/O of the disk fails with EIO while :attr:`trigger` exists; with *write_delay*
+    (nbdkit's delay filter, e.g. ``"50ms"``) every write of the disk takes that long."""
 
-    def __init__(self, root: Path, size_mib: int) -> None:
+    def __init__(self, root: Path, size_mib: int, *, write_delay: str | None = None) -> None:
         self.root = root
         self.trigger = root / "fail-now"
         self.backing = root / "faulty-backing.img"
@@ -88,10 +89,12 @@ class FaultyDisk:
         self.fuse.mkdir()
         self.mount = root / "faulty"
         self.mount.mkdir()
+        delay = ["--filter=delay"] if write_delay else []
+        delay_options = [f"delay-write={write_delay}"] if write_delay else []
         self.nbdkit = subprocess.Popen(
-            ["nbdkit", "-f", "-U", str(self.socket), "--filter=error", "file",
-             str(self.backing), "error=EIO", "error-rate=100%", f"error-file={self.trigger}"],
-            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ["nbdkit", "-f", "-U", str(self.socket), *delay, "--filter=error", "file",
+             str(self.backing), "error=EIO", "error-rate=100%", f"error-file={self.trigger}",
+             *delay_options], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.socket.exists, 30, "nbdkit's socket")
         self.nbdfuse = subprocess.Popen(["nbdfuse", str(self.fuse / "disk"), "--unix",
                                          str(self.socket)], stdin=subprocess.DEVNULL)

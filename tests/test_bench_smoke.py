@@ -37,3 +37,13 @@ def test_backup_bench_quick(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "of the plain copy" in result.stdout and "incremental after" in result.stdout
     assert (tmp_path / "out.json").exists()
+
+
+def test_hotpath_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.hotpath", "--quick", "--py-spy", "--strace", "--dir",
+         str(tmp_path / "b"), "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "CPU-us/IO" in result.stdout and "syscalls/IO" in result.stdout
+    assert (tmp_path / "out.json").exists()

@@ -290,10 +290,11 @@ class ReplicaConnection:
 class _Slot:
     """One request in flight on a :class:`Pipeline`."""
 
-    __slots__ = ("data", "done", "error", "into", "wake")
+    __slots__ = ("data", "deadline", "done", "error", "into", "wake")
 
-    def __init__(self, into: memoryview | None) -> None:
+    def __init__(self, into: memoryview | None, deadline: float) -> None:
         self.into = into
+        self.deadline = deadline  # time.monotonic() by which its reply must have come
         self.data = b""
         self.error: ApplianceError | None = None
         self.done = False
@@ -318,7 +319,8 @@ class Pipeline:
     the socket often brings several) and hands each to its request, until its own has come;
     then it wakes a waiting thread to receive next. So a reply usually reaches its thread
     without a hand-off. A connection that fails, or a reply that does not come within the
-    connection's timeout, fails every request in flight and the pipeline (make a new one).
+    connection's timeout (or the longer one given to a request: a flush may write back
+    much data), fails every request in flight and the pipeline (make a new one).
 
     The interpreter lock makes each step on the shared dict and deque atomic; the order of
     the steps (a waiter registers, then checks for a receiver; a receiver steps down, then
@@ -343,10 +345,12 @@ class Pipeline:
         return self.failure is not None
 
     def submit(self, op: int, offset: int = 0, length: int = 0, flags: int = 0,
-               payload: bytes | memoryview = b"", into: memoryview | None = None) -> _Slot:
+               payload: bytes | memoryview = b"", into: memoryview | None = None, *,
+               timeout: float | None = None) -> _Slot:
         """Send a request; :meth:`wait` for its reply (whose payload goes into *into* when
-        given, which it must fill exactly)."""
-        slot = _Slot(into)
+        given, which it must fill exactly) for at most *timeout* seconds (by default the
+        connection's timeout)."""
+        slot = _Slot(into, time.monotonic() + (timeout or self._timeout))
         with self._send_lock:
             if self.failure is not None:
                 raise self.failure
@@ -364,31 +368,42 @@ class Pipeline:
     def wait(self, slot: _Slot) -> bytes:
         """The reply's payload (empty when it went into the request's buffer); the error the
         replica reported, or the failure of the connection, is raised."""
-        deadline = time.monotonic() + self._timeout
         receiving = self._receiving
         while not slot.done:
             if receiving.acquire(blocking=False):
-                try:
-                    self._receive_until(slot)
-                finally:
-                    receiving.release()
-                    self._wake_next()
+                self._lead(slot)
                 break
             self._waiters.append(slot)
             if slot.done or not receiving.locked():
                 continue  # it came meanwhile, or nobody receives now: try again
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not slot.wake.acquire(timeout=remaining):
-                if not slot.done:
-                    self._fail(Unavailable(f"replica {self.name}: timed out"))
-                break
+            remaining = slot.deadline - time.monotonic()
+            if remaining > 0 and slot.wake.acquire(timeout=remaining):
+                continue  # its reply came, or it may receive next
+            # Its time is up while another thread receives. Its thread may have been held
+            # elsewhere (sending to another replica) while the reply came: receive, and
+            # fail the connection only if the reply is not there either.
+            if receiving.acquire(timeout=self._timeout):
+                self._lead(slot)
+            elif not slot.done:
+                self._fail(Unavailable(f"replica {self.name}: timed out"))
+            break
         if slot.error is not None:
             raise slot.error
         return slot.data
 
     def call(self, op: int, offset: int = 0, length: int = 0, flags: int = 0,
-             payload: bytes | memoryview = b"", into: memoryview | None = None) -> bytes:
-        return self.wait(self.submit(op, offset, length, flags, payload, into))
+             payload: bytes | memoryview = b"", into: memoryview | None = None, *,
+             timeout: float | None = None) -> bytes:
+        return self.wait(self.submit(op, offset, length, flags, payload, into,
+                                     timeout=timeout))
+
+    def _lead(self, slot: _Slot) -> None:
+        """Receive (the caller holds the receiving lock) until *slot* is done."""
+        try:
+            self._receive_until(slot)
+        finally:
+            self._receiving.release()
+            self._wake_next()
 
     def _wake_next(self) -> None:
         """Wake a thread still waiting for its reply: it receives next."""
@@ -402,15 +417,30 @@ class Pipeline:
                 slot.signal()
                 return
 
+    def _read(self, count: int) -> memoryview:
+        """*count* bytes of the stream. The socket's (kernel) timeout ends a wait for more
+        only when a request in flight is overdue: a flush may take longer than the
+        connection's timeout, and what was read so far stays in the buffer."""
+        while True:
+            try:
+                return self._reader.read(count)
+            except OSError as exc:
+                if not proto.timed_out(exc):
+                    raise
+                now = time.monotonic()
+                if any(slot.deadline <= now for slot in list(self._slots.values())):
+                    raise
+                if self.failure is not None:
+                    raise self.failure from None
+
     def _receive_until(self, mine: _Slot) -> None:
-        reader = self._reader
         slots = self._slots
         slot: _Slot | None = None  # taken from the table, not yet done
         try:
             while not mine.done:
-                response = proto.decode_response(reader.read(proto.RESPONSE.size))
+                response = proto.decode_response(self._read(proto.RESPONSE.size))
                 slot = slots.pop(response.id, None)
-                payload = reader.read(response.payload_length)
+                payload = self._read(response.payload_length)
                 if slot is None:
                     raise ProtocolError(f"replica {self.name} answered request "
                                         f"{response.id}, which is not in flight")

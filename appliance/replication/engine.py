@@ -33,7 +33,12 @@ from typing import Any
 
 from appliance.chain.access import AccessLock
 from appliance.chain.format import BLOCK_SIZE, block_span, check_name, split_blocks
-from appliance.defaults import CONTROL_TIMEOUT, MONITOR_INTERVAL, REPLICA_TIMEOUT
+from appliance.defaults import (
+    CONTROL_TIMEOUT,
+    FLUSH_TIMEOUT,
+    MONITOR_INTERVAL,
+    REPLICA_TIMEOUT,
+)
 from appliance.errors import (
     AlreadyExists,
     ApplianceError,
@@ -72,6 +77,7 @@ class EngineConfig:
     salvage_from: tuple[str, int] | None = None  # the operator's choice: serve this replica
     rebuild_bandwidth: int = 0  # bytes per second, 0 for no limit
     control_timeout: float = CONTROL_TIMEOUT  # snapshots, checksums: long operations
+    flush_timeout: float = FLUSH_TIMEOUT  # flushes and FUA writes
     monitor_interval: float = MONITOR_INTERVAL  # idle pings of the replicas (0: off)
 
 
@@ -242,14 +248,16 @@ class Engine:
 
     def _fan_out(self, targets: tuple[Member, ...], op: int, offset: int = 0, length: int = 0,
                  flags: int = 0, payload: bytes | memoryview = b"") -> Outcome:
-        """Send the request to every target, then wait for every reply."""
+        """Send the request to every target, then wait for every reply (a flush and a FUA
+        request within the flush timeout, the rest within the data timeout)."""
         sent = []
         failures: list[tuple[Member, ApplianceError]] = []
+        timeout = self.config.flush_timeout if op == Op.FLUSH or flags & FLAG_FUA else None
         for member in targets:
             try:
                 pipeline = member.pipeline()
                 sent.append((member, pipeline, pipeline.submit(op, offset, length, flags,
-                                                               payload)))
+                                                               payload, timeout=timeout)))
             except ApplianceError as exc:
                 failures.append((member, exc))
         results: list[tuple[Member, bytes]] = []
