@@ -19,7 +19,6 @@ import argparse
 import collections
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,13 +29,7 @@ from typing import Any
 from appliance.replication import engine_control
 from appliance.units import parse_size
 from bench.fio_bench import WORKLOADS, Target, Workload, project, stop_project
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+from bench.volume_bench import cpu_seconds
 
 
 def context_switches(pid: int) -> int:
@@ -122,6 +115,14 @@ def py_spy(pids: dict[str, int], seconds: float, out: Path) -> dict[str, Any]:
     return {name: summarise(out / f"{name}.txt") for name in pids}
 
 
+def short_frame(frame: str) -> str:
+    """``function (/path/to/file.py:123)`` as ``function (file.py)``."""
+    function, paren, where = frame.partition(" (")
+    if not paren:
+        return frame
+    return f"{function} ({Path(where.rsplit(':', 1)[0]).name})"
+
+
 def summarise(path: Path, top: int = 12) -> dict[str, Any]:
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
@@ -133,8 +134,7 @@ def summarise(path: Path, top: int = 12) -> dict[str, Any]:
         if not stack:
             continue
         count = int(count_text)
-        frames = [frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0].rsplit(
-            "/", 1)[-1] + ")" if " (" in frame else frame for frame in stack.split(";")]
+        frames = [short_frame(frame) for frame in stack.split(";")]
         total += count
         own[frames[-1]] += count
         for frame in set(frames):

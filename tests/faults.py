@@ -75,10 +75,10 @@ def small_disk(root: Path, name: str, size_mib: int) -> Iterator[Path]:
 
 class FaultyDisk:
     """ext4 on a loop device on a FUSE file served by ``nbdkit file --filter=error``:
-    every I/O of the disk fails with EIO while :attr:`trigger` exists; with *write_delay*
-    (nbdkit's delay filter, e.g. ``"50ms"``) every write of the disk takes that long."""
+    every I/O of the disk fails with EIO while :attr:`trigger` exists. Between
+    :meth:`pause` and :meth:`resume` (nbdkit's pause filter) every I/O of the disk waits."""
 
-    def __init__(self, root: Path, size_mib: int, *, write_delay: str | None = None) -> None:
+    def __init__(self, root: Path, size_mib: int) -> None:
         self.root = root
         self.trigger = root / "fail-now"
         self.backing = root / "faulty-backing.img"
@@ -89,12 +89,12 @@ class FaultyDisk:
         self.fuse.mkdir()
         self.mount = root / "faulty"
         self.mount.mkdir()
-        delay = ["--filter=delay"] if write_delay else []
-        delay_options = [f"delay-write={write_delay}"] if write_delay else []
+        self.pause_control = root / "faulty-pause.sock"
         self.nbdkit = subprocess.Popen(
-            ["nbdkit", "-f", "-U", str(self.socket), *delay, "--filter=error", "file",
-             str(self.backing), "error=EIO", "error-rate=100%", f"error-file={self.trigger}",
-             *delay_options], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ["nbdkit", "-f", "-U", str(self.socket), "--filter=pause", "--filter=error",
+             "file", str(self.backing), "error=EIO", "error-rate=100%",
+             f"error-file={self.trigger}", f"pause-control={self.pause_control}"],
+            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.socket.exists, 30, "nbdkit's socket")
         self.nbdfuse = subprocess.Popen(["nbdfuse", str(self.fuse / "disk"), "--unix",
                                          str(self.socket)], stdin=subprocess.DEVNULL)
@@ -112,6 +112,20 @@ class FaultyDisk:
 
     def heal(self) -> None:
         self.trigger.unlink(missing_ok=True)
+
+    def pause(self) -> None:
+        """Hold every later I/O of the disk (returns once the I/O in progress is done)."""
+        self._control(b"p")
+
+    def resume(self) -> None:
+        self._control(b"r")
+
+    def _control(self, command: bytes) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.settimeout(60)
+            control.connect(str(self.pause_control))
+            control.sendall(command)
+            assert control.recv(1) == command.upper(), "the pause filter did not answer"
 
     def close(self) -> None:
         self.heal()

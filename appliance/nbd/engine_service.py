@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.errors import InvalidArgument
+from appliance.nbd import threadstate
 from appliance.nbd.settings import EngineSettings
 from appliance.replication import protocol as proto
 from appliance.replication.engine import Engine, EngineConfig
@@ -73,7 +74,7 @@ class EngineService:
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         status = self.engine.status()
         status.update(socket=str(self.settings.socket), control=str(self.settings.control),
-                      pid=os.getpid(),
+                      pid=os.getpid(), threads_pinned=threadstate.pinned(),
                       listen=proto.format_address(self.settings.listen)
                       if self.settings.listen else None)
         return status

@@ -11,7 +11,7 @@ and keeps it.
 The cost: the state of a thread that exits stays allocated until the process ends (a few KiB
 per nbdkit worker thread; nbdkit starts ``-t`` of them per NBD connection). Engines hold a
 handful of long-lived connections, so this is bounded in practice; :func:`pinned` counts
-them for the engine's status.
+them (the engine's status shows it as ``threads_pinned``).
 
 The check that a thread is pinned uses a ``threading.local``, which lives in the thread
 state itself: a new thread (even one that reuses an exited thread's id) starts unpinned.

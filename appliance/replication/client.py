@@ -1,11 +1,11 @@
 """A client connection to a replica server.
 
-:class:`ReplicaConnection` is one authenticated TCP connection. :meth:`call` sends a request
-and waits for its reply; :meth:`send` and :meth:`receive` are the two halves, for callers
-that fan one request out to several replicas or keep several in flight. Every wait is
-bounded by the connection's timeout, kept by the kernel (:func:`protocol.set_timeout`); any
-failure of the connection closes it and raises :class:`~appliance.errors.Unavailable` (or
-the error the replica reported).
+:class:`ReplicaConnection` is one authenticated TCP connection, one request at a time:
+:meth:`call` sends a request and waits for its reply (control operations, probes, rebuild
+sources). :class:`Pipeline` shares one such connection among many threads with many requests
+in flight: the engine's data path. Every wait is bounded by a timeout kept by the kernel
+(:func:`protocol.set_timeout`); any failure of the connection closes it and raises
+:class:`~appliance.errors.Unavailable` (or the error the replica reported).
 """
 
 from __future__ import annotations
@@ -174,40 +174,8 @@ class ReplicaConnection:
     # -- operations -------------------------------------------------------------------------
 
     def read(self, buf: memoryview, offset: int) -> None:
-        """READ into *buf*. The reply's header and data arrive in one ``recvmsg_into`` (at
-        most one request may be in flight on the connection)."""
-        request_id = self.send(Op.READ, offset, len(buf))
-        header = memoryview(self._header)
-        size = len(header)
-        try:
-            got = 0
-            while got < size:
-                count = self.sock.recvmsg_into([header[got:], buf])[0]
-                if not count:
-                    raise proto.ConnectionClosed("the connection was closed by the peer")
-                got += count
-            response = proto.decode_response(header)
-            received = got - size
-            if response.error:
-                message = bytes(buf[:received]) + self._take(response.payload_length - received)
-                raise proto.error_from_code(response.error,
-                                            f"replica {self.name}: {message.decode()}")
-            if response.payload_length != len(buf) or response.id != request_id:
-                raise ProtocolError(f"replica {self.name} sent a reply that does not match "
-                                    f"read request {request_id}")
-            if received < len(buf):
-                proto.recv_exact(self.sock, buf[received:])
-        except ApplianceError as exc:
-            if isinstance(exc, (Unavailable, ProtocolError)):
-                self.close()
-            raise
-        except OSError as exc:
-            raise self._broken(exc) from exc
-
-    def _take(self, count: int) -> bytes:
-        data = bytearray(count)
-        proto.recv_exact(self.sock, memoryview(data))
-        return bytes(data)
+        """READ into *buf* (the engine's reads go through its :class:`Pipeline`)."""
+        self.call(Op.READ, offset, len(buf), into=buf)
 
     def write(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
         self.call(Op.WRITE, offset, len(data), FLAG_FUA if fua else 0, data)

@@ -93,10 +93,10 @@ class Member:
         """The connection of the data path: one per replica, shared by every thread, many
         requests in flight (made on first use, and again after it failed)."""
         pipeline = self._pipeline
-        if pipeline is not None and pipeline.failure is None:
+        if pipeline is not None and not pipeline.broken:
             return pipeline
         with self._lock:
-            if self._pipeline is not None and self._pipeline.failure is None:
+            if self._pipeline is not None and not self._pipeline.broken:
                 return self._pipeline
             if self.mode == Mode.ERR:
                 raise Unavailable(f"replica {self.name} is out of service ({self.reason})")
