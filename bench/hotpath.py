@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a workload name of bench.fio_bench (all when not given)")
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--threads", type=int, help="nbdkit threads (the engine's default)")
+    parser.add_argument("--local", action="store_true",
+                        help="the engine's local fast path (one replica lent to it)")
     parser.add_argument("--py-spy", action="store_true")
     parser.add_argument("--strace", action="store_true")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/appliance-hotpath"))
@@ -166,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [w for w in WORKLOADS if not args.workload or w.name in args.workload]
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
-    target = project(args.dir, size, args.replicas,
-                     ("--threads", str(args.threads)) if args.threads else ())
+    engine_args = (("--threads", str(args.threads)) if args.threads else ()) + \
+        (("--local-fast-path",) if args.local else ())
+    target = project(args.dir, size, args.replicas, engine_args)
     control = args.dir / f"project{args.replicas}" / "ctl.sock"
     names = ["engine"] + [f"replica{i}" for i in range(args.replicas)]
     pids = dict(zip(names, target.pids, strict=True))

@@ -92,6 +92,7 @@ class Volume:
         self.directories = list(directories or
                                 [root / f"replica{index}" for index in range(replicas)])
         self.ports = [free_port() for _ in range(replicas)]
+        self.engine_args: tuple[str, ...] = ()  # given to every start of the engine
         for directory in self.directories:
             run("replica", "create", directory, "--size", size)
         self.engine_pid = 0
@@ -137,7 +138,8 @@ class Volume:
         replicas = [item for index in range(len(self.directories))
                     for item in ("--replica", self.address(index))]
         result = run("engine", "start", self.name, *replicas, "--secret-file", self.secret,
-                     "--socket", self.socket, "--control", self.control, *extra, check=check)
+                     "--socket", self.socket, "--control", self.control, *self.engine_args,
+                     *extra, check=check)
         if result.returncode == 0:
             self.engine_pid = int(Path(str(self.socket) + ".pid").read_text())
         return result

@@ -55,16 +55,21 @@ def engine() -> None:
               help="Rebuild bandwidth limit in bytes per second (0: none).")
 @click.option("--threads", type=click.IntRange(1, 64), default=ENGINE_THREADS,
               show_default=True, help="nbdkit worker threads per NBD connection.")
+@click.option("--local-fast-path", is_flag=True,
+              help="Serve a replica on this host in the engine's process: its server lends "
+                   "it (docs/local-fast-path.md).")
 @click.option("--foreground", is_flag=True, help="Run in this process (nbdkit -f).")
 def start(name: str, replicas: tuple[tuple[str, int], ...], secret_file: Path,
           socket_path: Path, control_path: Path, listen: tuple[str, int] | None,
           psk_file: Path | None, salvage: bool, salvage_from: tuple[str, int] | None,
-          timeout: float, rebuild_bandwidth: int, threads: int, foreground: bool) -> None:
+          timeout: float, rebuild_bandwidth: int, threads: int, local_fast_path: bool,
+          foreground: bool) -> None:
     """Start the engine of volume NAME on its replicas."""
     settings = EngineSettings(name, replicas, secret_file, socket_path, control_path,
                               listen=listen, psk_file=psk_file, salvage=salvage,
                               salvage_from=salvage_from, timeout=timeout,
-                              rebuild_bandwidth=rebuild_bandwidth, threads=threads)
+                              rebuild_bandwidth=rebuild_bandwidth, threads=threads,
+                              local_fast_path=local_fast_path)
     pid = start_engine(settings, foreground=foreground)
     click.echo(f"engine of {name} serving on {socket_path} (pid {pid})")
     info = engine_control.call(control_path, "status")

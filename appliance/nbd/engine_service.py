@@ -30,7 +30,8 @@ class EngineService:
             settings.volume, settings.replicas, read_secret_file(settings.secret_file),
             timeout=settings.timeout, salvage=settings.salvage,
             salvage_from=settings.salvage_from,
-            rebuild_bandwidth=settings.rebuild_bandwidth))
+            rebuild_bandwidth=settings.rebuild_bandwidth,
+            local_fast_path=settings.local_fast_path))
         self.control: ControlServer | None = None
         self.forwarder: subprocess.Popen[bytes] | None = None
 

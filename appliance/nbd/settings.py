@@ -33,6 +33,7 @@ class EngineSettings:
     timeout: float = REPLICA_TIMEOUT
     rebuild_bandwidth: int = 0
     threads: int = ENGINE_THREADS  # nbdkit worker threads per connection
+    local_fast_path: bool = False  # serve a replica on this host in the engine's process
     extra: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -72,6 +73,8 @@ class EngineSettings:
             parameters.append("salvage=1")
         if self.salvage_from:
             parameters.append(f"salvage-from={format_address(self.salvage_from)}")
+        if self.local_fast_path:
+            parameters.append("local=1")
         return parameters
 
     @classmethod
@@ -100,10 +103,11 @@ class EngineSettings:
                 salvage_from=parse_address(values["salvage-from"])
                 if "salvage-from" in values else None,
                 timeout=float(values.get("timeout", REPLICA_TIMEOUT)),
-                rebuild_bandwidth=int(values.get("rebuild-bandwidth", 0)))
+                rebuild_bandwidth=int(values.get("rebuild-bandwidth", 0)),
+                local_fast_path=values.get("local") == "1")
         except ValueError as exc:
             raise InvalidArgument(f"invalid engine parameter: {exc}") from exc
 
 
 _SINGLE = {"volume", "secret-file", "socket", "control", "listen", "psk-file", "salvage",
-           "salvage-from", "timeout", "rebuild-bandwidth"}
+           "salvage-from", "timeout", "rebuild-bandwidth", "local"}

@@ -25,6 +25,7 @@ class NodeConfig:
     port_range: tuple[int, int] = (10100, 10999)  # replica server ports
     reconcile_interval: float = 2.0  # seconds between looks at running processes
     replica_timeout: float = REPLICA_TIMEOUT
+    local_fast_path: bool = True  # engines serve a replica on this node in-process
 
     @property
     def state_db(self) -> Path:
@@ -49,7 +50,7 @@ class NodeConfig:
 
 DEFAULT_DATA_DIR = Path("/var/lib/appliance")
 _KEYS = {"data_dir", "listen", "node_name", "replica_address", "port_range", "reconcile_interval",
-         "replica_timeout"}
+         "replica_timeout", "local_fast_path"}
 
 
 def load_config(data_dir: Path | None, listen: str | None,
@@ -83,6 +84,13 @@ def load_config(data_dir: Path | None, listen: str | None,
             replica_address=str(values.get("replica_address", "127.0.0.1")),
             port_range=(int(port_range[0]), int(port_range[1])),
             reconcile_interval=float(values.get("reconcile_interval", 2.0)),
-            replica_timeout=float(values.get("replica_timeout", REPLICA_TIMEOUT)))
+            replica_timeout=float(values.get("replica_timeout", REPLICA_TIMEOUT)),
+            local_fast_path=_flag(values.get("local_fast_path", True), "local_fast_path"))
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"invalid configuration: {exc}") from exc
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"invalid {key} {value!r}: true or false")
+    return value

@@ -34,6 +34,12 @@ from appliance.replication.protocol import (
     Welcome,
 )
 
+RETRY_INTERVAL = 0.05  # seconds between handshakes a replica asked to retry
+
+
+class RetryLater(Unavailable):
+    """The replica asked the client to connect again shortly."""
+
 
 class ReplicaConnection:
     def __init__(self, address: tuple[str, int], secret: bytes, *, role: Role = Role.READER,
@@ -46,24 +52,39 @@ class ReplicaConnection:
         self.timeout = timeout
         self._next_id = 1
         self._header = bytearray(proto.RESPONSE.size)
+        # A replica lent to an engine asks a new writer to retry (EAGAIN) while it is being
+        # handed back to its own server (docs/local-fast-path.md): retried within *timeout*.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.welcome = self._connect(secret, role, generation, token, unix_path)
+                return
+            except RetryLater:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"replica {self.name}: still being handed back to its "
+                                      f"server after {timeout:.0f} s") from None
+                time.sleep(RETRY_INTERVAL)
+
+    def _connect(self, secret: bytes, role: Role, generation: int, token: int,
+                 unix_path: str | None) -> Welcome:
         try:
             if unix_path:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.settimeout(timeout)
+                self.sock.settimeout(self.timeout)
                 try:
                     unixsock.connect(self.sock, unix_path)
                 except OSError:
                     self.sock.close()
                     raise
             else:
-                self.sock = socket.create_connection(address, timeout=timeout)
+                self.sock = socket.create_connection(self.address, timeout=self.timeout)
         except OSError as exc:
             raise Unavailable(f"replica {self.name}: cannot connect ({_reason(exc)})") from exc
         try:
-            proto.set_timeout(self.sock, timeout)
+            proto.set_timeout(self.sock, self.timeout)
             if not unix_path:
                 proto.tune_socket(self.sock)
-            self.welcome = self._handshake(secret, role, generation, token)
+            return self._handshake(secret, role, generation, token)
         except BaseException:
             self.sock.close()
             raise
@@ -94,6 +115,8 @@ class ReplicaConnection:
         if not hmac.compare_digest(welcome.proof, expected):
             raise AuthenticationFailed(f"replica {self.name} could not prove it holds the "
                                        "secret")
+        if welcome.status == errno.EAGAIN:
+            raise RetryLater(f"replica {self.name} asked to retry")
         if welcome.status:
             raise proto.error_from_code(welcome.status, f"replica {self.name} refused the "
                                         f"session (its generation is {welcome.generation})")
@@ -255,7 +278,7 @@ class ReplicaConnection:
         self.close()
 
 
-class _Slot:
+class Slot:
     """One request in flight on a :class:`Pipeline`."""
 
     __slots__ = ("data", "deadline", "done", "error", "into", "wake")
@@ -303,8 +326,8 @@ class Pipeline:
         self._reader = proto.BufferedReader(conn.sock, 256 << 10)
         self._send_lock = threading.Lock()
         self._receiving = threading.Lock()  # held by the thread that receives
-        self._slots: dict[int, _Slot] = {}
-        self._waiters: collections.deque[_Slot] = collections.deque()
+        self._slots: dict[int, Slot] = {}
+        self._waiters: collections.deque[Slot] = collections.deque()
         self._next_id = 1
         self.failure: ApplianceError | None = None
 
@@ -314,11 +337,11 @@ class Pipeline:
 
     def submit(self, op: int, offset: int = 0, length: int = 0, flags: int = 0,
                payload: bytes | memoryview = b"", into: memoryview | None = None, *,
-               timeout: float | None = None) -> _Slot:
+               timeout: float | None = None) -> Slot:
         """Send a request; :meth:`wait` for its reply (whose payload goes into *into* when
         given, which it must fill exactly) for at most *timeout* seconds (by default the
         connection's timeout)."""
-        slot = _Slot(into, time.monotonic() + (timeout or self._timeout))
+        slot = Slot(into, time.monotonic() + (timeout or self._timeout))
         with self._send_lock:
             if self.failure is not None:
                 raise self.failure
@@ -333,7 +356,7 @@ class Pipeline:
                 failure = Unavailable(f"replica {self.name}: {_reason(exc)}")
         raise self._fail(failure)
 
-    def wait(self, slot: _Slot) -> bytes:
+    def wait(self, slot: Slot) -> bytes:
         """The reply's payload (empty when it went into the request's buffer); the error the
         replica reported, or the failure of the connection, is raised."""
         receiving = self._receiving
@@ -365,7 +388,7 @@ class Pipeline:
         return self.wait(self.submit(op, offset, length, flags, payload, into,
                                      timeout=timeout))
 
-    def _lead(self, slot: _Slot) -> None:
+    def _lead(self, slot: Slot) -> None:
         """Receive (the caller holds the receiving lock) until *slot* is done."""
         try:
             self._receive_until(slot)
@@ -401,9 +424,9 @@ class Pipeline:
                 if self.failure is not None:
                     raise self.failure from None
 
-    def _receive_until(self, mine: _Slot) -> None:
+    def _receive_until(self, mine: Slot) -> None:
         slots = self._slots
-        slot: _Slot | None = None  # taken from the table, not yet done
+        slot: Slot | None = None  # taken from the table, not yet done
         try:
             while not mine.done:
                 response = proto.decode_response(self._read(proto.RESPONSE.size))

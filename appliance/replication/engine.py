@@ -79,6 +79,7 @@ class EngineConfig:
     control_timeout: float = CONTROL_TIMEOUT  # snapshots, checksums: long operations
     flush_timeout: float = FLUSH_TIMEOUT  # flushes and FUA writes
     monitor_interval: float = MONITOR_INTERVAL  # idle pings of the replicas (0: off)
+    local_fast_path: bool = False  # serve a replica on this host in-process (lent)
 
 
 Outcome = tuple[list[tuple[Member, bytes]], list[tuple[Member, ApplianceError]]]
@@ -103,6 +104,7 @@ class Engine:
         self.roster = Roster(self.volume, self.members, self._store_record,
                              lock=self._locks.lock(Rank.ROSTER, threading.RLock()))
         self.started: dict[str, Any] = {}  # what the start decided (engine status)
+        self._lent_member: Member | None = None  # the replica lent to us (local fast path)
         self._turn = itertools.count()
         self._rebuilds: dict[str, threading.Thread] = {}  # changed under roster.lock
         # One rebuild at a time: each takes a snapshot on the replicas in service and its
@@ -147,6 +149,8 @@ class Engine:
             by_name[probe.name].connect().close()
         self.size = decision.rw[0].size
         self.roster.start(decision)
+        if self.config.local_fast_path:
+            self._borrow_local()
         self.started = {"rw": [p.name for p in decision.rw],
                         "behind": [p.name for p in decision.stale],
                         "kept": [p.name for p in decision.diverged],
@@ -163,6 +167,24 @@ class Engine:
             self._start_rebuild(by_name[probe.name])
         if self.config.monitor_interval > 0:
             threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+
+    def _borrow_local(self) -> None:
+        """Have the server of one replica in service on this host lend it to the engine
+        (docs/local-fast-path.md); without one, or when it refuses, every replica stays
+        behind its server."""
+        for member in self.roster.readers:
+            if not (member.local and member.unix_path):
+                continue
+            try:
+                member.borrow(self.config.control_timeout)
+            except ApplianceError as exc:
+                log.warning("volume %s: replica %s stays behind its server: %s", self.volume,
+                            member.name, exc)
+                continue
+            log.info("volume %s: replica %s is served in the engine's process (lent by "
+                     "its server)", self.volume, member.name)
+            self._lent_member = member
+            return
 
     def _monitor(self) -> None:
         """Ping the replicas in service while the volume is idle: one that died leaves
@@ -218,6 +240,7 @@ class Engine:
         for thread in rebuilds:
             thread.join(timeout=self.config.timeout)
         for member in self.members:
+            member.give_back("the engine stopped")
             member.close_connections()
 
     # -- membership -------------------------------------------------------------------------
@@ -253,6 +276,10 @@ class Engine:
         sent = []
         failures: list[tuple[Member, ApplianceError]] = []
         timeout = self.config.flush_timeout if op == Op.FLUSH or flags & FLAG_FUA else None
+        lent = self._lent_member
+        if lent is not None and len(targets) > 1 and lent in targets:
+            # a lent replica's request runs on this thread: send the others' first
+            targets = (*[m for m in targets if m is not lent], lent)
         for member in targets:
             try:
                 pipeline = member.pipeline()

@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from appliance.errors import ApplianceError, Unavailable
+from appliance.errors import ApplianceError, FailedPrecondition, Unavailable
 from appliance.replication import protocol as proto
 from appliance.replication.client import Pipeline, ReplicaConnection
+from appliance.replication.local import LentReplica, LocalPipeline
 from appliance.replication.lockorder import Lock
 from appliance.replication.protocol import Role
 
@@ -53,6 +54,7 @@ class Member:
         self._token = 0
         self._idle: list[ReplicaConnection] = []
         self._pipeline: Pipeline | None = None  # the data path's connection
+        self.lent: LentReplica | None = None  # the replica, lent by its server to us
         self._lock: Lock = threading.Lock() if lock is None else lock
         self.rebuild: dict[str, Any] | None = None
         self.kept: Mapping[str, Any] | None = None  # a diverged branch a salvage kept
@@ -62,6 +64,7 @@ class Member:
 
     def session(self, generation: int, token: int) -> None:
         """Use writer sessions of this generation and attach token from now on."""
+        self.give_back("a new session")
         with self._lock:
             self._generation, self._token = generation, token
             idle, self._idle = self._idle, []
@@ -89,9 +92,37 @@ class Member:
             return  # the same address on another host, or in another mount namespace
         self.unix_path = path
 
-    def pipeline(self) -> Pipeline:
-        """The connection of the data path: one per replica, shared by every thread, many
-        requests in flight (made on first use, and again after it failed)."""
+    def borrow(self, timeout: float) -> None:
+        """Have the replica's server (on this host) lend it to us: serve it in this process
+        from now on (docs/local-fast-path.md). Raises if the server refuses."""
+        if not (self.local and self.unix_path):
+            raise FailedPrecondition(f"replica {self.name} is not on this host")
+        self.close_connections()  # the server ends its sessions when it lends
+        conn = self.connect(timeout=timeout)
+        try:
+            lent = LentReplica(self.name, conn, self._secret, (self._generation, self._token),
+                               self.unix_path, timeout)
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self.lent = lent
+
+    def give_back(self, reason: str) -> None:
+        """Give a lent replica back to its server (which serves it again)."""
+        with self._lock:
+            lent, self.lent = self.lent, None
+        if lent is not None:
+            lent.give_back(reason)
+            self.close_connections()  # they were served by the lent replica's server
+
+    def pipeline(self) -> Pipeline | LocalPipeline:
+        """The data path: the lent replica itself, or one connection per replica, shared by
+        every thread, many requests in flight (made on first use, and again after it
+        failed)."""
+        lent = self.lent
+        if lent is not None and not lent.given_back:
+            return lent.pipeline
         pipeline = self._pipeline
         if pipeline is not None and not pipeline.broken:
             return pipeline
@@ -121,8 +152,10 @@ class Member:
         conn.close()
 
     def leave(self) -> None:
-        """It left service (the roster marked it ERR): count it, drop its connections."""
+        """It left service (the roster marked it ERR): count it, give it back if it was
+        lent, drop its connections."""
         self.stats["errors"] += 1
+        self.give_back("it left service")
         self.close_connections()
 
     def close_connections(self) -> None:
@@ -139,6 +172,8 @@ class Member:
                                 "replica_id": self.replica_id, **self.stats}
         if self.mode == Mode.ERR:
             info["reason"] = self.reason
+        if self.lent is not None and not self.lent.given_back:
+            info["lent"] = True
         if self.rebuild is not None:
             info["rebuild"] = dict(self.rebuild)
         if self.kept is not None:

@@ -69,6 +69,7 @@ class Op(IntEnum):
     REBUILD = 27
     REBUILD_STATUS = 28
     SET_REVISION = 29
+    LEND = 30  # lend the replica to the engine on this host (docs/local-fast-path.md)
 
 
 class Role(IntEnum):

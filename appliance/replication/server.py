@@ -9,10 +9,16 @@ Every request of a writer session is checked against the current registration (g
 and attach token): a request from a stale engine, or from a connection that a newer
 attachment of the same engine replaced, is refused and its connection closed (DESIGN
 invariant 4).
+
+The same class serves a replica lent to an engine (docs/local-fast-path.md), inside the
+engine's process: connections are handed to it with :meth:`ReplicaServer.start_connection`,
+and :meth:`ReplicaServer.retire` ends every session and waits for the work in flight, so
+that the replica can be closed and handed on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import logging
@@ -24,29 +30,49 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from appliance.chain import BLOCK_SIZE, Replica
-from appliance.errors import ApplianceError, InvalidArgument, ProtocolError, StaleSession
+from appliance.errors import (
+    ApplianceError,
+    FailedPrecondition,
+    InvalidArgument,
+    ProtocolError,
+    StaleSession,
+    StorageIOError,
+)
+from appliance.replication import dataops, rebuild_job, replica_ops
 from appliance.replication import protocol as proto
-from appliance.replication import rebuild_job, replica_ops
-from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op, Request, Role
+from appliance.replication.protocol import FLAG_REPORT_ZEROS, Op, Request, Role
 from appliance.replication.session import Parts, Session
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 JOB_STOP_TIMEOUT = 60.0  # seconds a stopping server waits for its rebuild job to stop
+RETIRE_TIMEOUT = 60.0  # seconds a retiring server waits for each connection's thread
+
+#: called with the session and its LEND request: lends the replica, answers, and returns
+#: when the lend has ended (the session is over then)
+Lender = Callable[[Session, Request], None]
+#: called when a writer other than the registered one asks to register; True makes the
+#: server refuse it for now (EAGAIN: the replica is being handed back to its own server)
+Yielder = Callable[[], bool]
 
 
 class ReplicaServer:
     def __init__(self, replica: Replica, secret: bytes, *, workers: int = 4,
-                 unix_path: str | None = None) -> None:
+                 unix_path: str | None = None, lender: Lender | None = None,
+                 yield_to: Yielder | None = None) -> None:
         self.replica = replica
         self.unix_path = unix_path
         self.secret = secret
+        self._lender = lender
+        self._yield_to = yield_to
         self._registration_lock = threading.Lock()
         self._writer: tuple[int, int] | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control")
         self._sessions: set[Session] = set()
         self._sessions_lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()  # one per connection, under the lock
+        self._retired = False
         self.rebuild = rebuild_job.RebuildSlot(replica, secret)
         self._inline: dict[int, Callable[[Session, Request, memoryview], Parts]] = {
             Op.READ: self._read, Op.WRITE: self._write, Op.WRITE_ZEROES: self._write_zeroes,
@@ -73,10 +99,19 @@ class ReplicaServer:
                     break
                 log.error("accept failed: %s", exc)
                 continue
-            name = proto.format_address(peer[:2]) if isinstance(peer, tuple) else "unix"
-            threading.Thread(target=self._connection, args=(sock, name),
-                             name=f"conn-{name}", daemon=True).start()
+            self.start_connection(sock, peer_name(peer))
         self.close_sessions()
+
+    def start_connection(self, sock: socket.socket, peer: str) -> None:
+        """Serve the connection *sock* (accepted, or handed over) on a thread of its own."""
+        thread = threading.Thread(target=self._connection, args=(sock, peer),
+                                  name=f"conn-{peer}", daemon=True)
+        with self._sessions_lock:
+            if self._retired:
+                sock.close()
+                return
+            self._threads.add(thread)
+        thread.start()
 
     def close(self) -> None:
         """Stop the work left running (a rebuild job, control operations) before the
@@ -84,10 +119,45 @@ class ReplicaServer:
         self.rebuild.stop(JOB_STOP_TIMEOUT)
         self._pool.shutdown(wait=True)
 
-    def close_sessions(self) -> None:
+    def close_sessions(self, keep: Session | None = None) -> None:
         with self._sessions_lock:
-            for session in list(self._sessions):
-                session.sock.close()
+            sessions = [session for session in self._sessions if session is not keep]
+        for session in sessions:
+            with contextlib.suppress(OSError):  # wakes its thread, blocked in recv()
+                session.sock.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def idle_rebuild(self) -> bool:
+        """True unless a rebuild job is running into this replica."""
+        status = self.rebuild.status()
+        return status is None or status["state"] != "running"
+
+    def retire(self, keep: Session | None = None) -> None:
+        """Serve nothing more: refuse new connections, end every session but *keep*, stop
+        the rebuild job and the control operations, and wait until no thread touches the
+        replica any more (so that it can be closed and handed on)."""
+        with self._sessions_lock:
+            self._retired = True
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        self.close_sessions(keep)
+        self.close()
+        for thread in threads:
+            thread.join(RETIRE_TIMEOUT)
+            if thread.is_alive():
+                raise StorageIOError(f"a connection's thread ({thread.name}) still works on "
+                                     f"the replica after {RETIRE_TIMEOUT:.0f} s")
+
+    def register(self, generation: int, token: int) -> None:
+        """Make (*generation*, *token*) the current writer (a server in an engine's process
+        starts with its engine registered)."""
+        if self._register(Role.WRITER, generation, token):
+            raise StaleSession(f"generation {generation} is older than "
+                               f"{self.replica.generation}")
+
+    @property
+    def writer(self) -> tuple[int, int] | None:
+        """The registered writer: (generation, attach token)."""
+        return self._writer
 
     def _connection(self, sock: socket.socket, peer: str) -> None:
         try:
@@ -99,6 +169,8 @@ class ReplicaServer:
                 return
             sock.settimeout(None)  # idle engines are fine; keepalive finds dead ones
             with self._sessions_lock:
+                if self._retired:
+                    return
                 self._sessions.add(session)
             try:
                 self._serve_session(session)
@@ -116,6 +188,8 @@ class ReplicaServer:
             log.exception("connection from %s failed", peer)
         finally:
             sock.close()
+            with self._sessions_lock:
+                self._threads.discard(threading.current_thread())
 
     def _handshake(self, sock: socket.socket, peer: str) -> Session | None:
         server_nonce = os.urandom(proto.NONCE_SIZE)
@@ -132,9 +206,12 @@ class ReplicaServer:
             return None
         status = self._register(Role(role), generation, token)
         replica = self.replica
-        if status:
+        if status == errno.ESTALE:
             log.warning("refused a writer from %s: generation %d is older than %d", peer,
                         generation, replica.generation)
+        elif status:
+            log.info("asked a writer from %s to retry: the replica is being handed back to "
+                     "its server", peer)
         fields = (status, replica.generation, replica.revision, replica.size, replica_id)
         sock.sendall(proto.WELCOME.pack(status, proto.server_proof(
             self.secret, client_nonce, server_nonce, *fields), *fields[1:]))
@@ -150,6 +227,9 @@ class ReplicaServer:
         with self._registration_lock:
             if generation < self.replica.generation:
                 return errno.ESTALE
+            if self._writer not in (None, (generation, token)) and \
+                    self._yield_to is not None and self._yield_to():
+                return errno.EAGAIN
             if generation > self.replica.generation:
                 self.replica.set_generation(generation)
             if self._writer != (generation, token):
@@ -171,6 +251,10 @@ class ReplicaServer:
                 session.reply_error(request, InvalidArgument(
                     f"operation {request.op} needs a writer session"))
                 continue
+            if request.op == Op.LEND:
+                if self._lend(session, request):
+                    return  # the lend has ended, and with it the session
+                continue
             inline = self._inline.get(request.op)
             if inline is not None:
                 self._run_inline(session, request, inline, payload)
@@ -181,6 +265,23 @@ class ReplicaServer:
                     return  # the server is stopping
             else:
                 session.reply_error(request, ProtocolError(f"unknown operation {request.op}"))
+
+    def _lend(self, session: Session, request: Request) -> bool:
+        """Lend the replica to the session's engine (True), or refuse (False)."""
+        if self._lender is None:
+            session.reply_error(request, FailedPrecondition(
+                "this replica server cannot lend its replica"))
+            return False
+        if session.sock.family != socket.AF_UNIX:
+            session.reply_error(request, FailedPrecondition(
+                "a replica is lent only through its server's unix socket"))
+            return False
+        if not self.idle_rebuild:
+            session.reply_error(request, FailedPrecondition(
+                "the replica is being rebuilt; it is lent only when in sync"))
+            return False
+        self._lender(session, request)
+        return True
 
     def _run_inline(self, session: Session, request: Request,
                     handler: Callable[[Session, Request, memoryview], Parts],
@@ -215,26 +316,21 @@ class ReplicaServer:
         return [data]
 
     def _write(self, session: Session, request: Request, payload: memoryview) -> Parts:
-        self.replica.write(payload, request.offset)
-        if request.flags & FLAG_FUA:
-            self.replica.flush()
+        dataops.write(self.replica, request.offset, request.flags, payload)
         return []
 
     def _write_zeroes(self, session: Session, request: Request, payload: memoryview) -> Parts:
-        explicit = self.replica.write_zeroes(request.offset, request.length)
-        if request.flags & FLAG_FUA:
-            self.replica.flush()
-        return [proto.encode_runs(explicit)] if request.flags & FLAG_REPORT_ZEROS else []
+        explicit = dataops.write_zeroes(self.replica, request.offset, request.length,
+                                        request.flags)
+        return [explicit] if request.flags & FLAG_REPORT_ZEROS else []
 
     def _zero_exact(self, session: Session, request: Request, payload: memoryview) -> Parts:
-        first, last = request.offset, request.offset + request.length  # in blocks
-        self.replica.zero_exact(first, last, proto.decode_runs(payload))
-        if request.flags & FLAG_FUA:
-            self.replica.flush()
+        dataops.zero_exact(self.replica, request.offset, request.length, request.flags,
+                           payload)
         return []
 
     def _unmap(self, session: Session, request: Request, payload: memoryview) -> Parts:
-        self.replica.unmap(request.offset, request.length)
+        dataops.unmap(self.replica, request.offset, request.length)
         return []
 
     def _ping(self, session: Session, request: Request, payload: memoryview) -> Parts:
@@ -273,3 +369,8 @@ class ReplicaServer:
         return [proto.encode_json(self.rebuild.status())]
 
 
+
+
+def peer_name(peer: Any) -> str:
+    """How logs name the peer of a connection (an accepted socket's address)."""
+    return proto.format_address(peer[:2]) if isinstance(peer, tuple) and peer else "unix"

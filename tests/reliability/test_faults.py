@@ -9,6 +9,11 @@ unacknowledged one reading as its old or its new content. fio's own verify state
 judge after a crash: it counts writes that failed when a server died as written
 (tests/reliability/test_oracle.py shows it). Every row runs idle and under CPU load
 (stress-ng on every core), where timeouts happen as they do on busy nodes.
+
+The rows whose faults can meet a replica on the engine's host run twice more with the local
+fast path (``LOCAL``): replica 0 is then lent to the engine and served in its process
+(docs/local-fast-path.md), and the engine crashing (row 9) takes unflushed writes of it down
+with the process.
 """
 
 from __future__ import annotations
@@ -46,9 +51,22 @@ def load(request: pytest.FixtureRequest) -> Iterator[str]:
         yield "loaded"
 
 
+class Volumes(list[Volume]):
+    """The volumes a test started, and how their engines run: ``server`` (every replica
+    behind its server) or ``local`` (the local fast path: replica 0 lent to the engine)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+
+#: run a row with every replica behind its server, then with replica 0 lent to the engine
+LOCAL = pytest.mark.parametrize("volumes", ["server", "local"], indirect=True)
+
+
 @pytest.fixture
-def volumes(load: str) -> Iterator[list[Volume]]:
-    created: list[Volume] = []
+def volumes(load: str, request: pytest.FixtureRequest) -> Iterator[Volumes]:
+    created = Volumes(getattr(request, "param", "server"))
     yield created
     for volume in created:
         volume.cleanup()
@@ -118,10 +136,14 @@ def no_client_errors(summary: dict[str, Any]) -> None:
     assert summary["failed"] == 0 and summary["unknown"] == 0, summary
 
 
-def start(volumes: list[Volume], volume: Volume, *extra: str) -> Volume:
+def start(volumes: Volumes, volume: Volume, *extra: str) -> Volume:
     volumes.append(volume)
     volume.serve_all()
+    if volumes.path == "local":
+        volume.engine_args = ("--local-fast-path",)
     volume.start_engine("--timeout", TIMEOUT, *extra)
+    if volumes.path == "local":
+        assert volume.status()["replicas"][0].get("lent"), "replica 0 is not lent"
     return volume
 
 
@@ -168,7 +190,8 @@ def rebuild(volume: Volume, index: int) -> None:
 # -- row 1: a replica process crashes ------------------------------------------------------
 
 
-def test_row1_replica_crash(tmp_path: Path, volumes: list[Volume]) -> None:
+@LOCAL
+def test_row1_replica_crash(tmp_path: Path, volumes: Volumes) -> None:
     volume = start(volumes, Volume(tmp_path, 3))
     with oracle(volume, tmp_path) as acks:
         workload = background_fio(volume, tmp_path, 8)
@@ -188,8 +211,9 @@ def test_row1_replica_crash(tmp_path: Path, volumes: list[Volume]) -> None:
 # -- row 2: a replica hangs ------------------------------------------------------------------
 
 
+@LOCAL
 def test_row2_hung_replica_is_dropped_and_never_silently_rejoins(tmp_path: Path,
-                                                                 volumes: list[Volume]) -> None:
+                                                                 volumes: Volumes) -> None:
     volume = start(volumes, Volume(tmp_path, 3))
     with oracle(volume, tmp_path) as acks:
         workload = background_fio(volume, tmp_path, 8)
@@ -213,7 +237,7 @@ def test_row2_hung_replica_is_dropped_and_never_silently_rejoins(tmp_path: Path,
 # -- row 3: partition between the engine and one replica ------------------------------------
 
 
-def test_row3_short_partition_is_ridden_out(tmp_path: Path, volumes: list[Volume]) -> None:
+def test_row3_short_partition_is_ridden_out(tmp_path: Path, volumes: Volumes) -> None:
     with hosts(3) as nodes:
         volume = start(volumes, Volume(tmp_path, 3, hosts=[n.address for n in nodes],
                                        namespaces=[n.name for n in nodes]))
@@ -234,7 +258,7 @@ def test_row3_short_partition_is_ridden_out(tmp_path: Path, volumes: list[Volume
 
 
 def test_row3_long_partition_then_rebuild_copies_only_what_differs(
-        tmp_path: Path, volumes: list[Volume]) -> None:
+        tmp_path: Path, volumes: Volumes) -> None:
     with hosts(3) as nodes:
         volume = start(volumes, Volume(tmp_path, 3, hosts=[n.address for n in nodes],
                                        namespaces=[n.name for n in nodes]))
@@ -258,7 +282,7 @@ def test_row3_long_partition_then_rebuild_copies_only_what_differs(
 # -- row 4: partition of every replica -----------------------------------------------------
 
 
-def test_row4_partition_all_then_restart(tmp_path: Path, volumes: list[Volume]) -> None:
+def test_row4_partition_all_then_restart(tmp_path: Path, volumes: Volumes) -> None:
     with hosts(3) as nodes:
         volume = start(volumes, Volume(tmp_path, 3, hosts=[n.address for n in nodes],
                                        namespaces=[n.name for n in nodes]))
@@ -281,7 +305,7 @@ def test_row4_partition_all_then_restart(tmp_path: Path, volumes: list[Volume]) 
 
 
 def test_row5_slow_replica_causes_no_errors_and_no_rebuild(tmp_path: Path,
-                                                           volumes: list[Volume]) -> None:
+                                                           volumes: Volumes) -> None:
     volume = Volume(tmp_path, 3)
     volumes.append(volume)
     volume.serve_all()
@@ -312,7 +336,8 @@ def test_row5_slow_replica_causes_no_errors_and_no_rebuild(tmp_path: Path,
 # -- row 6: a replica's disk fills up --------------------------------------------------------
 
 
-def test_row6_one_replica_disk_full(tmp_path: Path, volumes: list[Volume]) -> None:
+@LOCAL
+def test_row6_one_replica_disk_full(tmp_path: Path, volumes: Volumes) -> None:
     with small_disk(tmp_path, "small", 40) as small:
         directories = [tmp_path / "r0", small / "r1", tmp_path / "r2"]
         volume = start(volumes, Volume(tmp_path, 3, directories=directories))
@@ -341,7 +366,8 @@ except nbd.Error as error:
 """
 
 
-def test_row6_every_disk_full(tmp_path: Path, volumes: list[Volume]) -> None:
+@LOCAL
+def test_row6_every_disk_full(tmp_path: Path, volumes: Volumes) -> None:
     with small_disk(tmp_path, "d0", 40) as d0, small_disk(tmp_path, "d1", 40) as d1:
         volume = start(volumes, Volume(tmp_path, 2, directories=[d0 / "r", d1 / "r"]))
         try:
@@ -366,7 +392,8 @@ def test_row6_every_disk_full(tmp_path: Path, volumes: list[Volume]) -> None:
 # -- row 7: a replica's disk returns I/O errors ----------------------------------------------
 
 
-def test_row7_replica_io_errors(tmp_path: Path, volumes: list[Volume]) -> None:
+@LOCAL
+def test_row7_replica_io_errors(tmp_path: Path, volumes: Volumes) -> None:
     disk = FaultyDisk(tmp_path, 512)
     volume = Volume(tmp_path, 3, directories=[disk.mount / "r0", tmp_path / "r1",
                                               tmp_path / "r2"])
@@ -398,8 +425,9 @@ def test_row7_replica_io_errors(tmp_path: Path, volumes: list[Volume]) -> None:
 # -- row 9: the engine crashes in the middle of writes --------------------------------------
 
 
+@LOCAL
 def test_row9_engine_crash_loses_no_acknowledged_write(tmp_path: Path,
-                                                       volumes: list[Volume]) -> None:
+                                                       volumes: Volumes) -> None:
     volume = start(volumes, Volume(tmp_path, 3))
     with oracle(volume, tmp_path) as acks:
         workload = background_fio(volume, tmp_path, 30)
@@ -414,7 +442,8 @@ def test_row9_engine_crash_loses_no_acknowledged_write(tmp_path: Path,
     volume.replicas_identical()
 
 
-def test_row9_engine_crash_under_a_filesystem(tmp_path: Path, volumes: list[Volume]) -> None:
+@LOCAL
+def test_row9_engine_crash_under_a_filesystem(tmp_path: Path, volumes: Volumes) -> None:
     volume = start(volumes, Volume(tmp_path, 2, "256M"))
     device = run("engine", "attach", "--control", volume.control).stdout.strip()
     mountpoint = tmp_path / "mnt"
@@ -451,7 +480,8 @@ def test_row9_engine_crash_under_a_filesystem(tmp_path: Path, volumes: list[Volu
 # -- row 10: every replica crashes -----------------------------------------------------------
 
 
-def test_row10_all_replicas_crash_then_restart(tmp_path: Path, volumes: list[Volume]) -> None:
+@LOCAL
+def test_row10_all_replicas_crash_then_restart(tmp_path: Path, volumes: Volumes) -> None:
     volume = start(volumes, Volume(tmp_path, 3))
     with oracle(volume, tmp_path) as acks:
         workload = background_fio(volume, tmp_path, 30)
@@ -469,7 +499,8 @@ def test_row10_all_replicas_crash_then_restart(tmp_path: Path, volumes: list[Vol
 # -- row 11: crashes during a rebuild ----------------------------------------------------------
 
 
-def test_row11_crash_during_rebuild(tmp_path: Path, volumes: list[Volume]) -> None:
+@LOCAL
+def test_row11_crash_during_rebuild(tmp_path: Path, volumes: Volumes) -> None:
     volume = start(volumes, Volume(tmp_path, 3), "--rebuild-bandwidth", str(16 * MiB))
     subprocess.run(["nbdcopy", "--", "[", "nbdkit", "random", "size=80M", "]", volume.uri],
                    check=True)
