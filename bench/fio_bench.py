@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -130,6 +131,12 @@ def peer(root: Path, size: int) -> Target:
     raise AssertionError("unreachable")
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def project(root: Path, size: int, replicas: int, engine_args: tuple[str, ...] = ()) -> Target:
     base = root / f"project{replicas}"
     base.mkdir()
@@ -141,7 +148,7 @@ def project(root: Path, size: int, replicas: int, engine_args: tuple[str, ...] =
         directory = base / f"r{index}"
         subprocess.run([APPLIANCE, "replica", "create", str(directory), "--size", str(size)],
                        check=True, capture_output=True)
-        port = 9400 + 10 * replicas + index
+        port = free_port()
         subprocess.run([APPLIANCE, "replica", "serve", str(directory), "--listen",
                         f"127.0.0.1:{port}", "--secret-file", str(secret)], check=True,
                        capture_output=True)
@@ -198,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", default="1,2,3")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/appliance-fio-bench"))
     parser.add_argument("--results", type=Path, default=Path("bench/results/fio"))
+    parser.add_argument("--local", action="store_true",
+                        help="engines with the local fast path (one replica lent to each)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.runtime, args.replicas = "64M", 1, "1"
+    engine_args = ("--local-fast-path",) if args.local else ()
     size = parse_size(args.size)
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
@@ -209,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     targets: list[Target] = []
     try:
         targets = [limit(args.dir, size), peer(args.dir, size)]
-        targets += [project(args.dir, size, int(n)) for n in args.replicas.split(",")]
+        targets += [project(args.dir, size, int(n), engine_args)
+                    for n in args.replicas.split(",")]
         samples: dict[str, dict[str, list[float]]] = {w.name: {t.name: [] for t in targets}
                                                       for w in WORKLOADS}
         for run in range(args.runs):
@@ -237,7 +248,7 @@ def report(medians: dict[str, dict[str, float]], targets: list[Target],
     names = [t.name for t in targets]
     projects = [n for n in names if "replica" in n]
     print(f"fio over NBD unix sockets, {args.size} volume, {args.runtime} s per workload, "
-          f"median of {args.runs} run(s)")
+          f"median of {args.runs} run(s); local fast path {'on' if args.local else 'off'}")
     print(f"{'workload':20}" + "".join(f"{n:>12}" for n in names) +
           "".join(f"{p.split()[0] + 'r/limit':>12}{p.split()[0] + 'r/peer':>11}"
                   for p in projects))

@@ -9,7 +9,9 @@
   (sparse) volume, so the cost per GiB shows;
 * idle CPU: CPU time of the engine, the replica servers and nbdfuse over an idle period
   while the volume is attached;
-* attach: seconds from ``engine attach`` to a usable block device.
+* attach: seconds from ``engine attach`` to a usable block device, and 4K random reads and
+  writes (QD64) on that device beside the same on the NBD socket, measured alternately
+  (bench/device_bench.py compares variants of the attach path the same way).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.units import format_size, parse_size
+from bench.device_bench import WORKLOADS, interleaved
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
 MiB = 1 << 20
@@ -133,22 +136,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fio_rate(target: list[str], rw: str, bs: str, seconds: float) -> float:
-    result = subprocess.run(["fio", "--name=a", *target, f"--rw={rw}", f"--bs={bs}",
-                             "--iodepth=32", "--time_based", f"--runtime={seconds}",
-                             "--size=64M", "--output-format=json"], check=True,
-                            capture_output=True, text=True)
-    job = json.loads(result.stdout[result.stdout.index("{"):])["jobs"][0]["read"]
-    return float(job["iops"])
+ATTACH_WORKLOADS = ("4k-randread", "4k-randwrite")
 
 
-def attach_path(uri: str, device: str, seconds: float) -> dict[str, float]:
-    """The same reads through the attached device (nbdfuse + loop) and on the NBD socket."""
-    block = ["--ioengine=libaio", "--direct=1", f"--filename={device}"]
-    nbd = ["--ioengine=nbd", f"--uri={uri}"]
-    return {f"{name}_{kind}": fio_rate(target, "randread" if bs == "4k" else "read", bs, seconds)
-            for name, target in (("device", block), ("socket", nbd))
-            for kind, bs in (("4k_iops", "4k"), ("128k_iops", "128k"))}
+def attach_path(uri: str, device: str, size: int, seconds: float,
+                rounds: int) -> dict[str, dict[str, Any]]:
+    """4K random reads and writes at QD64 through the attached device (fio libaio,
+    direct=1, on nbdfuse + loop) and on the NBD socket (fio's nbd engine), alternately,
+    *rounds* pairs each: the median of the pairs' ratios device/socket."""
+    return {name: interleaved(device, uri, WORKLOADS[name], size, seconds, rounds)
+            for name in ATTACH_WORKLOADS}
 
 
 def resources(root: Path, size: int, idle: float, port: int) -> dict[str, Any]:
@@ -174,7 +171,9 @@ def resources(root: Path, size: int, idle: float, port: int) -> dict[str, Any]:
                     name: 100 * (cpu_seconds(pid) - before[name]) / idle
                     for name, pid in watched.items()}
                 result["device"] = device
-                result["attach_path"] = attach_path(volume.uri, device, 2.0 if idle < 5 else 8.0)
+                result["attach_path"] = attach_path(
+                    volume.uri, device, volume_size, 1.0 if idle < 5 else 5.0,
+                    1 if idle < 5 else 3)
                 cli("engine", "detach", "--control", volume.control)
         finally:
             volume.stop()
@@ -217,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     cpu = ", ".join(f"{name} {value:.2f}%" for name, value in res["idle_cpu_percent"].items())
     print(f"idle attached volume, CPU of a core: {cpu}")
     print(f"attach to a usable device: {res['attach_seconds']:.2f} s")
-    path = res["attach_path"]
-    for kind, label in (("4k_iops", "4K random read"), ("128k_iops", "128K read")):
-        print(f"attach path, {label}: device {path[f'device_{kind}']:,.0f} IOPS, NBD socket "
-              f"{path[f'socket_{kind}']:,.0f} IOPS "
-              f"({path[f'device_{kind}'] / path[f'socket_{kind}']:.0%} through nbdfuse + loop)")
+    for name, label in (("4k-randread", "4K random read QD64"),
+                        ("4k-randwrite", "4K random write QD64")):
+        cell = res["attach_path"][name]
+        print(f"attach path, {label}: device {cell['device']:,.0f} IOPS, NBD socket "
+              f"{cell['socket']:,.0f} IOPS ({cell['ratio']:.0%} through nbdfuse + loop, median "
+              f"of {len(cell['ratios'])} interleaved pair(s))")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

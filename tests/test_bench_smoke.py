@@ -47,3 +47,14 @@ def test_hotpath_quick(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "CPU-us/IO" in result.stdout and "syscalls/IO" in result.stdout
     assert (tmp_path / "out.json").exists()
+
+
+def test_device_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.device_bench", "--quick", "--variants", "default,attach",
+         "--workloads", "4k-randread,4k-randwrite", "--dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "attach" in result.stdout and "4k-randwrite" in result.stdout
+    assert (tmp_path / "out.json").exists()

@@ -7,8 +7,9 @@
   nbdfuse was chosen over a pyfuse3 file system by measurement: through nbdfuse and a
   direct-I/O loop device, 4 KiB random reads reach ~27k IOPS on this machine (with a C
   backend), while a trivial Python pass-through serves ~20k requests/s, and a pyfuse3 server
-  would add that second Python hop in series with the engine (bench/volume_bench.py
-  measures the attach path against the NBD socket).
+  would add that second Python hop in series with the engine. How the device compares with
+  the NBD socket it is built on, and why it is set up as it is, see :func:`_attach_fuse`
+  (bench/device_bench.py and bench/volume_bench.py measure it).
 
 The FUSE file is the engine's ``frontend`` export, as large as a volume may grow; the loop
 device's size limit is the volume's size, raised in place when the volume grows
@@ -90,30 +91,71 @@ def _attach_kernel(nbd_socket: Path) -> dict[str, Any]:
 
 
 def _attach_fuse(volume: str, nbd_socket: Path, state_file: Path, size: int) -> dict[str, Any]:
+    """Expose the engine's ``frontend`` export as a file with nbdfuse, and that file as a
+    loop device.
+
+    Set up with nbdfuse's defaults and a direct-I/O loop device, on purpose: none of the
+    knobs of this path measured better (bench/device_bench.py, 1-replica volume, fio
+    libaio direct=1 on the device beside fio's nbd engine on the socket, interleaved; the
+    device reached about 50-70 % of the socket's 4K random IOPS at QD64 whatever the
+    setting):
+
+    * FUSE ``max_background`` (12; written in fusectl) and nbdfuse's worker threads (10:
+      nbdfuse 1.14 runs libfuse's multi-threaded loop with its default cap, and each worker
+      waits for its NBD reply, so at most 10 requests are in flight): lifting both to 64
+      (the threads with a preloaded shim, for the measurement) left the device's IOPS where
+      they were. The queue depth is not the limit.
+    * nbdfuse ``-C`` connections (1, the default 4, 8), the loop device's logical sector size
+      (4096), its scheduler (none) and ``nr_requests``: no change beyond the noise.
+    * A buffered loop device (``--direct-io=off``) serves repeated reads from the FUSE
+      file's page cache (a second cache under the filesystem's, which is what the benchmark
+      then measures), and does writes one at a time: 4K random writes fell to ~50 %.
+
+    The limit is CPU: on two cores the device path costs 1.5-2x the CPU per 4 KiB I/O of the
+    socket path (nbdfuse alone ~75 us, its FUSE worker and its libnbd operations thread
+    handing each request over; the engine 1.2-1.8x its per-I/O cost, as requests reach it
+    one at a time from several connections instead of batched on one), so the engine gets
+    less of the machine. The kernel ``nbd`` driver (:func:`_attach_kernel`) has none of it.
+
+    Durability: the loop device uses direct I/O (no page cache of its own) and declares a
+    volatile write cache without FUA, so the block layer turns a FUA write into a write and
+    a flush; a flush (fsync on the device or a filesystem's barrier) becomes ``fsync`` of
+    the FUSE file, which nbdfuse sends to the engine as an NBD flush. A write acknowledged
+    after a flush is durable on the replicas.
+
+    Setting up a direct-I/O loop device flushes the file first (the kernel's
+    ``loop_configure`` calls ``vfs_fsync``): ``losetup`` waits for a flush of the whole
+    volume, as long as the replicas take to write back their page cache (27-40 s after 1.7-2.3
+    GB of writes through the socket, measured here; the flush timeout covers it).
+    """
     mountpoint = state_file.with_name(state_file.name + ".fuse")
     mountpoint.mkdir(mode=0o700, exist_ok=True)
     disk = mountpoint / volume
     # The engine's "frontend" export is as large as the volume may grow; the loop device's
     # size limit is the volume's size, raised when the volume grows (see resize()).
     uri = f"nbd+unix:///{FRONTEND_EXPORT}?socket={nbd_socket}"
-    process = subprocess.Popen(["nbdfuse", str(disk), uri],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
+    # nbdfuse reports the NBD errors it returns to the kernel on stderr for as long as it
+    # runs: they go to a log beside the state file (a pipe nobody reads would lose them).
+    log_file = state_file.with_name(state_file.name + ".nbdfuse.log")
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(["nbdfuse", str(disk), uri],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=log, start_new_session=True)
     state: dict[str, Any] = {"kind": "fuse-loop", "mountpoint": str(mountpoint),
-                             "nbdfuse_pid": process.pid}
+                             "nbdfuse_pid": process.pid, "nbdfuse_log": str(log_file)}
     deadline = time.monotonic() + READY_TIMEOUT
     while not disk.exists():
         if process.poll() is not None:
-            error = process.stderr.read().decode().strip() if process.stderr else ""
-            raise StorageIOError(f"nbdfuse could not attach volume {volume}: {error}")
+            error = log_file.read_text(errors="replace").strip().splitlines()[-5:]
+            raise StorageIOError(f"nbdfuse could not attach volume {volume}: "
+                                 + " ".join(error))
         if time.monotonic() > deadline:
             state["device"] = ""
             _undo(state)
             raise Unavailable(f"nbdfuse did not expose volume {volume} in time")
         time.sleep(0.05)
-    if process.stderr:
-        process.stderr.close()
-    # Direct I/O: the filesystem above caches already; the loop device would cache it again.
+    # Direct I/O: the filesystem above caches already; the loop device would cache it again
+    # (and, buffered, would write one request at a time).
     state["device"] = _run("losetup", "--find", "--show", "--direct-io=on", "--sizelimit",
                            str(size), str(disk))
     return state

@@ -177,8 +177,10 @@ class ReplicaServer:
             finally:
                 with self._sessions_lock:
                     self._sessions.discard(session)
-        except (proto.ConnectionClosed, ConnectionError, TimeoutError):
-            pass
+        except proto.ConnectionClosed:
+            pass  # the client closed it
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("connection from %s ended: %s", peer, exc)
         except ApplianceError as exc:  # a malformed message: the stream cannot be trusted
             log.warning("closed the connection from %s: %s", peer, exc)
         except OSError as exc:
@@ -246,6 +248,8 @@ class ReplicaServer:
             if session.role == Role.WRITER and session.key != self._writer:
                 session.reply_error(request, StaleSession(
                     "a newer engine session owns this replica"))
+                log.info("closed a connection from %s of a replaced writer (generation %d)",
+                         session.peer, session.key[0])
                 return  # fenced: close the connection
             if session.role == Role.READER and request.op not in proto.READER_OPS:
                 session.reply_error(request, InvalidArgument(
@@ -262,7 +266,9 @@ class ReplicaServer:
                 try:
                     self._pool.submit(self._run_control, session, request, bytes(payload))
                 except RuntimeError:
-                    return  # the server is stopping
+                    log.info("closed the connection from %s: the server is stopping",
+                             session.peer)
+                    return
             else:
                 session.reply_error(request, ProtocolError(f"unknown operation {request.op}"))
 
