@@ -16,6 +16,7 @@ CONTROL_TIMEOUT = 600.0
 #: nbdkit worker threads per NBD connection of an engine (docs/performance.md: more threads
 #: fight over the interpreter lock without adding parallel work)
 ENGINE_THREADS = 16
+ENGINE_THREADS_LOCAL = 4  # with the local fast path (docs/performance.md)
 #: seconds between pings of an idle volume's replicas (0: off)
 MONITOR_INTERVAL = 5.0
 #: where the node daemon's API listens unless told otherwise

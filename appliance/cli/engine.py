@@ -9,7 +9,12 @@ import click
 
 from appliance.cli.output import emit_json, table
 from appliance.cli.params import ADDRESS, LABEL, output_option
-from appliance.defaults import CONTROL_TIMEOUT, ENGINE_THREADS, REPLICA_TIMEOUT
+from appliance.defaults import (
+    CONTROL_TIMEOUT,
+    ENGINE_THREADS,
+    ENGINE_THREADS_LOCAL,
+    REPLICA_TIMEOUT,
+)
 from appliance.frontend.attach import attach as attach_device
 from appliance.frontend.attach import detach as detach_device
 from appliance.nbd.launch import start_engine, stop_engine
@@ -53,8 +58,9 @@ def engine() -> None:
               help="Seconds before an unresponsive replica is taken out of service.")
 @click.option("--rebuild-bandwidth", type=int, default=0,
               help="Rebuild bandwidth limit in bytes per second (0: none).")
-@click.option("--threads", type=click.IntRange(1, 64), default=ENGINE_THREADS,
-              show_default=True, help="nbdkit worker threads per NBD connection.")
+@click.option("--threads", type=click.IntRange(1, 64),
+              help=f"nbdkit worker threads per NBD connection [default: {ENGINE_THREADS}, "
+                   f"{ENGINE_THREADS_LOCAL} with --local-fast-path].")
 @click.option("--local-fast-path", is_flag=True,
               help="Serve a replica on this host in the engine's process: its server lends "
                    "it (docs/local-fast-path.md).")
@@ -62,13 +68,13 @@ def engine() -> None:
 def start(name: str, replicas: tuple[tuple[str, int], ...], secret_file: Path,
           socket_path: Path, control_path: Path, listen: tuple[str, int] | None,
           psk_file: Path | None, salvage: bool, salvage_from: tuple[str, int] | None,
-          timeout: float, rebuild_bandwidth: int, threads: int, local_fast_path: bool,
+          timeout: float, rebuild_bandwidth: int, threads: int | None, local_fast_path: bool,
           foreground: bool) -> None:
     """Start the engine of volume NAME on its replicas."""
     settings = EngineSettings(name, replicas, secret_file, socket_path, control_path,
                               listen=listen, psk_file=psk_file, salvage=salvage,
                               salvage_from=salvage_from, timeout=timeout,
-                              rebuild_bandwidth=rebuild_bandwidth, threads=threads,
+                              rebuild_bandwidth=rebuild_bandwidth, threads=threads or 0,
                               local_fast_path=local_fast_path)
     pid = start_engine(settings, foreground=foreground)
     click.echo(f"engine of {name} serving on {socket_path} (pid {pid})")

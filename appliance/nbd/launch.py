@@ -45,7 +45,7 @@ def plugin_environment() -> dict[str, str]:
 
 
 def nbdkit_command(settings: EngineSettings) -> list[str]:
-    return ["nbdkit", "-f", "-U", str(settings.socket), "-t", str(settings.threads),
+    return ["nbdkit", "-f", "-U", str(settings.socket), "-t", str(settings.worker_threads),
             "python", str(PLUGIN), *settings.plugin_parameters()]
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.chain.format import MAX_SIZE, check_name
-from appliance.defaults import ENGINE_THREADS, REPLICA_TIMEOUT
+from appliance.defaults import ENGINE_THREADS, ENGINE_THREADS_LOCAL, REPLICA_TIMEOUT
 from appliance.errors import InvalidArgument
 from appliance.replication.protocol import format_address, parse_address
 
@@ -32,8 +32,10 @@ class EngineSettings:
     salvage_from: Address | None = None
     timeout: float = REPLICA_TIMEOUT
     rebuild_bandwidth: int = 0
-    threads: int = ENGINE_THREADS  # nbdkit worker threads per connection
     local_fast_path: bool = False  # serve a replica on this host in the engine's process
+    #: nbdkit worker threads per connection (0: the default, fewer with the fast path,
+    #: where each request's work runs in the engine's interpreter: docs/performance.md)
+    threads: int = 0
     extra: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -45,6 +47,12 @@ class EngineSettings:
                                   "one of the --replica addresses")
         if not 0 < self.timeout <= 3600:
             raise InvalidArgument(f"invalid replica timeout {self.timeout}: 0 < seconds <= 3600")
+
+    @property
+    def worker_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        return ENGINE_THREADS_LOCAL if self.local_fast_path else ENGINE_THREADS
 
     @property
     def log_file(self) -> Path:
