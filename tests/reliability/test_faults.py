@@ -10,10 +10,10 @@ judge after a crash: it counts writes that failed when a server died as written
 (tests/reliability/test_oracle.py shows it). Every row runs idle and under CPU load
 (stress-ng on every core), where timeouts happen as they do on busy nodes.
 
-The rows whose faults can meet a replica on the engine's host run twice more with the local
-fast path (``LOCAL``): replica 0 is then lent to the engine and served in its process
-(docs/local-fast-path.md), and the engine crashing (row 9) takes unflushed writes of it down
-with the process.
+Every row but row 4 runs twice more with the local fast path (``LOCAL``): replica 0 is
+then lent to the engine and served in its process (docs/local-fast-path.md), and the engine
+crashing (row 9) takes unflushed writes of it down with the process. Row 4 partitions every
+replica from the engine, which a replica in the engine's process cannot be.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tests.ackcheck import AckWorkload, verify_acknowledged
 from tests.faults import DelayProxy, FaultyDisk, small_disk
 from tests.harness import VERIFY, MiB, Volume, fio, fio_errors, nbdsh, run, wait_for
 from tests.load import cpu_load
-from tests.netns import hosts
+from tests.netns import SUBNET, hosts
 
 TIMEOUT = "2"  # the engine's replica timeout in these tests (seconds)
 ORACLE_REGION = (160 * MiB, 32 * MiB)  # fio writes the first 96 MiB
@@ -147,6 +147,17 @@ def start(volumes: Volumes, volume: Volume, *extra: str) -> Volume:
     return volume
 
 
+def placement(volumes: Volumes, nodes: list[Any]) -> tuple[list[str], list[str | None]]:
+    """Replicas on the network hosts *nodes*; with the local fast path, replica 0 on this
+    host instead (lent to the engine), at this host's address on the hosts' network, where
+    the others (rebuilt from it) reach it."""
+    addresses = [n.address for n in nodes]
+    namespaces: list[str | None] = [n.name for n in nodes]
+    if volumes.path == "local":
+        addresses[0], namespaces[0] = f"{SUBNET}.1", None
+    return addresses, namespaces
+
+
 def background_fio(volume: Volume, cwd: Path, seconds: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["fio", "--ioengine=nbd", f"--uri={volume.uri}", "--output-format=json", *VERIFY,
@@ -237,10 +248,11 @@ def test_row2_hung_replica_is_dropped_and_never_silently_rejoins(tmp_path: Path,
 # -- row 3: partition between the engine and one replica ------------------------------------
 
 
+@LOCAL
 def test_row3_short_partition_is_ridden_out(tmp_path: Path, volumes: Volumes) -> None:
     with hosts(3) as nodes:
-        volume = start(volumes, Volume(tmp_path, 3, hosts=[n.address for n in nodes],
-                                       namespaces=[n.name for n in nodes]))
+        addresses, namespaces = placement(volumes, nodes)
+        volume = start(volumes, Volume(tmp_path, 3, hosts=addresses, namespaces=namespaces))
         with oracle(volume, tmp_path) as acks:
             workload = background_fio(volume, tmp_path, 5)
             under_way(volume, acks, 100)
@@ -257,11 +269,12 @@ def test_row3_short_partition_is_ridden_out(tmp_path: Path, volumes: Volumes) ->
         volume.replicas_identical()
 
 
+@LOCAL
 def test_row3_long_partition_then_rebuild_copies_only_what_differs(
         tmp_path: Path, volumes: Volumes) -> None:
     with hosts(3) as nodes:
-        volume = start(volumes, Volume(tmp_path, 3, hosts=[n.address for n in nodes],
-                                       namespaces=[n.name for n in nodes]))
+        addresses, namespaces = placement(volumes, nodes)
+        volume = start(volumes, Volume(tmp_path, 3, hosts=addresses, namespaces=namespaces))
         subprocess.run(["nbdcopy", "--", "[", "nbdkit", "random", "size=64M", "]",
                         volume.uri], check=True)
         result = fio(volume.uri, *VERIFY, "--size=96M", "--time_based", "--runtime=2")
@@ -304,6 +317,7 @@ def test_row4_partition_all_then_restart(tmp_path: Path, volumes: Volumes) -> No
 # -- row 5: a slow replica -------------------------------------------------------------------
 
 
+@LOCAL
 def test_row5_slow_replica_causes_no_errors_and_no_rebuild(tmp_path: Path,
                                                            volumes: Volumes) -> None:
     volume = Volume(tmp_path, 3)
@@ -314,9 +328,11 @@ def test_row5_slow_replica_causes_no_errors_and_no_rebuild(tmp_path: Path,
         replicas = [item for address in (volume.address(0), f"127.0.0.1:{proxy.address[1]}",
                                           volume.address(2))
                     for item in ("--replica", address)]
+        local = ("--local-fast-path",) if volumes.path == "local" else ()
         run("engine", "start", "vol", *replicas, "--secret-file", volume.secret, "--socket",
-            volume.socket, "--control", volume.control, "--timeout", TIMEOUT)
+            volume.socket, "--control", volume.control, "--timeout", TIMEOUT, *local)
         volume.engine_pid = int(Path(str(volume.socket) + ".pid").read_text())
+        assert bool(volume.status()["replicas"][0].get("lent")) == bool(local)
         with oracle(volume, tmp_path) as acks:
             result = fio(volume.uri, *VERIFY, "--size=32M", "--time_based", "--runtime=5")
             no_client_errors(acks.stop())
