@@ -73,7 +73,10 @@ class LentReplica:
             raise
 
     def _serve(self, secret: bytes, key: tuple[int, int], unix_path: str | None) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # a plain lock and an event (a Condition's Python-level methods cost 14 % of a
+        # local read's interpreter time)
+        self._lock = threading.Lock()
+        self._drained = threading.Event()  # set once ending and no local request runs
         self._active = 0  # local requests executing
         self._fenced = False  # a newer engine asked for the replica
         self._ending = False  # being given back: no new local request
@@ -96,7 +99,7 @@ class LentReplica:
     def execute(self, op: int, offset: int, length: int, flags: int,
                 payload: bytes | memoryview, into: memoryview | None) -> bytes:
         """One data request on the replica, on the calling thread."""
-        with self._cond:
+        with self._lock:
             if self._fenced:
                 raise StaleSession(f"replica {self.name}: a newer engine owns it")
             if self._ending:
@@ -107,10 +110,13 @@ class LentReplica:
         except OSError as exc:
             raise StorageIOError(f"replica {self.name}: {exc.strerror or exc}") from exc
         finally:
-            with self._cond:
-                self._active -= 1
-                if not self._active:
-                    self._cond.notify_all()
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._ending and not self._active:
+                self._drained.set()
 
     def _execute(self, op: int, offset: int, length: int, flags: int,
                  payload: bytes | memoryview, into: memoryview | None) -> bytes:
@@ -165,7 +171,7 @@ class LentReplica:
     def _yield(self) -> bool:
         """A newer engine asks to register (the server's hook): fence this engine's local
         I/O now, give the replica back, and have the newcomer retry meanwhile."""
-        with self._cond:
+        with self._lock:
             self._fenced = True
         log.warning("replica %s: a newer engine asks for it; giving it back", self.name)
         threading.Thread(target=self.give_back, args=("a newer engine asked for it",),
@@ -180,10 +186,11 @@ class LentReplica:
         with self._give_back_lock:
             if self._given_back.is_set():
                 return
-            with self._cond:
+            with self._lock:
                 self._ending = True
-                drained = self._cond.wait_for(lambda: not self._active, DRAIN_TIMEOUT)
-            if not drained:
+                if not self._active:
+                    self._drained.set()
+            if not self._drained.wait(DRAIN_TIMEOUT):
                 # A request is stuck in the kernel (a hung disk): closing the replica under
                 # it could reuse its descriptors. Keep it (and its lock): the server cannot
                 # open it, and other engines see it unreachable.
