@@ -54,12 +54,17 @@ class ReplicaConnection:
         self._header = bytearray(proto.RESPONSE.size)
         # A replica lent to an engine asks a new writer to retry (EAGAIN) while it is being
         # handed back to its own server (docs/local-fast-path.md): retried within *timeout*.
+        # Once told to retry, a connection closed during the hand-back is retried too.
         deadline = time.monotonic() + timeout
+        handing_back = False
         while True:
             try:
                 self.welcome = self._connect(secret, role, generation, token, unix_path)
                 return
-            except RetryLater:
+            except Unavailable as exc:
+                handing_back = handing_back or isinstance(exc, RetryLater)
+                if not handing_back:
+                    raise
                 if time.monotonic() > deadline:
                     raise Unavailable(f"replica {self.name}: still being handed back to its "
                                       f"server after {timeout:.0f} s") from None

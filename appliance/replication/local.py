@@ -109,6 +109,11 @@ class LentReplica:
             return self._execute(op, offset, length, flags, payload, into)
         except OSError as exc:
             raise StorageIOError(f"replica {self.name}: {exc.strerror or exc}") from exc
+        except ApplianceError:
+            raise
+        except Exception as exc:  # a bug must fail this replica, not leave it behind
+            log.exception("replica %s: local request failed", self.name)
+            raise StorageIOError(f"replica {self.name}: internal error: {exc}") from exc
         finally:
             self._done()
 

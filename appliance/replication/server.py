@@ -229,14 +229,16 @@ class ReplicaServer:
         with self._registration_lock:
             if generation < self.replica.generation:
                 return errno.ESTALE
-            if self._writer not in (None, (generation, token)) and \
-                    self._yield_to is not None and self._yield_to():
-                return errno.EAGAIN
+            replacing = self._writer not in (None, (generation, token))
             if generation > self.replica.generation:
                 self.replica.set_generation(generation)
             if self._writer != (generation, token):
                 self.rebuild.cancel()  # it belonged to the session being replaced
             self._writer = (generation, token)
+            # A lent replica goes back to its server (registered as the newcomer's, with its
+            # generation: the engine it was lent to is fenced there too): retry meanwhile.
+            if replacing and self._yield_to is not None and self._yield_to():
+                return errno.EAGAIN
         return 0
 
     def _serve_session(self, session: Session) -> None:

@@ -24,6 +24,7 @@ from appliance.replication.session import Session
 
 UNIX_SOCKET = "server.sock"
 REOPEN_TIMEOUT = 60.0  # seconds a server waits for a returned replica's lock
+PASS_TIMEOUT = 10.0  # seconds a server waits to pass a connection to the engine
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +61,7 @@ class Lend:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        proto.set_timeout(sock, PASS_TIMEOUT)  # a hung engine does not hold the server
         self.ready = threading.Event()  # the engine has the replica: pass connections
         self.ended = threading.Event()  # pass nothing more
         self.back = threading.Event()  # the server serves the replica again (or stopped)
@@ -67,7 +69,8 @@ class Lend:
 
     def pass_connection(self, conn: socket.socket) -> bool:
         """Hand *conn* to the engine; False if the lend has ended."""
-        self.ready.wait()
+        if not self.ready.wait(REOPEN_TIMEOUT):
+            return False
         try:
             with self._send_lock:
                 if self.ended.is_set():
@@ -81,11 +84,14 @@ class Lend:
     def hold(self) -> None:
         """Wait until the engine gives the replica back: it closes the connection (or
         dies, which closes it too)."""
-        self.sock.settimeout(None)
-        proto.set_timeout(self.sock, 0)
         with contextlib.suppress(OSError):
-            while self.sock.recv(64):
-                pass  # the engine sends nothing: end of stream is the return
+            while True:
+                try:
+                    if not self.sock.recv(64):
+                        break  # the engine sends nothing: end of stream is the return
+                except OSError as exc:
+                    if not proto.timed_out(exc):
+                        raise
 
     def end(self) -> None:
         with self._send_lock:
