@@ -30,7 +30,7 @@ from typing import Any
 from appliance.frontend import attach as attach_module
 from appliance.nbd.settings import FRONTEND_EXPORT
 from appliance.units import parse_size
-from bench.fio_bench import Target, project, stop_project
+from bench.fio_bench import Target, Workload, project, stop_project
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,6 @@ VARIANTS = {v.name: v for v in [
     Variant("bg64+nodio", max_background=64, direct_io=False),
     Variant("nodio", direct_io=False),
 ]}
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    rw: str
-    bs: str
-    iodepth: int
-    metric: str  # "iops" or "lat_us"
 
 
 WORKLOADS = {w.name: w for w in [
