@@ -233,24 +233,31 @@ def volume_salvage(name: str, source: str | None, url: str, token_file: Path) ->
     click.echo(device)
 
 
+FORCE = click.option("--force", is_flag=True,
+                     help="Even while its device is mounted or open: what is mounted is "
+                          "unmounted first (lazily when busy); open files on it fail.")
+
+
 @volume.command("detach")
 @click.argument("name")
+@FORCE
 @client_options
-def volume_detach(name: str, url: str, token_file: Path) -> None:
-    """Detach volume NAME."""
+def volume_detach(name: str, force: bool, url: str, token_file: Path) -> None:
+    """Detach volume NAME (refused while its device is mounted or open)."""
     client = api(url, token_file)
-    client.call("POST", f"/v1/volumes/{name}/detach")
+    client.call("POST", f"/v1/volumes/{name}/detach" + ("?force=true" if force else ""))
     wait_for_volume(client, name, lambda v: v and v["state"] == "detached", "detaching")
     click.echo(f"volume {name} detached")
 
 
 @volume.command("delete")
 @click.argument("name")
+@FORCE
 @client_options
-def volume_delete(name: str, url: str, token_file: Path) -> None:
-    """Delete volume NAME and its data."""
+def volume_delete(name: str, force: bool, url: str, token_file: Path) -> None:
+    """Delete volume NAME and its data (refused while its device is mounted or open)."""
     client = api(url, token_file)
-    client.call("DELETE", f"/v1/volumes/{name}")
+    client.call("DELETE", f"/v1/volumes/{name}" + ("?force=true" if force else ""))
     wait_for_volume(client, name, lambda v: v is None, "deleting")
     click.echo(f"volume {name} deleted")
 

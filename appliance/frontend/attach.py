@@ -129,6 +129,7 @@ def _attach_fuse(volume: str, nbd_socket: Path, state_file: Path, size: int) -> 
     GB of writes through the socket, measured here; the flush timeout covers it).
     """
     mountpoint = state_file.with_name(state_file.name + ".fuse")
+    _unmount_stale(mountpoint)  # left by an nbdfuse that died (its mount is dead)
     mountpoint.mkdir(mode=0o700, exist_ok=True)
     disk = mountpoint / volume
     # The engine's "frontend" export is as large as the volume may grow; the loop device's
@@ -211,11 +212,33 @@ def _undo(state: dict[str, Any]) -> None:
         if state.get("device"):
             _run("losetup", "-d", state["device"])
         if state.get("mountpoint"):
-            subprocess.run(["fusermount3", "-u", state["mountpoint"]], check=False,
-                           capture_output=True)
+            unmounted = subprocess.run(["fusermount3", "-u", state["mountpoint"]],
+                                       check=False, capture_output=True)
+            if unmounted.returncode and _mounted(Path(state["mountpoint"])):
+                # busy (a loop device whose detach the kernel deferred still holds the
+                # file): detached lazily, so that no dead mount stays behind
+                subprocess.run(["fusermount3", "-u", "-z", state["mountpoint"]],
+                               check=False, capture_output=True)
             _wait_gone(int(state.get("nbdfuse_pid", 0)))
             with contextlib.suppress(OSError):
                 Path(state["mountpoint"]).rmdir()
+
+
+def _mounted(path: Path) -> bool:
+    """Whether something is mounted at *path* (dead FUSE mounts included, which
+    os.path.ismount cannot see: their stat fails)."""
+    wanted = str(path)
+    with open("/proc/self/mountinfo") as mounts:
+        return any(len(fields) > 4 and fields[4].replace("\\040", " ") == wanted
+                   for fields in (line.split() for line in mounts))
+
+
+def _unmount_stale(mountpoint: Path) -> None:
+    if _mounted(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                       capture_output=True)
+        if _mounted(mountpoint):
+            _run("umount", "-l", str(mountpoint))
 
 
 def _wait_gone(pid: int) -> None:

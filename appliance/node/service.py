@@ -228,9 +228,34 @@ class NodeService:
         # a refused start is tried again at once (refusal: the status the CLI waits on)
         return await self._change(name, attached=True, refusal="", message="")
 
-    async def detach(self, name: str) -> dict[str, Any]:
+    async def detach(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """Detach volume *name*; refused while its device is mounted or open, unless
+        *force* (its mounts are unmounted first, lazily when busy)."""
+        await self._release(name, "detach", force)
         # a salvage request not yet carried out must not apply to a later attach
         return await self._change(name, attached=False, salvage_request=None)
+
+    async def _release(self, name: str, action: str, force: bool) -> None:
+        """Refuse *action* while the device of volume *name* is used; with *force*,
+        unmount it and record that."""
+        volume, _ = await self._volume(name)
+        if volume.deleting:
+            return
+        supervisor = self.controller.supervisor
+        device, users = await trio.to_thread.run_sync(supervisor.device_users, name)
+        if not users:
+            return
+        described = "; ".join(str(use) for use in users)
+        if not force:
+            raise FailedPrecondition(
+                f"volume {name!r} is in use: its device {device} is {described}. Unmount it "
+                f"or stop what uses it, and {action} again; with --force the {action} goes "
+                "ahead (what is mounted is unmounted first; open files on it fail)")
+        unmounted = await trio.to_thread.run_sync(supervisor.release_device, name)
+        await self.controller.events.record(
+            name, f"forced-{action}",
+            f"{action} forced while its device {device} was {described}"
+            + (f"; unmounted {', '.join(unmounted)}" if unmounted else ""))
 
     async def salvage(self, name: str, source: str | None) -> dict[str, Any]:
         """Ask that the next start of volume *name*'s engine salvage (from replica
@@ -269,7 +294,10 @@ class NodeService:
     async def list_events(self, volume: str | None) -> list[dict[str, Any]]:
         return await self.controller.events.list(volume)
 
-    async def delete_volume(self, name: str) -> None:
+    async def delete_volume(self, name: str, *, force: bool = False) -> None:
+        """Delete volume *name* and its data; refused while its device is mounted or
+        open, unless *force*."""
+        await self._release(name, "delete", force)
         await self._change(name, deleting=True, attached=False)
 
     # -- snapshots and expansion ----------------------------------------------------------

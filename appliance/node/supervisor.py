@@ -24,7 +24,7 @@ from appliance.control.objects import ReplicaRecord, Volume
 from appliance.defaults import CONTROL_TIMEOUT
 from appliance.errors import ApplianceError, FailedPrecondition, Unavailable
 from appliance.frontend import attach as frontend
-from appliance.frontend import filesystem
+from appliance.frontend import filesystem, holders
 from appliance.nbd import launch
 from appliance.nbd.settings import EngineSettings
 from appliance.node import lineage, volumeops
@@ -193,6 +193,16 @@ class Supervisor:
             raise Unavailable(f"the engine of volume {volume} is not running")
         return frontend.attach(volume, self.nbd_socket(volume), self.attach_state(volume),
                                int(status["size"]))
+
+    def device_users(self, volume: str) -> tuple[str | None, list[holders.Use]]:
+        """The attached device of *volume* (None: none) and what uses it."""
+        device = self.attached_device(volume)
+        return device, holders.users(device) if device else []
+
+    def release_device(self, volume: str) -> list[str]:
+        """Unmount what is mounted on the device of *volume* (``--force``); what was."""
+        device = self.attached_device(volume)
+        return holders.release(device) if device else []
 
     def check_growable(self, volume: str) -> None:
         """Refuse --resize-fs unless the device holds a file system that can grow."""

@@ -1,0 +1,107 @@
+"""What an operator types must not hurt the data or leave a mess (issue: operator safety):
+each test goes through the real CLI against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.harness import Node, wait_for
+
+
+def _mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as mounts:
+        return any(line.split()[4] == str(path) for line in mounts)
+
+
+def _fuse_mounts(node: Node) -> list[str]:
+    """Mounts left below the daemon's run directory (nbdfuse's)."""
+    run_dir = str(node.data / "run")
+    with open("/proc/self/mountinfo") as mounts:
+        return [line.split()[4] for line in mounts if line.split()[4].startswith(run_dir)]
+
+
+def test_mounted_volume_is_not_detached_or_deleted(node: Node, tmp_path: Path) -> None:
+    device = node.cli("volume", "attach", "t", check=False)
+    assert device.returncode == 3  # no such volume yet
+    node.cli("volume", "create", "t", "--size", "64M", "--replicas", "2")
+    device_path = node.cli("volume", "attach", "t").stdout.strip()
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", device_path], check=True)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    subprocess.run(["mount", device_path, str(mountpoint)], check=True)
+    payload = os.urandom(1 << 20)
+    try:
+        (mountpoint / "data").write_bytes(payload)
+        for command in (["volume", "detach", "t"], ["volume", "delete", "t"]):
+            refused = node.cli(*command, check=False)
+            assert refused.returncode == 1, refused
+            assert f"mounted at {mountpoint}" in refused.stderr
+            assert "--force" in refused.stderr
+        # nothing changed: still attached and served, the file system still writable
+        info = node.volume("t")
+        assert (info["state"], info["attached"], info["deleting"]) == ("attached", True, False)
+        (mountpoint / "more").write_bytes(payload)
+        os.sync()
+        assert (mountpoint / "data").read_bytes() == payload
+        # open (not mounted): refused too, naming the process
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        with open(device_path, "rb"):
+            refused = node.cli("volume", "detach", "t", check=False)
+        assert refused.returncode == 1 and f"process {os.getpid()}" in refused.stderr
+        subprocess.run(["mount", device_path, str(mountpoint)], check=True)
+
+        forced = node.cli("volume", "detach", "t", "--force")
+        assert "detached" in forced.stdout
+    finally:
+        if _mounted(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    assert not _mounted(mountpoint)
+    assert _fuse_mounts(node) == []  # no dead FUSE mount behind
+    events = node.cli("event", "list", "--volume", "t").stdout
+    assert "forced-detach" in events and str(mountpoint) in events
+
+    # the data written through the file system reached the volume before the detach
+    device_path = node.cli("volume", "attach", "t").stdout.strip()
+    subprocess.run(["fsck.ext4", "-n", "-f", device_path], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "ro", device_path, str(mountpoint)], check=True)
+    try:
+        assert (mountpoint / "data").read_bytes() == payload
+        assert (mountpoint / "more").read_bytes() == payload
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+    node.cli("volume", "delete", "t")
+    assert node.cli("volume", "show", "t", check=False).returncode == 3
+
+
+def test_attach_cleans_a_dead_fuse_mount_of_its_own(node: Node) -> None:
+    """An nbdfuse killed under an attached volume leaves a dead FUSE mount; the next
+    attach of that volume must not trip over it."""
+    node.cli("volume", "create", "dead", "--size", "16M", "--replicas", "1")
+    node.cli("volume", "attach", "dead")
+    state = node.data / "run" / "dead" / "ctl.sock.attach"
+    pid = json.loads(state.read_text()).get("nbdfuse_pid")
+    if pid is None:  # the kernel nbd driver: no FUSE mount to go stale
+        return
+    node.cli("volume", "detach", "dead")
+    # what an old detach left: the mount of a dead nbdfuse at the volume's FUSE directory
+    fuse_dir = state.with_name(state.name + ".fuse")
+    fuse_dir.mkdir(mode=0o700)
+    killed = subprocess.Popen(["nbdfuse", str(fuse_dir / "dead"), "--command", "nbdkit",
+                               "-s", "memory", "1M"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        wait_for(lambda: _mounted(fuse_dir), 30, "nbdfuse to mount")
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    assert _mounted(fuse_dir)  # dead now: "Transport endpoint is not connected"
+    device = node.cli("volume", "attach", "dead").stdout.strip()
+    with open(device, "rb") as block:
+        assert block.read(4096) == bytes(4096)
+    node.cli("volume", "detach", "dead")
+    assert _fuse_mounts(node) == []
