@@ -14,7 +14,7 @@ from appliance.cli.client import ApiClient, RemoteNotFound, api, client_options
 from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL, SIZE
 from appliance.defaults import API_LISTEN
-from appliance.errors import FailedPrecondition, Unavailable
+from appliance.errors import FailedPrecondition, Unavailable, error_class
 from appliance.units import format_size
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]),
@@ -84,32 +84,89 @@ def _volume_rows(items: list[dict[str, Any]]) -> str:
                  ["NAME", "SIZE", "REPLICAS", "STATE", "ROBUSTNESS", "DEVICE"])
 
 
-def wait_for_volume(client: ApiClient, name: str, done: Any, what: str) -> dict[str, Any] | None:
-    """Poll volume *name* until done(volume) (None when it is gone); progress on stderr."""
-    deadline = time.monotonic() + WAIT_TIMEOUT
-    shown = said = ""
+# Error codes (errors.py) of a reconcile pass that another pass will not cure by itself:
+# waiting on stops with the error (the daemon keeps trying; the operator has to act).
+TRANSIENT = frozenset({"unavailable", "conflict", "busy", "stale-session", "io-error"})
+
+
+def wait_options(function: Any) -> Any:
+    """``--timeout SECONDS`` and ``--no-wait`` (parameters ``timeout`` and ``no_wait``)."""
+    function = click.option("--no-wait", is_flag=True,
+                            help="Return once the daemon has the request.")(function)
+    return click.option("--timeout", type=click.FloatRange(min=0), default=WAIT_TIMEOUT,
+                        show_default=True, metavar="SECONDS",
+                        help="Give up waiting after this long (the daemon goes on)."
+                        )(function)
+
+
+class Progress:
+    """What a wait shows at a terminal: the state, and a bar for copies."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.tty = sys.stderr.isatty()
+        self.shown = ""
+        self.bar = False
+
+    def state(self, state: str) -> None:
+        if state != self.shown and self.tty:
+            self.end_bar()
+            click.echo(f"{self.what}: {state}...", err=True)
+            self.shown = state
+
+    def fraction(self, fraction: float) -> None:
+        if self.tty:
+            fraction = min(max(fraction, 0.0), 1.0)
+            click.echo(f"\r{self.what}: [{'#' * int(fraction * 40):<40}] {fraction:4.0%}",
+                       err=True, nl=False)
+            self.bar = True
+
+    def say(self, text: str) -> None:
+        self.end_bar()
+        click.echo(f"{self.what}: {text}", err=True)
+
+    def end_bar(self, complete: bool = False) -> None:
+        if self.bar:
+            if complete:
+                self.fraction(1.0)
+            click.echo("", err=True)
+            self.bar = False
+
+
+def wait_for_volume(client: ApiClient, name: str, done: Any, what: str, *,
+                    timeout: float = WAIT_TIMEOUT) -> dict[str, Any] | None:
+    """Poll volume *name* until done(volume) (None when it is gone); progress on stderr.
+    Stops early with the daemon's error when a pass failed in a way that the next pass will
+    not cure by itself (a refused placement, a name that cannot work, a failed copy)."""
+    deadline = time.monotonic() + timeout
+    progress = Progress(what)
+    said = ""
     while True:
         try:
             info: dict[str, Any] | None = client.call("GET", f"/v1/volumes/{name}")
         except RemoteNotFound:
             info = None  # gone: what delete waits for
         if done(info):
+            progress.end_bar(complete=True)
             return info
         state = info["state"] if info else "gone"
-        if state != shown and sys.stderr.isatty():
-            click.echo(f"{what}: {state}...", err=True)
-            shown = state
-        progress = info.get("progress") if info else None
-        if progress and progress["total_bytes"] and sys.stderr.isatty():
-            fraction = progress["done_bytes"] / progress["total_bytes"]
-            bar = "#" * int(fraction * 40)
-            click.echo(f"\r{what}: [{bar:<40}] {fraction:4.0%}", err=True, nl=False)
+        progress.state(state)
+        copied = info.get("progress") if info else None
+        if copied and copied["total_bytes"]:
+            progress.fraction(copied["done_bytes"] / copied["total_bytes"])
         if info and info.get("message") and info["message"] != said:
             said = info["message"]
-            click.echo(f"{what}: {said}", err=True)
+            progress.say(said)
+        if info and info.get("error") and info["error"] not in TRANSIENT:
+            progress.end_bar()
+            cls = error_class(info["error"])
+            raise cls(f"volume {name} is {state}: {info['message']} (the daemon keeps trying; "
+                      "act on the cause, or undo the request)")
         if time.monotonic() > deadline:
-            raise Unavailable(f"volume {name} did not finish ({what}) in {WAIT_TIMEOUT:.0f} s; "
-                              f"it is {state}")
+            progress.end_bar()
+            raise Unavailable(f"volume {name} did not finish ({what}) in {timeout:.0f} s; "
+                              f"it is {state}" + (f": {said}" if said else "")
+                              + " (the daemon goes on)")
         time.sleep(0.2)
 
 
@@ -118,14 +175,19 @@ def wait_for_volume(client: ApiClient, name: str, done: Any, what: str) -> dict[
 @click.option("--size", required=True, type=SIZE, help="Size, e.g. 10G.")
 @click.option("--replicas", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.option("--disk-tag", "disk_tags", multiple=True, help="Place replicas on disks with it.")
+@wait_options
 @client_options
-def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...], url: str,
-                  token_file: Path) -> None:
+def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...],
+                  timeout: float, no_wait: bool, url: str, token_file: Path) -> None:
     """Create volume NAME."""
     client = api(url, token_file)
     client.call("POST", "/v1/volumes", {"name": name, "size": size, "replicas": replicas,
                                         "disk_tags": list(disk_tags)})
-    wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "creating")
+    if no_wait:
+        click.echo(f"volume {name} requested")
+        return
+    wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "creating",
+                    timeout=timeout)
     click.echo(f"volume {name} created ({format_size(size)}, {replicas} replicas)")
 
 
@@ -196,8 +258,9 @@ def _device(info: dict[str, Any] | None) -> str:
 
 @volume.command("attach")
 @click.argument("name")
+@wait_options
 @client_options
-def volume_attach(name: str, url: str, token_file: Path) -> None:
+def volume_attach(name: str, timeout: float, no_wait: bool, url: str, token_file: Path) -> None:
     """Attach volume NAME as a block device on this node; print the device.
 
     When its engine refuses to start (it cannot prove that every acknowledged write is
@@ -205,7 +268,11 @@ def volume_attach(name: str, url: str, token_file: Path) -> None:
     tried again by itself, and 'volume salvage' lets an operator choose."""
     client = api(url, token_file)
     client.call("POST", f"/v1/volumes/{name}/attach")
-    click.echo(_device(wait_for_volume(client, name, _served_or_refused, "attaching")))
+    if no_wait:
+        click.echo(f"volume {name} attaching ('volume show {name}' gives its device)")
+        return
+    click.echo(_device(wait_for_volume(client, name, _served_or_refused, "attaching",
+                                       timeout=timeout)))
 
 
 @volume.command("salvage")
@@ -214,16 +281,21 @@ def volume_attach(name: str, url: str, token_file: Path) -> None:
               help="Serve this replica (a name from 'volume show'); replicas that may hold "
                    "writes it lacks are kept as volumes of their own. Default: the best "
                    "reachable member of the newest membership.")
+@wait_options
 @client_options
-def volume_salvage(name: str, source: str | None, url: str, token_file: Path) -> None:
+def volume_salvage(name: str, source: str | None, timeout: float, no_wait: bool, url: str,
+                   token_file: Path) -> None:
     """Start the engine of volume NAME, which faulted or was refused, accepting that
     acknowledged writes may be missing; print what was given up."""
     client = api(url, token_file)
     asked = client.call("POST", f"/v1/volumes/{name}/salvage",
                         {"from": source} if source else None)
     number = asked["salvage_request"]["id"]
+    if no_wait:
+        click.echo(f"volume {name}: salvage request {number} made")
+        return
     info = wait_for_volume(client, name, lambda v: v and v["salvage_done"] >= number and
-                 _served_or_refused(v), "salvaging")
+                           _served_or_refused(v), "salvaging", timeout=timeout)
     device = _device(info)
     assert info is not None
     if info["salvage"] and info["salvage"] != asked["salvage"]:
@@ -241,24 +313,35 @@ FORCE = click.option("--force", is_flag=True,
 @volume.command("detach")
 @click.argument("name")
 @FORCE
+@wait_options
 @client_options
-def volume_detach(name: str, force: bool, url: str, token_file: Path) -> None:
+def volume_detach(name: str, force: bool, timeout: float, no_wait: bool, url: str,
+                  token_file: Path) -> None:
     """Detach volume NAME (refused while its device is mounted or open)."""
     client = api(url, token_file)
     client.call("POST", f"/v1/volumes/{name}/detach" + ("?force=true" if force else ""))
-    wait_for_volume(client, name, lambda v: v and v["state"] == "detached", "detaching")
+    if no_wait:
+        click.echo(f"volume {name} detaching")
+        return
+    wait_for_volume(client, name, lambda v: v and v["state"] == "detached", "detaching",
+                    timeout=timeout)
     click.echo(f"volume {name} detached")
 
 
 @volume.command("delete")
 @click.argument("name")
 @FORCE
+@wait_options
 @client_options
-def volume_delete(name: str, force: bool, url: str, token_file: Path) -> None:
+def volume_delete(name: str, force: bool, timeout: float, no_wait: bool, url: str,
+                  token_file: Path) -> None:
     """Delete volume NAME and its data (refused while its device is mounted or open)."""
     client = api(url, token_file)
     client.call("DELETE", f"/v1/volumes/{name}" + ("?force=true" if force else ""))
-    wait_for_volume(client, name, lambda v: v is None, "deleting")
+    if no_wait:
+        click.echo(f"volume {name} deleting")
+        return
+    wait_for_volume(client, name, lambda v: v is None, "deleting", timeout=timeout)
     click.echo(f"volume {name} deleted")
 
 
@@ -280,14 +363,19 @@ def volume_expand(name: str, size: int, resize_fs: bool, url: str, token_file: P
 @click.argument("name")
 @click.option("--snapshot", help="The snapshot to clone (default: one taken now).")
 @click.option("--replicas", type=click.IntRange(1, 8), help="Default: as the source.")
+@wait_options
 @client_options
-def volume_clone(source: str, name: str, snapshot: str | None, replicas: int | None, url: str,
-                 token_file: Path) -> None:
+def volume_clone(source: str, name: str, snapshot: str | None, replicas: int | None,
+                 timeout: float, no_wait: bool, url: str, token_file: Path) -> None:
     """Create volume NAME holding a snapshot of volume SOURCE."""
     client = api(url, token_file)
     client.call("POST", f"/v1/volumes/{source}/clone",
                 {"name": name, "snapshot": snapshot, "replicas": replicas})
-    info = wait_for_volume(client, name, lambda v: v and v["state"] not in ("creating",), "cloning")
+    if no_wait:
+        click.echo(f"volume {name} cloning from {source}")
+        return
+    info = wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "cloning",
+                           timeout=timeout)
     assert info is not None
     if info["state"] == "failed":
         raise FailedPrecondition(info["message"] or f"the clone {name} failed")

@@ -98,6 +98,7 @@ class Volume(Record):
     device: str | None = None
     message: str = ""
     refusal: str = ""  # why its engine's last start was refused ("" once it serves)
+    error: str = ""  # the code (errors.py) of the error in message; "" when the last pass worked
     branch: str = ""  # the current branch of its history, as its engine last reported it
     salvage: dict[str, Any] | None = None  # the last salvage of its lineage (replica names)
     salvage_done: int = 0  # the id of the last salvage request carried out

@@ -126,12 +126,16 @@ class Controller(Recovery):
                 except ApplianceError as exc:
                     if self._note(volume.name, "error", str(exc)):  # once, not every pass
                         log.warning("volume %s: %s", volume.name, exc)
-                    await self._status(volume.name, message=one_line(str(exc)))
+                    await self._status(volume.name, message=one_line(str(exc)),
+                                       error=exc.code)
                 except Exception as exc:  # a bug: keep reconciling the other volumes
                     log.exception("volume %s: reconcile failed", volume.name)
-                    await self._status(volume.name, message=f"internal error: {exc}")
+                    await self._status(volume.name, message=f"internal error: {exc}",
+                                       error="internal")
                 else:
                     self._note(volume.name, "error", "")
+                    if volume.error:
+                        await self._status(volume.name, error="")
             self.passes += 1
 
     @staticmethod

@@ -9,6 +9,7 @@ of starting new ones. Everything here blocks: the daemon runs it in worker threa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -18,11 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance import unixsock
 from appliance.backup.jobs import Cancelled
 from appliance.chain import Replica
 from appliance.control.objects import ReplicaRecord, Volume
 from appliance.defaults import CONTROL_TIMEOUT
-from appliance.errors import ApplianceError, FailedPrecondition, Unavailable
+from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, Unavailable
 from appliance.frontend import attach as frontend
 from appliance.frontend import filesystem, holders
 from appliance.nbd import launch
@@ -36,12 +38,19 @@ from appliance.replication.protocol import Role
 from appliance.secrets import read_secret_file, write_secret_file
 
 log = logging.getLogger(__name__)
+NBD_DIGEST = 16  # hex digits of a volume name's digest in a short NBD socket path
 
 
 class Supervisor:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        for directory in (config.run_dir, config.secrets_dir):
+        longest = config.run_dir / "nbd" / f"{'0' * NBD_DIGEST}.sock"
+        if len(os.fsencode(longest)) > unixsock.MAX_PATH:
+            raise InvalidArgument(
+                f"data directory {config.data_dir} is too deep: the engines' sockets below "
+                f"it (such as {longest}) would be longer than the {unixsock.MAX_PATH} bytes "
+                "of a socket address; choose a data directory with a shorter path")
+        for directory in (config.run_dir, config.run_dir / "nbd", config.secrets_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # -- paths --------------------------------------------------------------------------
@@ -53,7 +62,15 @@ class Supervisor:
         return self.volume_dir(volume) / "ctl.sock"
 
     def nbd_socket(self, volume: str) -> Path:
-        return self.volume_dir(volume) / "nbd.sock"
+        """The engine's NBD socket: beside its control socket, unless that path is too long
+        for a socket address (nbdkit binds it and NBD clients connect to it by name: a
+        long volume name, or a deep data directory); then a short path named by a digest
+        of the volume's name, so that every name the API accepts can be attached."""
+        path = self.volume_dir(volume) / "nbd.sock"
+        if len(os.fsencode(path)) <= unixsock.MAX_PATH:
+            return path
+        digest = hashlib.sha256(volume.encode()).hexdigest()[:NBD_DIGEST]
+        return self.config.run_dir / "nbd" / f"{digest}.sock"
 
     def attach_state(self, volume: str) -> Path:
         return self.volume_dir(volume) / "ctl.sock.attach"
@@ -223,5 +240,6 @@ class Supervisor:
         frontend.detach(self.attach_state(volume))
 
     def forget_volume(self, volume: str) -> None:
+        self.nbd_socket(volume).unlink(missing_ok=True)  # a short path outside its directory
         shutil.rmtree(self.volume_dir(volume), ignore_errors=True)
         (self.config.secrets_dir / volume).unlink(missing_ok=True)
