@@ -165,6 +165,13 @@ class StaleSession(FailedPrecondition):
     code = "stale-session"
 
 
+class AddressInUse(FailedPrecondition):
+    """A network address (a replica server's port) is taken by another program."""
+
+    errno = _errno.EADDRINUSE
+    code = "address-in-use"
+
+
 class Unavailable(ApplianceError):
     """A peer did not answer in time or the connection to it broke."""
 

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import appliance
-from appliance import unixsock
+from appliance import ports, unixsock
 from appliance.errors import (
+    AddressInUse,
     AlreadyExists,
     ApplianceError,
+    AuthenticationFailed,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -165,16 +167,32 @@ def start_replica_server(directory: Path, listen: tuple[str, int], secret_file: 
     pid_file, log_file = replica_server_files(directory)
     if not directory.is_dir():
         raise NotFound(f"replica directory {directory} does not exist")
+    if not ports.bindable(*listen):
+        raise AddressInUse(f"port {listen[1]} of {listen[0]} is taken by "
+                           f"{ports.holder(listen[1])}")
     command = [sys.executable, "-m", "appliance", "replica", "serve", str(directory),
                "--listen", f"{listen[0]}:{listen[1]}", "--secret-file", str(secret_file),
                "--foreground"]
     pid = spawn_daemon(command, dict(os.environ), log_file)
 
     def ready() -> bool:
-        ReplicaConnection(listen, secret, timeout=2).close()
+        try:
+            ReplicaConnection(listen, secret, timeout=2).close()
+        except AuthenticationFailed:
+            # not this server (it did not start, or not yet): another one took the port
+            if process_running(pid):
+                raise Unavailable("not ready") from None
+            raise AddressInUse(f"port {listen[1]} of {listen[0]} is taken by "
+                               f"{ports.holder(listen[1])}") from None
         return True
 
-    _wait_ready(pid, ready, "the replica server", log_file)
+    try:
+        _wait_ready(pid, ready, "the replica server", log_file)
+    except FailedPrecondition as exc:
+        if isinstance(exc, AddressInUse) or ports.bindable(*listen):
+            raise
+        raise AddressInUse(f"port {listen[1]} of {listen[0]} is taken by "  # meanwhile
+                           f"{ports.holder(listen[1])}") from exc
     pid_file.write_text(f"{pid}\n")
     return pid
 

@@ -33,7 +33,7 @@ import trio
 
 from appliance.control.objects import ReplicaRecord, Settings, Volume
 from appliance.control.store import StateStore
-from appliance.errors import ApplianceError, Conflict, FailedPrecondition
+from appliance.errors import AddressInUse, ApplianceError, Conflict, FailedPrecondition
 from appliance.node.config import NodeConfig
 from appliance.node.events import EventLog
 from appliance.node.lineage import one_line
@@ -266,7 +266,7 @@ class Controller(Recovery):
         self._settled.pop(volume.name, None)
         status = await self.thread(sup.engine_status, volume.name)
         await self._learn_replica_ids(replicas, status)
-        failures = await self._ensure_servers(volume, replicas, status)
+        failures, replicas = await self._ensure_servers(volume, replicas, status)
         settings = await self.settings()
         if status is None:
             if not await self._start(volume, replicas, failures):
@@ -292,8 +292,10 @@ class Controller(Recovery):
                            branch=status.get("branch", ""))
 
     async def _ensure_servers(self, volume: Volume, replicas: list[ReplicaRecord],
-                              status: dict[str, Any] | None) -> dict[str, ApplianceError]:
-        """Start the replica servers that do not run; the failures by replica name."""
+                              status: dict[str, Any] | None
+                              ) -> tuple[dict[str, ApplianceError], list[ReplicaRecord]]:
+        """Start the replica servers that do not run; the failures by replica name, and
+        the replicas (one whose port another program took is moved to a free one)."""
         sup = self.supervisor
         # A server the engine has in service answers it: only its process is looked at
         # (cheap); the others are probed with a connection.
@@ -311,6 +313,12 @@ class Controller(Recovery):
                              replica.name)
                 try:
                     await self.thread(sup.start_replica, replica)
+                except AddressInUse as exc:
+                    moved = await self._move_port(volume, replica, exc, status)
+                    try:
+                        await self.thread(sup.start_replica, moved)
+                    except ApplianceError as again:
+                        failures[replica.name] = again
                 except ApplianceError as exc:
                     failures[replica.name] = exc
 
@@ -318,13 +326,32 @@ class Controller(Recovery):
         async with trio.open_nursery() as servers:  # started side by side
             for replica in replicas:
                 servers.start_soon(ensure_server, replica)
+        current = {r.name: r for r in await self.replicas_of(volume.name)}
+        replicas = [current.get(r.name, r) for r in replicas]
         for replica in replicas:
             exc = failures.get(replica.name)
             # the engine serves from the others meanwhile, or refuses to start without it
             if self._note(volume.name, f"server {replica.name}", str(exc or "")) and exc:
                 log.warning("volume %s: replica %s cannot be served: %s", volume.name,
                             replica.name, exc)
-        return failures
+        return failures, replicas
+
+    async def _move_port(self, volume: Volume, replica: ReplicaRecord, exc: AddressInUse,
+                         status: dict[str, Any] | None) -> ReplicaRecord:
+        """Give *replica*, whose port another program took, a free port (recorded, and
+        told to its engine when one runs: the old address leaves it, the new one is added
+        by the next step, rebuilt as any returning replica)."""
+        async with self.placement.lock:
+            moved = await self.placement.move_port(replica)
+        await self.events.record(volume.name, "replica-port-moved",
+                                 f"replica {replica.name} moved from port {replica.port} to "
+                                 f"{moved.port}: {exc}")
+        old = f"{self.config.replica_address}:{replica.port}"
+        if status is not None and any(r["address"] == old for r in status["replicas"]):
+            with contextlib.suppress(ApplianceError):
+                await self.thread(partial(self.supervisor.engine_call, volume.name,
+                                          "remove-replica", address=old))
+        return moved
 
     async def _replenish(self, volume: Volume, replicas: list[ReplicaRecord],
                          status: dict[str, Any], settings: Settings, unservable: set[str]) -> None:

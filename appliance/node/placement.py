@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
 
+from appliance import ports
 from appliance.control.objects import Disk, ReplicaRecord, Settings, Volume
 from appliance.control.scheduler import DiskState, place, refusal
 from appliance.control.store import StateStore
@@ -64,16 +64,8 @@ def disk_state(disk: Disk, usage: DiskUsage | None, replicas: Iterable[ReplicaRe
 
 def free_port(host: str, candidates: Iterable[int], used: set[int]) -> int | None:
     """Blocking: the first of *candidates* not in *used* that *host* can bind now."""
-    for port in candidates:
-        if port in used:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-        return port
-    return None
+    return next((port for port in candidates
+                 if port not in used and ports.bindable(host, port)), None)
 
 
 async def load_settings(store: StateStore) -> Settings:
@@ -166,6 +158,20 @@ class Placement:
                                          str(Path(by_name[disk_name].path) / "replicas" / name),
                                          port))
         return planned
+
+    async def move_port(self, replica: ReplicaRecord) -> ReplicaRecord:
+        """Give *replica* another free port and store it. Hold ``lock``."""
+        _, all_replicas, _ = await self._inventory()
+        used = {r.port for r in all_replicas}
+        port = await trio.to_thread.run_sync(free_port, self.config.replica_address,
+                                             range(*self.config.port_range), used)
+        if port is None:
+            raise FailedPrecondition(f"port {replica.port} of replica {replica.name} is "
+                                     "taken, and no other port of the configured range is "
+                                     "free")
+        moved = replace(replica, port=port)
+        await self.store.put(moved.key, moved.to_dict())
+        return moved
 
     async def place(self, volume: Volume, existing: list[ReplicaRecord],
                     count: int) -> list[ReplicaRecord]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -132,3 +133,34 @@ def test_longest_volume_name_works_everywhere(node: Node, tmp_path: Path) -> Non
     node.cli("volume", "detach", "c")
     node.cli("volume", "delete", name)
     assert list((node.data / "run" / "nbd").iterdir()) == []
+
+
+def test_replica_port_taken_by_another_program(node: Node) -> None:
+    """A replica whose port another program took meanwhile is moved to a free port (the
+    event names the holder), and the volume serves with all its replicas and its data."""
+    node.cli("volume", "create", "ported", "--size", "16M", "--replicas", "2")
+    device = node.cli("volume", "attach", "ported").stdout.strip()
+    payload = os.urandom(65536)
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        os.pwrite(fd, payload, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    node.cli("volume", "detach", "ported")
+    replica = node.volume("ported")["replica_list"][0]
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", replica["port"]))
+        squatter.listen()
+        device = node.cli("volume", "attach", "ported", "--timeout", "120").stdout.strip()
+        wait_for(lambda: node.volume("ported")["robustness"] == "healthy", 120,
+                 "both replicas in service")
+        with open(device, "rb") as block:
+            assert block.read(65536) == payload
+        moved = next(r for r in node.volume("ported")["replica_list"]
+                     if r["name"] == replica["name"])
+        assert moved["port"] != replica["port"]
+        events = node.cli("event", "list", "--volume", "ported").stdout
+        assert "replica-port-moved" in events and f"process {os.getpid()}" in events
+    node.cli("volume", "detach", "ported")
