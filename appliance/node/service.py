@@ -3,8 +3,10 @@ controller act. The REST API (api.py), and later the CSI plugin, call this."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -27,6 +29,7 @@ from appliance.control.scheduler import DiskState
 from appliance.control.store import StateStore
 from appliance.errors import (
     AlreadyExists,
+    ApplianceError,
     Conflict,
     FailedPrecondition,
     InvalidArgument,
@@ -121,7 +124,12 @@ class NodeService:
 
     async def create_volume(self, name: str, size: int, replicas: int,
                             disk_tags: list[str], labels: dict[str, str],
-                            source: dict[str, str] | None = None) -> dict[str, Any]:
+                            source: dict[str, str] | None = None, *,
+                            first: Callable[[], Awaitable[None]] | None = None
+                            ) -> dict[str, Any]:
+        """Create volume *name*; *first* (a clone's snapshot) runs once its replicas are
+        placed, before anything is stored: a volume that cannot be placed changes
+        nothing."""
         volume = Volume(name, size, replicas, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                         disk_tags=disk_tags, labels=labels, source=source).validate()
         if not await self._disks():
@@ -130,6 +138,8 @@ class NodeService:
             raise AlreadyExists(f"volume {name!r} already exists")
         async with self.placement.lock:  # no other placement in between
             planned = await self.placement.plan_replicas(volume, [], replicas)
+            if first is not None:
+                await first()
             try:
                 await self.store.put(volume.key, volume.to_dict(), expect=0)
             except FailedPrecondition:
@@ -147,16 +157,32 @@ class NodeService:
         check_name(name, "volume name")
         if await self.store.get(Volume.key_of(name)) is not None:
             raise AlreadyExists(f"volume {name!r} already exists")
-        if snapshot is None:
-            snapshot = f"clone-{name}"
-            await self.create_snapshot(source, snapshot, {"clone": name})
-        layer = next((x for x in await self.list_snapshots(source) if x["name"] == snapshot),
-                     None)
-        if layer is None:
-            raise NotFound(f"snapshot {snapshot!r} of volume {source!r} does not exist")
-        return await self.create_volume(name, layer["size"], replicas or original.replicas,
-                                        original.disk_tags, dict(original.labels),
-                                        {"volume": source, "snapshot": snapshot})
+        if snapshot is not None:
+            layer = next((x for x in await self.list_snapshots(source)
+                          if x["name"] == snapshot and not x["removed"]), None)
+            if layer is None:
+                raise NotFound(f"snapshot {snapshot!r} of volume {source!r} does not exist")
+            return await self.create_volume(name, layer["size"], replicas or original.replicas,
+                                            original.disk_tags, dict(original.labels),
+                                            {"volume": source, "snapshot": snapshot})
+        # a snapshot taken for the clone, once its replicas are placed (a clone that cannot
+        # be placed leaves no snapshot behind)
+        taken = f"clone-{name}"
+        made = []
+
+        async def take() -> None:
+            await self.create_snapshot(source, taken, {"clone": name})
+            made.append(taken)
+
+        try:
+            return await self.create_volume(name, original.size, replicas or original.replicas,
+                                            original.disk_tags, dict(original.labels),
+                                            {"volume": source, "snapshot": taken}, first=take)
+        except ApplianceError:
+            if made:
+                with contextlib.suppress(ApplianceError):  # the clone was not made: undo
+                    await self.delete_snapshot(source, taken)
+            raise
 
     async def list_volumes(self) -> list[dict[str, Any]]:
         entries, _ = await self.store.list(ReplicaRecord.PREFIX)  # one query for every volume

@@ -164,3 +164,18 @@ def test_replica_port_taken_by_another_program(node: Node) -> None:
         events = node.cli("event", "list", "--volume", "ported").stdout
         assert "replica-port-moved" in events and f"process {os.getpid()}" in events
     node.cli("volume", "detach", "ported")
+
+
+def test_failed_clone_leaves_nothing_behind(node: Node) -> None:
+    node.cli("volume", "create", "src", "--size", "16M", "--replicas", "2")
+    before = node.cli("snapshot", "list", "src", "-o", "json").stdout
+    for attached in (False, True):
+        refused = node.cli("volume", "clone", "src", "c3", "--replicas", "3", check=False)
+        assert refused.returncode == 1 and "c3" not in node.cli("volume", "list").stdout
+        assert "disk" in refused.stderr  # placement says why
+        assert node.cli("snapshot", "list", "src", "-o", "json").stdout == before
+        if not attached:
+            node.cli("volume", "attach", "src")
+    node.cli("volume", "clone", "src", "c2", "--replicas", "2")  # the same request, placeable
+    assert [s["name"] for s in json.loads(node.cli("snapshot", "list", "src", "-o",
+                                                    "json").stdout)] == ["clone-c2"]
