@@ -38,11 +38,19 @@ def parse_size(text: str) -> int:
 
 
 def format_size(size: int) -> str:
-    """Print *size* bytes briefly in binary units (``1.5 GiB``), exact for small sizes."""
+    """Print *size* bytes in binary units: exactly when the largest unit that fits says it
+    with two decimals at most (``1.5 GiB``), or a smaller one does (``1025 MiB``, not
+    ``1 GiB``); else briefly (``1.2 GiB``)."""
     if size < 1024:
         return f"{size} B"
+    units = ("KiB", "MiB", "GiB", "TiB", "PiB")
+    for power in range(len(units), 0, -1):
+        scale = 1024**power
+        if size >= scale and (size * 100) % scale == 0:
+            text = f"{size / scale:.2f}".rstrip("0").removesuffix(".")
+            return f"{text} {units[power - 1]}"
     value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+    for unit in units:
         value /= 1024
         if value < 1024 or unit == "PiB":
             text = f"{value:.1f}".removesuffix(".0")

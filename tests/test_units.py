@@ -25,3 +25,6 @@ def test_format_size() -> None:
     assert format_size(0) == "0 B"
     assert format_size(4096) == "4 KiB"
     assert format_size(1536 << 20) == "1.5 GiB"
+    assert format_size(1025 << 20) == "1025 MiB"  # exact: not "1 GiB"
+    assert format_size(16 << 40) == "16 TiB"
+    assert format_size(12345678) == "11.8 MiB"  # no unit says it exactly: briefly

@@ -349,13 +349,22 @@ def volume_delete(name: str, force: bool, timeout: float, no_wait: bool, url: st
 @click.argument("name")
 @click.option("--size", required=True, type=SIZE, help="The new size, e.g. 20G.")
 @click.option("--resize-fs", is_flag=True,
-              help="Grow the ext4 or xfs file system on the attached (unmounted) device too.")
+              help="Grow the ext2/3/4 or xfs file system on the attached device too, "
+                   "mounted (online) or not.")
 @client_options
 def volume_expand(name: str, size: int, resize_fs: bool, url: str, token_file: Path) -> None:
     """Grow volume NAME to SIZE (attached or detached)."""
-    info = api(url, token_file).call("POST", f"/v1/volumes/{name}/expand",
-                                     {"size": size, "resize_fs": resize_fs})
-    click.echo(f"volume {name} expanded to {format_size(info['size'])}")
+    client = api(url, token_file)
+    before = client.call("GET", f"/v1/volumes/{name}")["size"]
+    info = client.call("POST", f"/v1/volumes/{name}/expand",
+                       {"size": size, "resize_fs": resize_fs})
+    if info["size"] == before:
+        click.echo(f"volume {name} is already {format_size(before)}"
+                   + (" (its file system grown to fill it)" if resize_fs else ""))
+    else:
+        click.echo(f"volume {name} expanded from {format_size(before)} to "
+                   f"{format_size(info['size'])}"
+                   + (" with its file system" if resize_fs else ""))
 
 
 @volume.command("clone")
@@ -403,17 +412,35 @@ def snapshot_create(volume_name: str, name: str, labels: tuple[tuple[str, str], 
     click.echo(f"snapshot {name} of volume {volume_name} created")
 
 
+def _kept(items: list[dict[str, Any]]) -> dict[str, str]:
+    """Why each removed snapshot is still there (purge merges a removed snapshot into its
+    one child; one with two children, after a revert, is shared by both branches)."""
+    children: dict[str, int] = {}
+    for item in items:
+        if item["parent"]:
+            children[item["parent"]] = children.get(item["parent"], 0) + 1
+    return {item["name"]: (f"removed, kept: {children[item['name']]} snapshots or branches "
+                           "depend on it" if children.get(item["name"], 0) > 1
+                           else "removed, until 'snapshot purge'")
+            for item in items if item["removed"]}
+
+
 @snapshot.command("list")
 @click.argument("volume_name", metavar="VOLUME")
+@click.option("--all", "show_all", is_flag=True,
+              help="Also the removed snapshots whose space is not reclaimed yet.")
 @OUTPUT
 @client_options
-def snapshot_list(volume_name: str, output: str, url: str, token_file: Path) -> None:
-    """List the snapshots of VOLUME, oldest first."""
-    emit(api(url, token_file).call("GET", f"/v1/volumes/{volume_name}/snapshots"), output,
-         lambda items: table([[s["name"], s["parent"] or "-", s["created"] or "-",
-                               format_size(s["actual_size"]),
-                               "removed" if s["removed"] else "-"] for s in items],
-                             ["NAME", "PARENT", "CREATED", "ACTUAL SIZE", "STATE"]))
+def snapshot_list(volume_name: str, show_all: bool, output: str, url: str,
+                  token_file: Path) -> None:
+    """List the snapshots of VOLUME, oldest first (removed ones with --all)."""
+    items = api(url, token_file).call("GET", f"/v1/volumes/{volume_name}/snapshots")
+    kept = _kept(items)
+    shown = items if show_all else [s for s in items if not s["removed"]]
+    emit(shown, output, lambda rows: table(
+        [[s["name"], s["parent"] or "-", s["created"] or "-", format_size(s["actual_size"]),
+          kept.get(s["name"], "-")] for s in rows],
+        ["NAME", "PARENT", "CREATED", "ACTUAL SIZE", "STATE"]))
 
 
 @snapshot.command("revert")
@@ -441,8 +468,11 @@ def snapshot_delete(volume_name: str, name: str, url: str, token_file: Path) -> 
 @client_options
 def snapshot_purge(volume_name: str, url: str, token_file: Path) -> None:
     """Reclaim the space of VOLUME's removed snapshots (online)."""
-    api(url, token_file).call("POST", f"/v1/volumes/{volume_name}/purge")
+    client = api(url, token_file)
+    client.call("POST", f"/v1/volumes/{volume_name}/purge")
     click.echo(f"snapshots of volume {volume_name} purged")
+    for name, why in _kept(client.call("GET", f"/v1/volumes/{volume_name}/snapshots")).items():
+        click.echo(f"snapshot {name}: {why}", err=True)
 
 
 # -- events ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 from appliance.control.objects import Settings
 from appliance.errors import FailedPrecondition
+from appliance.units import format_size
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,18 @@ def refusal(disk: DiskState, size: int, tags: list[str], settings: Settings) -> 
         return f"lacks tag(s) {', '.join(missing)}"
     limit = (disk.capacity - disk.reserved) * settings.over_provisioning_percentage // 100
     if disk.scheduled + size > limit:
-        return (f"{disk.scheduled + size} bytes would be scheduled, over the limit of "
-                f"{limit} ({settings.over_provisioning_percentage}% of its capacity)")
+        return (f"{format_size(disk.scheduled + size)} would be scheduled, over its limit of "
+                f"{format_size(limit)} (over_provisioning_percentage "
+                f"{settings.over_provisioning_percentage}% of its capacity"
+                + (f" less {format_size(disk.reserved)} reserved" if disk.reserved else "")
+                + ")")
     floor = disk.capacity * settings.minimal_available_percentage // 100 + disk.reserved
     if disk.available < floor:
-        return f"only {disk.available} bytes free, under the minimum of {floor}"
+        return (f"only {format_size(disk.available)} free, under its minimum of "
+                f"{format_size(floor)} (minimal_available_percentage "
+                f"{settings.minimal_available_percentage}%"
+                + (f" plus {format_size(disk.reserved)} reserved" if disk.reserved else "")
+                + ")")
     return ""
 
 
@@ -76,9 +84,17 @@ def place(size: int, count: int, disks: list[DiskState], taken: list[str], tags:
                          if not refusal(d, size, tags, settings)), None)
         if best is None:
             detail = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
-            raise FailedPrecondition(f"cannot place {count} replica(s) of {size} bytes "
-                                     f"({len(chosen)} placed): "
-                                     + (detail or "no disks"))
+            hint = ""
+            if "over_provisioning_percentage" in detail:
+                hint = (". Volumes are thin: to schedule more than a disk holds, raise "
+                        "over_provisioning_percentage ('appliance settings set "
+                        "over_provisioning_percentage 200'), or add disks")
+            elif "already holds a replica" in detail:
+                hint = (". Each replica needs a disk of its own: add disks, ask for fewer "
+                        "replicas, or set replica_soft_anti_affinity")
+            raise FailedPrecondition(f"cannot place {count} replica(s) of "
+                                     f"{format_size(size)} ({len(chosen)} placed): "
+                                     + (detail or "no disks") + hint)
         chosen.append(best.name)
         states[best.name] = replace(best, scheduled=best.scheduled + size)
     return chosen

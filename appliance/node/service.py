@@ -356,6 +356,11 @@ class NodeService:
         check_name(name, "snapshot name")
         check_labels(labels)
         _, directories = await self._where(volume)
+        same = next((x for x in await self.list_snapshots(volume) if x["name"] == name), None)
+        if same is not None:
+            raise AlreadyExists(f"snapshot {name!r} of volume {volume!r} already exists" + (
+                " (removed, not purged yet: 'snapshot purge' reclaims it and its name)"
+                if same["removed"] else ""))
         if directories is None:
             await self._engine(volume, "snapshot", name=name, labels=labels)
         else:

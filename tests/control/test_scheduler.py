@@ -33,15 +33,15 @@ def test_one_replica_per_disk_unless_soft() -> None:
 
 def test_over_provisioning_and_minimal_available() -> None:
     full = disk("a", scheduled=95 * GiB)
-    with pytest.raises(FailedPrecondition, match="over the limit"):
+    with pytest.raises(FailedPrecondition, match="over its limit"):
         place(10 * GiB, 1, [full], [], [], Settings())
     assert place(10 * GiB, 1, [full], [], [], Settings(over_provisioning_percentage=200)) \
         == ["a"]
     low = disk("b", available=5 * GiB)
-    with pytest.raises(FailedPrecondition, match="under the minimum"):
+    with pytest.raises(FailedPrecondition, match="under its minimum"):
         place(GiB, 1, [low], [], [], Settings(minimal_available_percentage=10))
     reserved = disk("c", available=30 * GiB, reserved=25 * GiB)
-    with pytest.raises(FailedPrecondition, match="under the minimum"):
+    with pytest.raises(FailedPrecondition, match="under its minimum"):
         place(GiB, 1, [reserved], [], [], Settings(minimal_available_percentage=10))
 
 

@@ -40,7 +40,7 @@ def device_size(device: str) -> int:
 
 def snapshots(node: Node, volume: str) -> list[dict[str, object]]:
     result: list[dict[str, object]] = json.loads(
-        node.cli("snapshot", "list", volume, "-o", "json").stdout)
+        node.cli("snapshot", "list", volume, "--all", "-o", "json").stdout)
     return result
 
 
