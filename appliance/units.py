@@ -46,7 +46,8 @@ def format_size(size: int) -> str:
     units = ("KiB", "MiB", "GiB", "TiB", "PiB")
     for power in range(len(units), 0, -1):
         scale = 1024**power
-        if size >= scale and (size * 100) % scale == 0:
+        # exact, and short: at most four digits before the point (1025 MiB, not 264212084 KiB)
+        if scale <= size < 10000 * scale and (size * 100) % scale == 0:
             text = f"{size / scale:.2f}".rstrip("0").removesuffix(".")
             return f"{text} {units[power - 1]}"
     value = float(size)

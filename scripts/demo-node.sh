@@ -69,9 +69,11 @@ The daemon keeps running, and volume demo is attached at $device.
     .venv/bin/appliance snapshot create demo first
     .venv/bin/appliance volume clone demo demo-copy --snapshot first
     .venv/bin/appliance volume expand demo --size 512M --resize-fs
-    .venv/bin/appliance volume detach demo && .venv/bin/appliance snapshot revert demo first
     mkdir -p /var/tmp/backups && .venv/bin/appliance backup-target set file:///var/tmp/backups
     .venv/bin/appliance backup create demo && .venv/bin/appliance backup list
+    .venv/bin/appliance events --volume demo
+    .venv/bin/appliance node show
+    .venv/bin/appliance volume detach demo && .venv/bin/appliance snapshot revert demo first
     curl -s -H "Authorization: Bearer \$(cat $APPLIANCE_TOKEN_FILE)" $APPLIANCE_URL/metrics
     .venv/bin/appliance --help
 EOF

@@ -28,3 +28,4 @@ def test_format_size() -> None:
     assert format_size(1025 << 20) == "1025 MiB"  # exact: not "1 GiB"
     assert format_size(16 << 40) == "16 TiB"
     assert format_size(12345678) == "11.8 MiB"  # no unit says it exactly: briefly
+    assert format_size(264212084 << 10) == "252 GiB"  # exact only in KiB: too long

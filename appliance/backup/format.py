@@ -16,6 +16,7 @@ from appliance.errors import Corruption, InvalidArgument
 FORMAT = 1
 ROOT = "appliance-backups"
 FORMAT_OBJECT = f"{ROOT}/format.json"
+PROBES = f"{ROOT}/probes"  # objects that prove a target usable, deleted at once
 DEFAULT_BLOCK_SIZE = 2 << 20
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 64 << 10, 64 << 20
 _BACKUP_ID = re.compile(r"backup-[0-9a-f]{16}")
@@ -30,6 +31,10 @@ def new_backup_id() -> str:
 
 def new_lock_id() -> str:
     return "lock-" + os.urandom(8).hex()
+
+
+def new_probe_name() -> str:
+    return f"{PROBES}/probe-" + os.urandom(8).hex()
 
 
 def check_backup_id(backup_id: str) -> str:
@@ -153,8 +158,13 @@ class Manifest:
     stats: dict[str, int] = field(default_factory=dict)
 
     @property
-    def stored_bytes(self) -> int:
-        return int(self.stats.get("stored_bytes", 0))
+    def data_bytes(self) -> int:
+        """The bytes of the blocks the backup lists (zeros are not), uncompressed: what a
+        restore writes."""
+        last = -(-self.size // self.block_size) - 1
+        short = (last + 1) * self.block_size - self.size  # the last block may be shorter
+        return len(self.blocks) * self.block_size - \
+            (short if self.blocks and self.blocks[-1][0] == last else 0)
 
     def encode(self) -> bytes:
         value = asdict(self)

@@ -25,6 +25,7 @@ from appliance.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    StorageIOError,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,26 @@ class BackupStore:
     def __init__(self, target: ObjectStore, key: BackupKey | None = None) -> None:
         self.target = target
         self.key = key
+
+    def probe(self) -> None:
+        """Prove that the target can hold backups: write an object, find it listed, read it
+        back, delete it. Raises the target's error, or StorageIOError naming the step that
+        went wrong; the probe object does not stay."""
+        name = fmt.new_probe_name()
+        data = os.urandom(32)
+        self.target.put(name, data)
+        try:
+            if name not in set(self.target.list(f"{fmt.PROBES}/")):
+                raise StorageIOError(f"backup target {self.target.url}: {name} was written "
+                                     "but is not listed")
+            if self.target.get(name) != data:
+                raise StorageIOError(f"backup target {self.target.url}: {name} reads back "
+                                     "other bytes than were written")
+        except ApplianceError:
+            with contextlib.suppress(ApplianceError):
+                self.target.delete(name)
+            raise
+        self.target.delete(name)
 
     # -- the volume record ----------------------------------------------------------------
 

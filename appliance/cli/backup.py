@@ -17,7 +17,7 @@ import click
 
 from appliance.backup.format import check_backup_id
 from appliance.cli.client import ApiClient, api, client_options
-from appliance.cli.node import OUTPUT, wait_for_volume
+from appliance.cli.node import OUTPUT, Progress, wait_for_copy, wait_options
 from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL
 from appliance.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -73,6 +73,16 @@ def target_set(target_url: str, credentials: Path | None, encryption_key: Path |
                + (f" (encrypted, key {info['key_id']})" if info["encrypted"] else ""))
 
 
+@backup_target.command("unset")
+@client_options
+def target_unset(url: str, token_file: Path) -> None:
+    """Forget the backup target, its credentials and key (refused while a backup or a
+    restore runs); the backups on it stay there."""
+    result = api(url, token_file).call("DELETE", "/v1/backup-target")
+    click.echo(f"backup target {result['url']} unset" if result["url"] else
+               "no backup target was set")
+
+
 @backup_target.command("show")
 @OUTPUT
 @client_options
@@ -88,24 +98,32 @@ def backup() -> None:
     """Backups of volumes: create, list, show, restore, delete, verify."""
 
 
+def _bytes(value: int | None) -> str:
+    return format_size(value) if value is not None else "-"
+
+
 def _rows(items: list[dict[str, Any]]) -> str:
+    """SIZE: the data the backup holds (what a restore writes); NEW: the bytes it stored
+    on the target (its new blocks, compressed). The volume's size is ``size`` in JSON."""
     return table([[b["id"], b["volume"], b["snapshot"], b["created"][:19],
-                   format_size(b["size"]) if b["size"] is not None else "-", b["state"]]
-                  for b in items], ["ID", "VOLUME", "SNAPSHOT", "CREATED", "SIZE", "STATE"])
+                   _bytes(b.get("data_bytes")), _bytes(b.get("uploaded_bytes")), b["state"]]
+                  for b in items],
+                 ["ID", "VOLUME", "SNAPSHOT", "CREATED", "SIZE", "NEW", "STATE"])
 
 
 def _wait_backup(client: ApiClient, backup_id: str) -> dict[str, Any]:
+    """Poll the backup until it ends; a progress bar on stderr when it is a terminal,
+    ending at 100 % when the backup is complete."""
     deadline = time.monotonic() + WAIT_TIMEOUT
+    progress = Progress("backing up")
     while True:
         info: dict[str, Any] = client.call("GET", f"/v1/backups/{backup_id}")
         if info["state"] != "in-progress":
-            if sys.stderr.isatty():
-                click.echo("", err=True)
+            if info["state"] == "complete":
+                progress.fraction(1.0)
+            progress.end_bar()
             return info
-        if sys.stderr.isatty():
-            done = info.get("progress") or 0.0
-            click.echo(f"\rbacking up: [{'#' * int(40 * done):<40}] {done:4.0%}", err=True,
-                       nl=False)
+        progress.fraction(info.get("progress") or 0.0)
         if time.monotonic() > deadline:
             raise Unavailable(f"backup {backup_id} did not finish in time")
         time.sleep(0.2)
@@ -158,18 +176,18 @@ def backup_show(backup_id: str, output: str, url: str, token_file: Path) -> None
 @click.argument("backup_id", metavar="BACKUP", callback=_backup_id)
 @click.argument("name")
 @click.option("--replicas", type=click.IntRange(1, 8), help="Default: 2.")
+@wait_options
 @client_options
-def backup_restore(backup_id: str, name: str, replicas: int | None, url: str,
-                   token_file: Path) -> None:
-    """Restore BACKUP into a new volume NAME."""
-
+def backup_restore(backup_id: str, name: str, replicas: int | None, timeout: float,
+                   no_wait: bool, url: str, token_file: Path) -> None:
+    """Restore BACKUP into a new volume NAME (a restore that fails removes the volume)."""
     client = api(url, token_file)
     client.call("POST", f"/v1/backups/{backup_id}/restore",
                 {"name": name, "replicas": replicas})
-    info = wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "restoring")
-    assert info is not None
-    if info["state"] == "failed":
-        raise FailedPrecondition(info["message"] or f"the restore into {name} failed")
+    if no_wait:
+        click.echo(f"volume {name} restoring from {backup_id}")
+        return
+    wait_for_copy(client, name, "restoring", timeout)
     click.echo(f"volume {name} restored from {backup_id}")
 
 

@@ -22,8 +22,13 @@ COMMANDS = {
     "volume": "appliance.cli.node:volume",
     "snapshot": "appliance.cli.node:snapshot",
     "event": "appliance.cli.node:event",
+    "events": "appliance.cli.node:events",
     "backup-target": "appliance.cli.backup:backup_target",
     "backup": "appliance.cli.backup:backup",
+    "settings": "appliance.cli.settings:settings",
+    "node": "appliance.cli.admin:node",
+    "version": "appliance.cli.admin:version",
+    "completion": "appliance.cli.admin:completion",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -65,9 +66,50 @@ def disk_list(output: str, url: str, token_file: Path) -> None:
     disks = api(url, token_file).call("GET", "/v1/disks")
     emit(disks, output, lambda items: table(
         [[d["name"], d["path"], format_size(d["capacity"]), format_size(d["available"]),
-          format_size(d["scheduled"]), ",".join(d["tags"]) or "-", str(len(d["replicas"]))]
-         for d in items], ["NAME", "PATH", "CAPACITY", "AVAILABLE", "SCHEDULED", "TAGS",
-                           "REPLICAS"]))
+          format_size(d["scheduled"]), format_size(d["storage_reserved"]),
+          "on" if d["allow_scheduling"] else "off", ",".join(d["tags"]) or "-",
+          str(len(d["replicas"]))]
+         for d in items], ["NAME", "PATH", "CAPACITY", "AVAILABLE", "SCHEDULED", "RESERVED",
+                           "SCHEDULING", "TAGS", "REPLICAS"]))
+
+
+@disk.command("update")
+@click.argument("name")
+@click.option("--tag", "tags", multiple=True,
+              help="Replace the disk's tags with these; repeat for more.")
+@click.option("--clear-tags", is_flag=True, help="Remove every tag.")
+@click.option("--scheduling/--no-scheduling", default=None,
+              help="Whether new replicas may be placed on it (those on it stay).")
+@click.option("--reserved", type=SIZE, help="Space kept free for other uses, e.g. 10G.")
+@client_options
+def disk_update(name: str, tags: tuple[str, ...], clear_tags: bool, scheduling: bool | None,
+                reserved: int | None, url: str, token_file: Path) -> None:
+    """Change disk NAME's tags, scheduling or reserved space."""
+    if tags and clear_tags:
+        raise click.UsageError("give --tag or --clear-tags, not both")
+    body: dict[str, Any] = {}
+    if tags or clear_tags:
+        body["tags"] = list(tags)
+    if scheduling is not None:
+        body["allow_scheduling"] = scheduling
+    if reserved is not None:
+        body["storage_reserved"] = reserved
+    if not body:
+        raise click.UsageError("nothing to change: give --tag, --clear-tags, --scheduling, "
+                               "--no-scheduling or --reserved")
+    info = api(url, token_file).call("PATCH", f"/v1/disks/{quote(name, safe='')}", body)
+    click.echo(f"disk {name}: tags {','.join(info['tags']) or '-'}, scheduling "
+               f"{'on' if info['allow_scheduling'] else 'off'}, reserved "
+               f"{format_size(info['storage_reserved'])}")
+
+
+@disk.command("remove")
+@click.argument("name")
+@client_options
+def disk_remove(name: str, url: str, token_file: Path) -> None:
+    """Stop using disk NAME (refused while it holds replicas; its directory stays)."""
+    api(url, token_file).call("DELETE", f"/v1/disks/{quote(name, safe='')}")
+    click.echo(f"disk {name} removed")
 
 
 # -- volumes --------------------------------------------------------------------------------
@@ -168,6 +210,23 @@ def wait_for_volume(client: ApiClient, name: str, done: Any, what: str, *,
                               f"it is {state}" + (f": {said}" if said else "")
                               + " (the daemon goes on)")
         time.sleep(0.2)
+
+
+def wait_for_copy(client: ApiClient, name: str, what: str, timeout: float) -> None:
+    """Wait until new volume *name*, being filled by a clone or a restore, is usable; a
+    copy that failed removes the volume: its reason (kept in the events) is raised."""
+    info = wait_for_volume(client, name, lambda v: v is None or v["state"] != "creating",
+                           what, timeout=timeout)
+    if info is not None and info["state"] != "failed" and not info["deleting"]:
+        return
+    message = info["message"] if info else ""
+    if not message:
+        for event in reversed(client.call("GET", f"/v1/events?volume={quote(name, safe='')}")):
+            if event["kind"] == "state" and "-> failed" in event["message"]:
+                message = event["message"].split("-> failed", 1)[1].lstrip(": ")
+                break
+    raise FailedPrecondition(f"volume {name}: {message or what + ' failed'}; what it had "
+                             "copied is removed")
 
 
 @volume.command("create")
@@ -383,11 +442,7 @@ def volume_clone(source: str, name: str, snapshot: str | None, replicas: int | N
     if no_wait:
         click.echo(f"volume {name} cloning from {source}")
         return
-    info = wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "cloning",
-                           timeout=timeout)
-    assert info is not None
-    if info["state"] == "failed":
-        raise FailedPrecondition(info["message"] or f"the clone {name} failed")
+    wait_for_copy(client, name, "cloning", timeout)
     click.echo(f"volume {name} cloned from {source}")
 
 
@@ -477,10 +532,63 @@ def snapshot_purge(volume_name: str, url: str, token_file: Path) -> None:
 
 # -- events ---------------------------------------------------------------------------------
 
+FOLLOW_INTERVAL = 1.0  # seconds between two looks for new events
+
+
+def _event_rows(items: list[dict[str, Any]]) -> str:
+    return table([[e["time"], e["volume"] or "-", e["kind"], e["message"]] for e in items],
+                 ["TIME", "VOLUME", "KIND", "MESSAGE"])
+
+
+def _events_path(volume_name: str | None, after: int) -> str:
+    query = [f"after={after}"] if after else []
+    if volume_name:
+        query.append(f"volume={quote(volume_name, safe='')}")
+    return "/v1/events" + ("?" + "&".join(query) if query else "")
+
+
+@click.command("events")
+@click.option("--volume", "volume_name", help="Only the events of this volume.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing new events as they happen (until interrupted); with "
+                   "-o json one JSON object per line.")
+@OUTPUT
+@client_options
+def events(volume_name: str | None, follow: bool, output: str, url: str,
+           token_file: Path) -> None:
+    """What happened, oldest first: volume state and robustness changes, replicas failed,
+    rebuilt and back, salvages, refused starts, snapshots, expansions, clones, restores,
+    backups, forced detaches; disks and settings (volume '-'). The newest 1000 are kept."""
+    client = api(url, token_file)
+    items = client.call("GET", _events_path(volume_name, 0))
+    if not follow:
+        emit(items, output, _event_rows)
+        return
+    last = items[-1]["sequence"] if items else 0
+    _print_follow(items, output)
+    try:
+        while True:
+            time.sleep(FOLLOW_INTERVAL)
+            items = client.call("GET", _events_path(volume_name, last))
+            if items:
+                last = items[-1]["sequence"]
+                _print_follow(items, output)
+    except KeyboardInterrupt:
+        return
+
+
+def _print_follow(items: list[dict[str, Any]], output: str) -> None:
+    for item in items:
+        if output == "table":
+            click.echo(f"{item['time']}  {item['volume'] or '-'}  {item['kind']}  "
+                       f"{item['message']}")
+        else:
+            click.echo(json.dumps(item, sort_keys=True))
+
 
 @click.group()
 def event() -> None:
-    """Events: salvages, refused engine starts, branches kept as volumes."""
+    """Events (also 'appliance events', which can follow them)."""
 
 
 @event.command("list")
@@ -489,7 +597,4 @@ def event() -> None:
 @client_options
 def event_list(volume_name: str | None, output: str, url: str, token_file: Path) -> None:
     """List the newest events, oldest first."""
-    path = "/v1/events" + (f"?volume={quote(volume_name)}" if volume_name else "")
-    emit(api(url, token_file).call("GET", path), output, lambda items: table(
-        [[e["time"], e["volume"], e["kind"], e["message"]] for e in items],
-        ["TIME", "VOLUME", "KIND", "MESSAGE"]))
+    emit(api(url, token_file).call("GET", _events_path(volume_name, 0)), output, _event_rows)

@@ -189,6 +189,34 @@ class Settings(Record):
         return self
 
 
+# What each setting does, in one line: the one place `appliance settings list` and
+# GET /v1/settings/definitions take it from (tests check that every setting has one).
+SETTING_DESCRIPTIONS: dict[str, str] = {
+    "over_provisioning_percentage": "% of a disk's capacity (less reserved) that the sizes "
+                                    "of its replicas may add up to (1-10000)",
+    "minimal_available_percentage": "% of a disk's capacity that must stay free for it to "
+                                    "take a new replica (0-100)",
+    "replica_soft_anti_affinity": "let a disk take a second replica of a volume when no "
+                                  "other disk can",
+    "replica_replenishment_wait": "seconds to wait for a failed replica before rebuilding "
+                                  "or replacing it (0-86400)",
+    "auto_salvage": "restart a faulted engine; it serves only if no acknowledged write can "
+                    "be missing",
+    "backup_compression": "compression of new backups: lz4, zstd or none",
+    "backup_block_size": "bytes per block of a volume's first backup: a power of two, "
+                         "64 KiB to 64 MiB",
+}
+
+
+def setting_definitions() -> list[dict[str, Any]]:
+    """Every setting: ``name``, ``type`` (bool, int, float or str), ``default`` and
+    ``description``."""
+    defaults = Settings()
+    return [{"name": f.name, "type": str(f.type), "default": getattr(defaults, f.name),
+             "description": SETTING_DESCRIPTIONS[f.name]}
+            for f in fields(Settings) if f.name != "name"]
+
+
 @dataclass
 class BackupJob(Record):
     """A backup this node started that is not complete on the target (a complete backup

@@ -3,8 +3,11 @@
 Thin: parse and validate the request, call :class:`NodeService`, translate errors once.
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>``; the token is the
 daemon's (DATA_DIR/token). Errors are ``{"error": {"code": CODE, "message": TEXT}}`` with
-the HTTP status of the error's class; a malformed request is 400 (``invalid-argument``).
-The OpenAPI document is at ``/openapi.json``.
+the HTTP status of the error's class; a malformed request is 400 (``invalid-argument``), a
+path the API does not have 404 ``no-route`` (not ``not-found``: a client must not take a
+wrong URL for an object that is gone). The OpenAPI document is at ``/openapi.json``, with
+the token too; there is no documentation UI (``/docs`` would load its scripts from a CDN,
+and a browser does not send the token).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
+from appliance.control.objects import setting_definitions
 from appliance.errors import ApplianceError, AuthenticationFailed
 from appliance.node.backups import BackupService
+from appliance.node.nodeinfo import NodeInfo
 from appliance.node.service import NodeService
 from appliance.units import parse_size
 
@@ -34,6 +39,18 @@ class Strict(BaseModel):
 class DiskCreate(Strict):
     path: str = Field(min_length=1, max_length=4096)
     tags: list[str] = Field(default_factory=list, max_length=32)
+
+
+class DiskUpdate(Strict):
+    tags: list[str] | None = Field(default=None, max_length=32)
+    allow_scheduling: bool | None = None
+    storage_reserved: int | str | None = Field(default=None,
+                                               description="bytes, or a size such as 10G")
+
+    @field_validator("storage_reserved")
+    @classmethod
+    def _reserved(cls, value: int | str | None) -> int | None:
+        return parse_size(value) if isinstance(value, str) else value
 
 
 class VolumeCreate(Strict):
@@ -126,10 +143,32 @@ def _error(exc: ApplianceError) -> JSONResponse:
                         status_code=exc.http_status, headers=headers)
 
 
+def _disk_routes(app: FastAPI, service: NodeService, auth: list[Any]) -> None:
+    """Disks: list, add, update, remove."""
+
+    @app.get("/v1/disks", dependencies=auth)
+    async def list_disks() -> list[dict[str, Any]]:
+        return await service.list_disks()
+
+    @app.post("/v1/disks", dependencies=auth, status_code=201)
+    async def add_disk(body: DiskCreate) -> dict[str, Any]:
+        return await service.add_disk(body.path, body.tags)
+
+    @app.patch("/v1/disks/{name}", dependencies=auth)
+    async def update_disk(name: str, body: DiskUpdate) -> dict[str, Any]:
+        return await service.update_disk(name, body.model_dump(exclude_none=True))
+
+    @app.delete("/v1/disks/{name}", dependencies=auth)
+    async def remove_disk(name: str) -> dict[str, str]:
+        await service.remove_disk(name)
+        return {"status": "removed"}
+
+
 def create_app(service: NodeService, backups: BackupService, token: str,
                metrics: Callable[[], Awaitable[bytes]]) -> FastAPI:
     app = FastAPI(title="appliance node API", version=__version__,
-                  description="Volumes, disks and settings of one appliance node.")
+                  description="Volumes, disks and settings of one appliance node.",
+                  openapi_url=None, docs_url=None, redoc_url=None)  # served below, with auth
     app.state.token = token
     auth = [Depends(_authenticated)]
 
@@ -147,26 +186,32 @@ def create_app(service: NodeService, backups: BackupService, token: str,
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {401: "unauthenticated", 404: "not-found",
+        code = {401: "unauthenticated", 404: "no-route",
                 405: "method-not-allowed"}.get(exc.status_code, "invalid-argument")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}},
+        message = f"no route {request.method} {request.url.path} in the appliance node API" \
+            if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse({"error": {"code": code, "message": message}},
                             status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:
         return "ok"
 
+    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
+
     @app.get("/metrics", dependencies=auth, response_class=Response)
     async def get_metrics() -> Response:
         return Response(await metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/disks", dependencies=auth)
-    async def list_disks() -> list[dict[str, Any]]:
-        return await service.list_disks()
+    node_info = NodeInfo(service)
 
-    @app.post("/v1/disks", dependencies=auth, status_code=201)
-    async def add_disk(body: DiskCreate) -> dict[str, Any]:
-        return await service.add_disk(body.path, body.tags)
+    @app.get("/v1/node", dependencies=auth)
+    async def show_node() -> dict[str, Any]:
+        return await node_info.describe()
+
+    _disk_routes(app, service, auth)
 
     @app.get("/v1/volumes", dependencies=auth)
     async def list_volumes() -> list[dict[str, Any]]:
@@ -183,8 +228,8 @@ def create_app(service: NodeService, backups: BackupService, token: str,
         return await service.show_volume(name)
 
     @app.delete("/v1/volumes/{name}", dependencies=auth, status_code=202)
-    async def delete_volume(name: str) -> dict[str, str]:
-        await service.delete_volume(name)
+    async def delete_volume(name: str, force: bool = False) -> dict[str, str]:
+        await service.delete_volume(name, force=force)
         return {"status": "deleting"}
 
     @app.post("/v1/volumes/{name}/attach", dependencies=auth, status_code=202)
@@ -192,8 +237,8 @@ def create_app(service: NodeService, backups: BackupService, token: str,
         return await service.attach(name)
 
     @app.post("/v1/volumes/{name}/detach", dependencies=auth, status_code=202)
-    async def detach_volume(name: str) -> dict[str, Any]:
-        return await service.detach(name)
+    async def detach_volume(name: str, force: bool = False) -> dict[str, Any]:
+        return await service.detach(name, force=force)
 
     @app.post("/v1/volumes/{name}/clone", dependencies=auth, status_code=201)
     async def clone_volume(name: str, body: VolumeClone) -> dict[str, Any]:
@@ -209,8 +254,8 @@ def create_app(service: NodeService, backups: BackupService, token: str,
         return await service.salvage(name, body.source if body else None)
 
     @app.get("/v1/events", dependencies=auth)
-    async def list_events(volume: str | None = None) -> list[dict[str, Any]]:
-        return await service.list_events(volume)
+    async def list_events(volume: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+        return await service.list_events(volume, after)
 
     @app.get("/v1/volumes/{name}/snapshots", dependencies=auth)
     async def list_snapshots(name: str) -> list[dict[str, Any]]:
@@ -243,6 +288,10 @@ def create_app(service: NodeService, backups: BackupService, token: str,
     async def set_backup_target(body: BackupTargetSet) -> dict[str, Any]:
         return await backups.set_target(body.url, body.credentials, body.encryption_key)
 
+    @app.delete("/v1/backup-target", dependencies=auth)
+    async def unset_backup_target() -> dict[str, Any]:
+        return await backups.unset_target()
+
     @app.get("/v1/backups", dependencies=auth)
     async def list_backups(volume: str | None = None) -> dict[str, Any]:
         return await backups.list_backups(volume)
@@ -274,6 +323,10 @@ def create_app(service: NodeService, backups: BackupService, token: str,
     @app.get("/v1/settings", dependencies=auth)
     async def get_settings() -> dict[str, Any]:
         return await service.settings()
+
+    @app.get("/v1/settings/definitions", dependencies=auth)
+    async def get_setting_definitions() -> list[dict[str, Any]]:
+        return setting_definitions()
 
     @app.patch("/v1/settings", dependencies=auth)
     async def update_settings(body: SettingsUpdate) -> dict[str, Any]:

@@ -6,7 +6,8 @@ A job that is not complete is also kept in the state store (``/backup/jobs/ID``,
 docs/state-store.md), so that after a restart a backup that failed, or was cancelled (by
 ``backup delete``, or because the daemon stopped during it), is still reported so; a job
 found in progress at the start was interrupted by the stop, and is reported cancelled.
-Complete backups are their manifests on the target: their records go.
+Complete backups are their manifests on the target: their records go. The record of one
+that did not complete goes when the operator deletes it (``backup delete``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Job:
     error: str = ""
     manifest: fmt.Manifest | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    own_snapshot: bool = False  # the backup took its snapshot itself (not kept in the store)
 
     def record(self) -> BackupJob:
         return BackupJob(self.id, self.volume, self.snapshot, self.started, self.finished,
@@ -87,7 +89,10 @@ class BackupJobs:
         return self.jobs.get(job_id)
 
     def running(self, volume: str) -> bool:
-        return any(j.volume == volume and j.state == "in-progress" for j in self.jobs.values())
+        return any(j.volume == volume for j in self.in_progress())
+
+    def in_progress(self) -> list[Job]:
+        return [j for j in self.jobs.values() if j.state == "in-progress"]
 
     def all(self) -> list[Job]:
         return list(self.jobs.values())

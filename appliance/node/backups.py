@@ -4,7 +4,12 @@ which a cancellation reaches (node/work.py): a stop of the daemon cancels a runn
 which then writes no manifest and is reported cancelled (node/backupjobs.py).
 
 The target's URL is kept in the state store; its credentials and encryption key are kept
-in DATA_DIR/secrets (mode 0600), never in the store, the log or an error message.
+in DATA_DIR/secrets (mode 0600), never in the store, the log or an error message. A target
+is kept only once a probe object was written, listed, read back and deleted on it.
+
+A backup that does not complete leaves no snapshot it took itself (one the operator named
+stays), and its record (``failed`` or ``cancelled``, listed with the error) goes with
+``backup delete``.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ class BackupTarget:
 
     async def set_target(self, url: str, credentials: str | None,
                          encryption_key: str | None) -> dict[str, Any]:
-        """Check the target (parse, reach, read the credentials and key), then keep it."""
+        """Check the target (parse, reach, prove it writable, read the credentials and
+        key), then keep it; when it cannot be used, nothing changes."""
         spec = parse_target(url)
         key = None
         if encryption_key is not None:
@@ -76,22 +82,28 @@ class BackupTarget:
             raise InvalidArgument(f"backup target {spec.url} needs credentials "
                                   "(--credentials FILE)")
         secret = encryption_key.strip().encode() if encryption_key is not None else None
-        await trio.to_thread.run_sync(self._check_and_keep, spec, credentials, secret)
+        previous = (await self.show_target())["url"]
+        try:
+            await trio.to_thread.run_sync(self._check_and_keep, spec, credentials, secret)
+        except ApplianceError as exc:
+            raise type(exc)(f"{exc.message}; nothing changed: the backup target " + (
+                f"stays {previous}" if previous else "stays unset")) from exc
         await self.store.put(TARGET_KEY, {"url": url, "credentials": credentials is not None,
                                           "key_id": key.key_id if key else None})
         return await self.show_target()
 
     def _check_and_keep(self, spec: TargetSpec, credentials: str | None,
                         key: bytes | None) -> None:
-        """Blocking: reach the target with *credentials* (staged in a file), then keep
-        them and *key* in the secrets directory (written and synced: files, not store)."""
+        """Blocking: reach the target with *credentials* (staged in a file) and probe it,
+        then keep them and *key* in the secrets directory (written and synced: files, not
+        store)."""
         staged: Path | None = None
         try:
             if credentials is not None:
                 staged = self.secrets_dir / f".staged-credentials-{time.monotonic_ns()}"
                 write_secret_file(staged, credentials.encode())
             with open_target(spec, staged) as target:
-                list(zip(range(1), target.list(f"{fmt.ROOT}/"), strict=False))
+                BackupStore(target).probe()
             self._replace_secret(self.credentials_file, staged)
             staged = None
             self._replace_secret(self.key_file, key)
@@ -106,6 +118,16 @@ class BackupTarget:
             source.rename(path)
         elif source is not None:
             write_secret_file(path, source)
+
+    async def unset_target(self) -> str | None:
+        """Forget the target, its credentials and key; its URL (None when none was set)."""
+        entry = await self.store.get(TARGET_KEY)
+        if entry is None:
+            return None
+        await self.store.delete(TARGET_KEY)
+        for secret in (self.credentials_file, self.key_file):
+            await trio.to_thread.run_sync(self._replace_secret, secret, None)
+        return str(entry.value["url"])
 
     async def show_target(self) -> dict[str, Any]:
         entry = await self.store.get(TARGET_KEY)
@@ -167,6 +189,9 @@ class BackupService:
         self.target = target
         self.jobs = jobs
         self._nursery: trio.Nursery | None = None
+        # held while the target changes, and while a backup or restore that uses it starts
+        # (until it shows as running): the target is never unset under a starting job
+        self._target_lock = trio.Lock()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run backup jobs until cancelled (which cancels them: see :meth:`_run_backup`)."""
@@ -178,7 +203,27 @@ class BackupService:
 
     async def set_target(self, url: str, credentials: str | None,
                          encryption_key: str | None) -> dict[str, Any]:
-        return await self.target.set_target(url, credentials, encryption_key)
+        async with self._target_lock:
+            return await self.target.set_target(url, credentials, encryption_key)
+
+    async def unset_target(self) -> dict[str, Any]:
+        """Forget the target; refused while a backup or a restore uses it."""
+        async with self._target_lock:
+            running = self.jobs.in_progress()
+            if running:
+                raise FailedPrecondition(
+                    f"backup {running[0].id} of volume {running[0].volume} is running: unset "
+                    "the backup target when it is done (or cancel it: appliance backup "
+                    f"delete {running[0].id})")
+            restoring = [v for v in await self.service.list_volumes()
+                         if v["state"] == "creating" and (v["source"] or {}).get("backup")]
+            if restoring:
+                raise FailedPrecondition(
+                    f"volume {restoring[0]['name']} is being restored from backup "
+                    f"{restoring[0]['source']['backup']}: unset the backup target when it is "
+                    "done")
+            url = await self.target.unset_target()
+        return {"status": "unset" if url else "not-set", "url": url}
 
     async def show_target(self) -> dict[str, Any]:
         return await self.target.show_target()
@@ -188,19 +233,22 @@ class BackupService:
     async def create(self, volume: str, snapshot: str | None,
                      labels: dict[str, str]) -> dict[str, Any]:
         check_labels(labels)
-        target = await self.target.settings()
-        info = await self.service.show_volume(volume)
-        if snapshot is None:
-            snapshot = "backup-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + \
-                f"-{time.monotonic_ns() % 1000:03d}"
-            await self.service.create_snapshot(volume, snapshot, {"backup": "true"})
-        else:
-            check_name(snapshot, "snapshot name")
-            if not any(s["name"] == snapshot and not s["removed"]
-                       for s in await self.service.list_snapshots(volume)):
-                raise NotFound(f"snapshot {snapshot!r} of volume {volume!r} does not exist")
-        job = Job(fmt.new_backup_id(), volume, snapshot, time.time())
-        await self.jobs.start(job)
+        async with self._target_lock:
+            target = await self.target.settings()
+            info = await self.service.show_volume(volume)
+            own = snapshot is None
+            if snapshot is None:
+                snapshot = "backup-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + \
+                    f"-{time.monotonic_ns() % 1000:03d}"
+                await self.service.create_snapshot(volume, snapshot, {"backup": "true"})
+            else:
+                check_name(snapshot, "snapshot name")
+                if not any(s["name"] == snapshot and not s["removed"]
+                           for s in await self.service.list_snapshots(volume)):
+                    raise NotFound(f"snapshot {snapshot!r} of volume {volume!r} does not "
+                                   "exist")
+            job = Job(fmt.new_backup_id(), volume, snapshot, time.time(), own_snapshot=own)
+            await self.jobs.start(job)
         assert self._nursery is not None
         self._nursery.start_soon(self._run_backup, job, target, labels, info)
         return self._job_info(job)
@@ -226,14 +274,39 @@ class BackupService:
         except ApplianceError as exc:
             job.state, job.error = ("cancelled" if job.cancel.is_set() else "failed"), str(exc)
             log.warning("backup %s of volume %s failed: %s", job.id, job.volume, exc)
+            await self._drop_own_snapshot(job)
         except Exception as exc:  # a bug: the job fails, the daemon stays up
             job.state, job.error = "failed", f"internal error: {exc}"
             log.exception("backup %s of volume %s failed", job.id, job.volume)
+            await self._drop_own_snapshot(job)
         else:
             job.state = "complete"
         finally:
             with trio.CancelScope(shield=True):  # recorded even when the daemon stops
                 await self.jobs.finish(job)
+                await self.service.controller.events.record(
+                    job.volume, f"backup-{job.state}",
+                    f"backup {job.id} of snapshot {job.snapshot}"
+                    + (f": {job.error}" if job.state != "complete" and job.error else ""))
+
+    async def _drop_own_snapshot(self, job: Job) -> None:
+        """Remove the snapshot that *job*, which did not complete, took itself: nothing
+        would use it (a snapshot the operator named stays). Marked removed, as by
+        ``snapshot delete``; the next purge reclaims its space."""
+        if not job.own_snapshot:
+            return
+        try:
+            await self.service.delete_snapshot(job.volume, job.snapshot)
+        except NotFound:
+            return  # gone with its volume
+        except ApplianceError as exc:
+            log.warning("backup %s: cannot remove its snapshot %s of volume %s: %s", job.id,
+                        job.snapshot, job.volume, exc)
+            job.error += (f"; its snapshot {job.snapshot} could not be removed ({exc}): "
+                          f"appliance snapshot delete {job.volume} {job.snapshot}")
+        else:
+            log.info("backup %s of volume %s did not complete: its snapshot %s is removed",
+                     job.id, job.volume, job.snapshot)
 
     def _backup_blocking(self, job: Job, target: dict[str, Any], options: BackupOptions,
                          volume: dict[str, Any], *, cancel: threading.Event) -> fmt.Manifest:
@@ -266,7 +339,9 @@ class BackupService:
     def _manifest_info(manifest: fmt.Manifest) -> dict[str, Any]:
         return {"id": manifest.id, "volume": manifest.volume, "snapshot": manifest.snapshot,
                 "created": manifest.created, "completed": manifest.completed,
-                "size": manifest.size, "state": "complete", "labels": manifest.labels,
+                "size": manifest.size, "data_bytes": manifest.data_bytes,
+                "uploaded_bytes": manifest.stats.get("uploaded_bytes"),
+                "state": "complete", "labels": manifest.labels,
                 "block_size": manifest.block_size, "compression": manifest.compression,
                 "encrypted": manifest.key_id is not None, "key_id": manifest.key_id,
                 "base": manifest.base,
@@ -277,7 +352,8 @@ class BackupService:
             return {**self._manifest_info(job.manifest), "progress": 1.0}
         return {"id": job.id, "volume": job.volume, "snapshot": job.snapshot,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.started)),
-                "size": None, "state": job.state, "error": job.error or None,
+                "size": None, "data_bytes": None, "uploaded_bytes": None,
+                "state": job.state, "error": job.error or None,
                 "progress": job.done / job.total if job.total else 0.0}
 
     async def list_backups(self, volume: str | None) -> dict[str, Any]:
@@ -322,20 +398,29 @@ class BackupService:
             return store.find(backup_id)
 
     async def delete(self, backup_id: str) -> dict[str, Any]:
+        """Delete a complete backup and the blocks only it used; cancel a running one; and
+        forget one that failed or was cancelled (the blocks it stored, which no manifest
+        lists, go with the next deletion of a backup of its volume)."""
         fmt.check_backup_id(backup_id)
         job = self.jobs.get(backup_id)
         if job is not None and job.state == "in-progress":
             job.cancel.set()
             return {"status": "cancelling"}
+        if job is not None and job.state != "complete":
+            await self.jobs.forget(backup_id)
+            return {"status": "deleted", "blocks_removed": 0}
         target = await self.target.settings()
 
-        def blocking() -> int:
+        def blocking() -> tuple[str, int]:
             with self.target.open_store(target) as store:
                 manifest = store.find(backup_id)
-                return store.delete_backup(manifest.volume, backup_id)
+                return manifest.volume, store.delete_backup(manifest.volume, backup_id)
 
-        removed = await trio.to_thread.run_sync(blocking)
+        volume, removed = await trio.to_thread.run_sync(blocking)
         await self.jobs.forget(backup_id)
+        await self.service.controller.events.record(
+            volume, "backup-deleted", f"backup {backup_id} ({removed} block(s) only it used "
+            "removed)")
         return {"status": "deleted", "blocks_removed": removed}
 
     async def verify(self, backup_id: str | None, volume: str | None) -> dict[str, Any]:
@@ -364,14 +449,15 @@ class BackupService:
         manifest_info = await self.show(backup_id)
         if manifest_info["state"] != "complete":
             raise FailedPrecondition(f"backup {backup_id} is {manifest_info['state']}")
-        have = (await self.target.settings()).get("key_id")
-        if manifest_info["key_id"] != have:  # refused before a volume is made
-            raise FailedPrecondition(
-                f"backup {backup_id} is encrypted with key {manifest_info['key_id']}; "
-                + (f"the target's key is {have}" if have else "the target has no key")
-                if manifest_info["key_id"] else
-                f"backup {backup_id} is not encrypted; the target has a key ({have})")
-        created: dict[str, Any] = await self.service.create_volume(
-            name, manifest_info["size"], replicas or 2, [], {},
-            {"backup": backup_id})
+        async with self._target_lock:  # the target stays until the volume is restoring
+            have = (await self.target.settings()).get("key_id")
+            if manifest_info["key_id"] != have:  # refused before a volume is made
+                raise FailedPrecondition(
+                    f"backup {backup_id} is encrypted with key {manifest_info['key_id']}; "
+                    + (f"the target's key is {have}" if have else "the target has no key")
+                    if manifest_info["key_id"] else
+                    f"backup {backup_id} is not encrypted; the target has a key ({have})")
+            created: dict[str, Any] = await self.service.create_volume(
+                name, manifest_info["size"], replicas or 2, [], {},
+                {"backup": backup_id})
         return created

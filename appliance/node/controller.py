@@ -45,6 +45,7 @@ from appliance.node.work import run_job
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RESYNC_INTERVAL = 60.0  # seconds: a detached, unchanged volume is looked at this often
+NOT_SERVED = frozenset({"creating", "detached", "failed", "deleting"})  # robustness unknown
 
 
 class Restorer(Protocol):
@@ -80,6 +81,8 @@ class Controller(Recovery):
         self._refused: dict[str, tuple[str, Any, float]] = {}
         # replicas being handed over to a volume of their own (a kept diverged branch)
         self._handed_over: set[str] = set()
+        # the mode each replica of an attached volume was last seen in (events on change)
+        self._modes: dict[tuple[str, str], str] = {}
 
     async def thread(self, function: Callable[..., T], *args: Any) -> T:
         """Blocking work (processes, files, sockets) in a worker thread."""
@@ -163,14 +166,61 @@ class Controller(Recovery):
 
     async def _status(self, name: str, **changes: Any) -> None:
         """Write status fields of volume *name* (retrying on concurrent spec changes; a
-        volume that keeps changing gets them at a later pass)."""
+        volume that keeps changing gets them at a later pass); a change of its state or
+        robustness is an event."""
+        seen: list[Volume] = []
+
         def change(value: dict[str, Any]) -> dict[str, Any] | None:
             volume = Volume.from_dict(value)
             updated = replace(volume, **changes)
+            if updated.state in NOT_SERVED:  # no engine: nothing is known of its replicas
+                updated = replace(updated, robustness="unknown")
+            seen[:] = [volume, updated]
             return None if updated == volume else updated.to_dict()
 
-        with contextlib.suppress(Conflict):
+        try:
             await self.store.update(Volume.key_of(name), change)
+        except Conflict:
+            return
+        if seen:
+            await self._transition_events(*seen)
+
+    async def _transition_events(self, old: Volume, new: Volume) -> None:
+        if new.state != old.state:
+            why = f": {new.message}" if new.message and new.state in ("failed", "attaching") \
+                else ""
+            await self.events.record(new.name, "state", f"{old.state} -> {new.state}{why}")
+        # faulted and recovered have events of their own; unknown is a detached volume's
+        if new.robustness != old.robustness and "unknown" not in (old.robustness,
+                                                                  new.robustness) \
+                and "faulted" not in (old.robustness, new.robustness):
+            await self.events.record(new.name, "robustness",
+                                     f"{old.robustness} -> {new.robustness}")
+
+    async def _mode_events(self, volume: Volume, status: dict[str, Any]) -> None:
+        """A replica leaving service, starting a rebuild, or back in service: an event."""
+        changed = []
+        for replica in status["replicas"]:
+            key = (volume.name, replica["address"])
+            mode, before = replica["mode"], self._modes.get(key)
+            self._modes[key] = mode
+            if before is not None and before != mode:
+                changed.append((replica, mode, before))
+        if not changed:
+            return
+        names = await self.names()
+        for replica, mode, before in changed:
+            who = f"replica {names.name(replica['address'])}"
+            if mode == "ERR":
+                reason = names.text(str(replica.get("reason") or "")) or "no reason given"
+                await self.events.record(volume.name, "replica-failed",
+                                         f"{who} out of service: {reason}")
+            elif mode == "WO":
+                await self.events.record(volume.name, "rebuild-started",
+                                         f"{who} is being rebuilt")
+            elif mode == "RW":
+                await self.events.record(volume.name, "rebuild-done" if before == "WO"
+                                         else "replica-back", f"{who} in service")
 
     # -- one volume ---------------------------------------------------------------------
 
@@ -241,8 +291,13 @@ class Controller(Recovery):
                 copied = await run_job(self.supervisor.clone_into, source, source_replicas,
                                        snapshot, volume.name, replicas, progress)
         except ApplianceError as exc:
-            log.warning("volume %s: the %s failed: %s", volume.name, what, exc)
-            await self._status(volume.name, state="failed", message=f"{what} failed: {exc}")
+            # what the copy made goes (a failed operation changes nothing); the reason
+            # stays in the events ("creating -> failed: ...")
+            log.warning("volume %s: the %s failed (the volume is removed): %s", volume.name,
+                        what, exc)
+            await self._status(volume.name, state="failed", deleting=True, attached=False,
+                               message=f"{what} failed: {one_line(str(exc))}",
+                               error=exc.code)
         else:
             log.info("volume %s: %s done (%d bytes written)", volume.name, what, copied)
             await self._status(volume.name, state="detached", message="")
@@ -283,6 +338,7 @@ class Controller(Recovery):
         kept = await self._keep_branches(volume, replicas, status)
         replicas = [r for r in replicas if r.name not in kept]
         await self._observe(volume, status)
+        await self._mode_events(volume, status)
         await self._replenish(volume, replicas, status, settings, set(failures))
         device = await self.thread(sup.attached_device, volume.name)
         if device is None:
@@ -444,6 +500,8 @@ class Controller(Recovery):
         self._refused.pop(volume.name, None)
         for key in [k for k in self._said if k[0] == volume.name]:
             del self._said[key]
+        for key in [k for k in self._modes if k[0] == volume.name]:
+            del self._modes[key]
         await self._status(volume.name, state="detached", device=None, robustness="unknown",
                            refusal="")
 
@@ -458,3 +516,4 @@ class Controller(Recovery):
         await self.thread(sup.forget_volume, volume.name)
         await self.store.delete(volume.key)
         log.info("volume %s deleted", volume.name)
+        await self.events.record(volume.name, "deleted", "the volume and its data are gone")

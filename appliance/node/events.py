@@ -1,6 +1,9 @@
-"""The node's event log: what an operator should know happened to a volume (a salvage, a
-refused engine start, a branch kept as a volume of its own), newest 1000 kept in the state
-store under ``/events/<sequence>`` (docs/state-store.md)."""
+"""The node's event log: what an operator should know happened, so that nobody has to read
+the daemon's log: a volume's state and robustness changes, replicas failing, rebuilt and
+back, salvages, refused engine starts, branches kept as volumes, snapshots, expansions,
+clones and restores, backups, forced detaches; and of the node (volume ``""``): disks and
+settings. The newest 1000 are kept in the state store under ``/events/<sequence>``
+(docs/state-store.md)."""
 
 from __future__ import annotations
 
@@ -53,8 +56,10 @@ class EventLog:
                 return event
         raise Conflict("the event log keeps changing; an event was not recorded")
 
-    async def list(self, volume: str | None = None) -> list[dict[str, Any]]:
-        """The events, oldest first (of one volume when *volume* is given)."""
+    async def list(self, volume: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+        """The events, oldest first (of one volume when *volume* is given; only those
+        with a sequence number above *after*: what a follower has not seen yet)."""
         entries, _ = await self.store.list(Event.PREFIX)
         events = [Event.from_dict(e.value) for e in entries]
-        return [e.to_dict() for e in events if volume is None or e.volume == volume]
+        return [e.to_dict() for e in events
+                if (volume is None or e.volume == volume) and e.sequence > after]

@@ -29,6 +29,7 @@ from appliance.control.scheduler import DiskState, place, refusal
 from appliance.control.store import StateStore
 from appliance.errors import FailedPrecondition
 from appliance.node.config import NodeConfig
+from appliance.units import format_size
 
 log = logging.getLogger(__name__)
 STATFS_TIMEOUT = 3.0  # seconds a disk's file system has to say how full it is
@@ -201,5 +202,5 @@ class Placement:
                                          "gone")
             why = refusal(states[disk.name], grown.size - current, [], settings)
             if why:
-                raise FailedPrecondition(f"cannot expand volume {grown.name} to {grown.size} "
-                                         f"bytes: disk {disk.name}: {why}")
+                raise FailedPrecondition(f"cannot expand volume {grown.name} to "
+                                         f"{format_size(grown.size)}: disk {disk.name}: {why}")

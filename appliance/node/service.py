@@ -38,6 +38,7 @@ from appliance.errors import (
 from appliance.node import volumeops
 from appliance.node.backupjobs import BackupJobs
 from appliance.node.controller import Controller
+from appliance.units import format_size
 
 _DISK_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -65,6 +66,7 @@ class NodeService:
                 raise AlreadyExists(f"disk {path} is already added (as {disk.name})")
         disk = Disk(name, str(resolved), tags)
         await self.store.put(disk.key, disk.to_dict(), expect=0)
+        await self.controller.events.record("", "disk-added", f"disk {name} at {resolved}")
         self.controller.poke()
         return await self._disk_info(disk)
 
@@ -99,6 +101,53 @@ class NodeService:
         return {**disk.to_dict(), "capacity": state.capacity, "available": state.available,
                 "scheduled": state.scheduled,
                 "replicas": sorted(r.name for r in replicas if r.disk == disk.name)}
+
+    async def _disk(self, name: str) -> Disk:
+        entry = await self.store.get(Disk.key_of(name))
+        if entry is None:
+            known = ", ".join(sorted(d.name for d in await self._disks())) or "none"
+            raise NotFound(f"disk {name!r} does not exist (disks: {known})")
+        return Disk.from_dict(entry.value)
+
+    async def update_disk(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change disk *name*'s ``tags``, ``allow_scheduling`` or ``storage_reserved``
+        (what later placements see; replicas on it stay)."""
+        async with self.placement.lock:
+            disk = await self._disk(name)
+            if "tags" in changes:
+                changes["tags"] = check_tags(changes["tags"])
+            reserved = changes.get("storage_reserved")
+            if reserved is not None and (isinstance(reserved, bool) or
+                                         not isinstance(reserved, int) or reserved < 0):
+                raise InvalidArgument(f"invalid storage_reserved {reserved!r}: a size in "
+                                      "bytes, 0 or more")
+            updated = replace(disk, **changes)
+            if updated != disk:
+                await self.store.put(updated.key, updated.to_dict())
+                before, after = disk.to_dict(), updated.to_dict()
+                said = ", ".join(f"{key} {before[key]} -> {after[key]}"
+                                 for key in sorted(after) if before[key] != after[key])
+                await self.controller.events.record("", "disk-updated", f"disk {name}: {said}")
+        self.controller.poke()
+        return await self._disk_info(updated)
+
+    async def remove_disk(self, name: str) -> None:
+        """Forget disk *name* (its directory stays); refused while it holds replicas."""
+        async with self.placement.lock:  # no replica is placed on it meanwhile
+            disk = await self._disk(name)
+            entries, _ = await self.store.list(ReplicaRecord.PREFIX)
+            held = sorted(f"{r.name} (volume {r.volume})" for r in
+                          (ReplicaRecord.from_dict(e.value) for e in entries)
+                          if r.disk == name)
+            if held:
+                raise FailedPrecondition(
+                    f"disk {name} holds {len(held)} replica(s): {', '.join(held)}. Move them "
+                    f"first: 'disk update {name} --no-scheduling', then for each volume "
+                    "delete it, or clone it to other disks and delete the original")
+            await self.store.delete(disk.key)
+        await self.controller.events.record("", "disk-removed", f"disk {name} at {disk.path} "
+                                            "(its directory is left as it is)")
+        self.controller.poke()
 
     async def list_disks(self) -> list[dict[str, Any]]:
         """The disks with their usage (asked side by side: a disk whose file system does
@@ -146,6 +195,11 @@ class NodeService:
                 raise AlreadyExists(f"volume {name!r} already exists") from None
             for replica in planned:
                 await self.store.put(replica.key, replica.to_dict(), expect=0)
+        origin = "" if source is None else " from " + ", ".join(
+            f"{key} {value}" for key, value in sorted(source.items()))
+        await self.controller.events.record(
+            name, "created", f"{format_size(size)}, {replicas} replica(s) on "
+            f"{', '.join(r.disk for r in planned)}{origin}")
         self.controller.poke()
         return await self.show_volume(name)
 
@@ -317,8 +371,9 @@ class NodeService:
                "membership"))
         return info
 
-    async def list_events(self, volume: str | None) -> list[dict[str, Any]]:
-        return await self.controller.events.list(volume)
+    async def list_events(self, volume: str | None, after: int = 0) -> list[dict[str, Any]]:
+        """The events (of *volume*; those after sequence number *after*), oldest first."""
+        return await self.controller.events.list(volume, after)
 
     async def delete_volume(self, name: str, *, force: bool = False) -> None:
         """Delete volume *name* and its data; refused while its device is mounted or
@@ -366,6 +421,7 @@ class NodeService:
         else:
             await self._offline(directories, f"snapshot {name!r}",
                                 lambda r: r.snapshot(name, labels=labels))
+        await self.controller.events.record(volume, "snapshot-created", f"snapshot {name}")
         return next(x for x in await self.list_snapshots(volume) if x["name"] == name)
 
     async def list_snapshots(self, volume: str) -> list[dict[str, Any]]:
@@ -392,6 +448,7 @@ class NodeService:
             raise FailedPrecondition(f"volume {volume!r} is attached: detach it before "
                                      "reverting (its users would see their data change)")
         await self._offline(directories, f"revert to {name!r}", lambda r: r.revert(name))
+        await self.controller.events.record(volume, "reverted", f"to snapshot {name}")
 
     async def delete_snapshot(self, volume: str, name: str) -> None:
         await self._snapshot_exists(volume, name)
@@ -401,6 +458,7 @@ class NodeService:
         else:
             await self._offline(directories, f"remove snapshot {name!r}",
                                 lambda r: r.remove_snapshot(name))
+        await self.controller.events.record(volume, "snapshot-removed", f"snapshot {name}")
 
     async def purge_snapshots(self, volume: str) -> None:
         _, directories = await self._where(volume)
@@ -411,6 +469,7 @@ class NodeService:
             await self._engine(volume, "purge")
         else:
             await self._offline(directories, "purge", lambda r: r.purge())
+        await self.controller.events.record(volume, "purged", "removed snapshots reclaimed")
 
     async def expand_volume(self, name: str, size: int, *,
                             resize_fs: bool = False) -> dict[str, Any]:
@@ -439,6 +498,9 @@ class NodeService:
                 await self._offline(directories, f"expand to {size} bytes",
                                     lambda r: r.expand(size))
             await self.controller.set_size(name, size)
+        if size != volume.size:
+            await self.controller.events.record(
+                name, "expanded", f"from {format_size(volume.size)} to {format_size(size)}")
         if directories is None:
             await trio.to_thread.run_sync(partial(supervisor.grow_device, name, size,
                                                   resize_fs=resize_fs))
@@ -460,5 +522,10 @@ class NodeService:
         except TypeError as exc:
             raise InvalidArgument(str(exc)) from exc
         await self.store.put(Settings.key_of("global"), updated.to_dict())
+        before, after = current.to_dict(), updated.to_dict()
+        said = ", ".join(f"{key} {before[key]} -> {after[key]}" for key in sorted(after)
+                         if before[key] != after[key])
+        if said:
+            await self.controller.events.record("", "settings-changed", said)
         self.controller.poke()
         return updated.to_dict()

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from appliance.backup.store import BackupStore
 from appliance.backup.targets import open_target, opened, parse_target
 from appliance.backup.targets.base import ObjectStore
 from appliance.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    StorageIOError,
     Unavailable,
 )
 from tests.backup.conftest import S3Endpoint
@@ -64,6 +66,17 @@ def test_many_objects_listed(target: ObjectStore) -> None:
     for name in names:
         target.put(name, b"")
     assert set(target.list("blocks/")) == names
+
+
+def test_a_probe_proves_the_target_and_leaves_nothing(target: ObjectStore) -> None:
+    BackupStore(target).probe()
+    assert list(target.list("")) == []
+
+
+def test_a_probe_of_a_target_that_cannot_be_written_fails() -> None:
+    with opened("file:///proc") as target, \
+            pytest.raises(StorageIOError, match="cannot write appliance-backups/probes/"):
+        BackupStore(target).probe()
 
 
 def test_file_target_leaves_no_partial_object(tmp_path: Path) -> None:

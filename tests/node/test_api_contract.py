@@ -38,8 +38,14 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         running.cleanup()
 
 
+def openapi(node: Node) -> Any:
+    """The OpenAPI document (it needs the token too)."""
+    return httpx.get(node.url + "/openapi.json", headers={
+        "Authorization": f"Bearer {node.token_file.read_text().strip()}"}).json()
+
+
 def operations(node: Node) -> list[Any]:
-    document = httpx.get(node.url + "/openapi.json").json()
+    document = openapi(node)
     schema = schemathesis.openapi.from_dict(document)
     found = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     return [op for op in found if op.label not in NOT_FUZZED]
@@ -73,7 +79,8 @@ def test_no_server_errors(node: Node, mode: GenerationMode) -> None:
 
 
 def test_nothing_served_without_the_token(node: Node) -> None:
-    document = httpx.get(node.url + "/openapi.json").json()
+    assert httpx.get(node.url + "/openapi.json").status_code == 401
+    document = openapi(node)
     public = {f"{method.upper()} {path}" for path, item in document["paths"].items()
               for method, definition in item.items() if not definition.get("security")}
     assert public == PUBLIC  # the document says which need the token

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.harness import Node
+from tests.harness import Node, wait_for
 
 
 def test_sizes_and_repeats_are_said_exactly(node: Node) -> None:
@@ -45,3 +45,28 @@ def test_snapshot_names_and_removed_snapshots(node: Node) -> None:
 def test_help_agrees_with_the_docs(node: Node) -> None:
     text = node.cli("volume", "expand", "--help").stdout
     assert "mounted (online) or not" in " ".join(text.split())
+
+
+def test_a_volume_without_engine_has_unknown_robustness(node: Node) -> None:
+    node.cli("volume", "create", "r", "--size", "16M", "--replicas", "1")
+    assert node.volume("r")["robustness"] == "unknown"
+    node.cli("volume", "attach", "r")
+    assert node.volume("r")["robustness"] == "healthy"
+    node.cli("volume", "detach", "r")
+    listed = {v["name"]: v for v in json.loads(node.cli("volume", "list", "-o",
+                                                        "json").stdout)}
+    assert listed["r"]["robustness"] == node.volume("r")["robustness"] == "unknown"
+    node.cli("volume", "clone", "r", "rc")
+    assert node.volume("rc")["robustness"] == "unknown"
+
+
+def test_timeout_and_no_wait(node: Node) -> None:
+    node.cli("volume", "create", "w", "--size", "16M", "--replicas", "1", "--no-wait")
+    wait_for(lambda: node.volume("w")["state"] == "detached", 60, "the volume created")
+    late = node.cli("volume", "attach", "w", "--timeout", "0", check=False)
+    assert late.returncode == 1 and "did not finish (attaching) in 0 s" in late.stderr
+    assert "the daemon goes on" in late.stderr
+    wait_for(lambda: node.volume("w")["state"] == "attached", 120, "the attach to go on")
+    asked = node.cli("volume", "detach", "w", "--no-wait")
+    assert asked.stdout.strip() == "volume w detaching"
+    wait_for(lambda: node.volume("w")["state"] == "detached", 120, "the detach")

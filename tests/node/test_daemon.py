@@ -147,6 +147,7 @@ def test_authentication(node: Node, tmp_path: Path) -> None:
     assert httpx.get(node.url + "/metrics").status_code == 401
     wrong = tmp_path / "wrong-token"
     wrong.write_text("nope")
+    wrong.chmod(0o600)  # a token file others can read is refused before it is sent
     refused = run("volume", "list", "--url", node.url, "--token-file", wrong, check=False)
     assert refused.returncode == 1 and "authentication" in refused.stderr.lower()
     missing = run("volume", "list", "--url", node.url, "--token-file", tmp_path / "absent",

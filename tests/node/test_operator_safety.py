@@ -179,3 +179,36 @@ def test_failed_clone_leaves_nothing_behind(node: Node) -> None:
     node.cli("volume", "clone", "src", "c2", "--replicas", "2")  # the same request, placeable
     assert [s["name"] for s in json.loads(node.cli("snapshot", "list", "src", "-o",
                                                     "json").stdout)] == ["clone-c2"]
+
+
+def test_disk_update_and_remove(node: Node, tmp_path: Path) -> None:
+    disks = {d["path"]: d for d in json.loads(node.cli("disk", "list", "-o", "json").stdout)}
+    second = disks[str(tmp_path / "disk2")]["name"]
+    default = next(name for path, name in ((p, d["name"]) for p, d in disks.items())
+                   if name != second)
+    node.cli("volume", "create", "held", "--size", "16M", "--replicas", "1", "--disk-tag",
+             "second")
+    refused = node.cli("disk", "remove", second, check=False)
+    assert refused.returncode == 1 and "held-" in refused.stderr and "volume held" in \
+        refused.stderr
+    assert second in node.cli("disk", "list").stdout  # nothing changed
+    missing = node.cli("disk", "remove", "nope", check=False)
+    assert missing.returncode == 3 and second in missing.stderr  # names the known disks
+
+    node.cli("disk", "update", default, "--no-scheduling")
+    no_room = node.cli("volume", "create", "two", "--size", "16M", "--replicas", "2",
+                       check=False)
+    assert no_room.returncode == 1 and "scheduling is disabled" in no_room.stderr
+    node.cli("disk", "update", default, "--scheduling", "--tag", "fast", "--reserved", "1M")
+    info = {d["name"]: d for d in json.loads(node.cli("disk", "list", "-o", "json").stdout)}
+    assert info[default]["tags"] == ["fast"] and info[default]["storage_reserved"] == 1 << 20
+    assert info[default]["allow_scheduling"] is True
+    node.cli("volume", "create", "two", "--size", "16M", "--replicas", "2")
+
+    node.cli("volume", "delete", "held")
+    node.cli("volume", "delete", "two")
+    node.cli("disk", "remove", second)
+    assert second not in node.cli("disk", "list").stdout
+    assert (tmp_path / "disk2").is_dir()  # its directory is left
+    kinds = [e["kind"] for e in json.loads(node.cli("events", "-o", "json").stdout)]
+    assert "disk-updated" in kinds and "disk-removed" in kinds
