@@ -41,19 +41,30 @@ def format_size(size: int) -> str:
     """Print *size* bytes in binary units: exactly when the largest unit that fits says it
     with two decimals at most (``1.5 GiB``), or a smaller one does (``1025 MiB``, not
     ``1 GiB``); else briefly (``1.2 GiB``)."""
+    return _format(size)[0]
+
+
+def format_size_exact(size: int) -> str:
+    """:func:`format_size`, with the byte count added when that rounds (a size an operator
+    asked for, or a change of size, must never look like another)."""
+    text, exact = _format(size)
+    return text if exact else f"{text} ({size} bytes)"
+
+
+def _format(size: int) -> tuple[str, bool]:
+    """The text of *size*, and whether it says the size exactly."""
     if size < 1024:
-        return f"{size} B"
+        return f"{size} B", True
     units = ("KiB", "MiB", "GiB", "TiB", "PiB")
     for power in range(len(units), 0, -1):
         scale = 1024**power
         # exact, and short: at most four digits before the point (1025 MiB, not 264212084 KiB)
         if scale <= size < 10000 * scale and (size * 100) % scale == 0:
             text = f"{size / scale:.2f}".rstrip("0").removesuffix(".")
-            return f"{text} {units[power - 1]}"
+            return f"{text} {units[power - 1]}", True
     value = float(size)
     for unit in units:
         value /= 1024
         if value < 1024 or unit == "PiB":
-            text = f"{value:.1f}".removesuffix(".0")
-            return f"{text} {unit}"
+            return f"{value:.1f}".removesuffix(".0") + f" {unit}", False
     raise AssertionError("unreachable")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL, SIZE
 from appliance.defaults import API_LISTEN
 from appliance.errors import FailedPrecondition, Unavailable, error_class
-from appliance.units import format_size
+from appliance.units import format_size, format_size_exact
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]),
                       default="table", show_default=True, help="Output format.")
@@ -67,7 +68,8 @@ def disk_list(output: str, url: str, token_file: Path) -> None:
     emit(disks, output, lambda items: table(
         [[d["name"], d["path"], format_size(d["capacity"]), format_size(d["available"]),
           format_size(d["scheduled"]), format_size(d["storage_reserved"]),
-          "on" if d["allow_scheduling"] else "off", ",".join(d["tags"]) or "-",
+          "evicting" if d["eviction_requested"] else "on" if d["allow_scheduling"] else "off",
+          ",".join(d["tags"]) or "-",
           str(len(d["replicas"]))]
          for d in items], ["NAME", "PATH", "CAPACITY", "AVAILABLE", "SCHEDULED", "RESERVED",
                            "SCHEDULING", "TAGS", "REPLICAS"]))
@@ -81,9 +83,12 @@ def disk_list(output: str, url: str, token_file: Path) -> None:
 @click.option("--scheduling/--no-scheduling", default=None,
               help="Whether new replicas may be placed on it (those on it stay).")
 @click.option("--reserved", type=SIZE, help="Space kept free for other uses, e.g. 10G.")
+@click.option("--evict/--no-evict", default=None,
+              help="Move its replicas to other disks (rebuilt online for attached volumes, "
+                   "copied for detached ones); it takes no new replica meanwhile.")
 @client_options
 def disk_update(name: str, tags: tuple[str, ...], clear_tags: bool, scheduling: bool | None,
-                reserved: int | None, url: str, token_file: Path) -> None:
+                reserved: int | None, evict: bool | None, url: str, token_file: Path) -> None:
     """Change disk NAME's tags, scheduling or reserved space."""
     if tags and clear_tags:
         raise click.UsageError("give --tag or --clear-tags, not both")
@@ -94,13 +99,17 @@ def disk_update(name: str, tags: tuple[str, ...], clear_tags: bool, scheduling: 
         body["allow_scheduling"] = scheduling
     if reserved is not None:
         body["storage_reserved"] = reserved
+    if evict is not None:
+        body["eviction_requested"] = evict
     if not body:
         raise click.UsageError("nothing to change: give --tag, --clear-tags, --scheduling, "
-                               "--no-scheduling or --reserved")
+                               "--no-scheduling, --reserved, --evict or --no-evict")
     info = api(url, token_file).call("PATCH", f"/v1/disks/{quote(name, safe='')}", body)
     click.echo(f"disk {name}: tags {','.join(info['tags']) or '-'}, scheduling "
                f"{'on' if info['allow_scheduling'] else 'off'}, reserved "
-               f"{format_size(info['storage_reserved'])}")
+               f"{format_size(info['storage_reserved'])}"
+               + (f", evicting {len(info['replicas'])} replica(s)"
+                  if info["eviction_requested"] else ""))
 
 
 @disk.command("remove")
@@ -247,7 +256,7 @@ def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...
         return
     wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "creating",
                     timeout=timeout)
-    click.echo(f"volume {name} created ({format_size(size)}, {replicas} replicas)")
+    click.echo(f"volume {name} created ({format_size_exact(size)}, {replicas} replicas)")
 
 
 @volume.command("list")
@@ -418,11 +427,11 @@ def volume_expand(name: str, size: int, resize_fs: bool, url: str, token_file: P
     info = client.call("POST", f"/v1/volumes/{name}/expand",
                        {"size": size, "resize_fs": resize_fs})
     if info["size"] == before:
-        click.echo(f"volume {name} is already {format_size(before)}"
+        click.echo(f"volume {name} is already {format_size_exact(before)}"
                    + (" (its file system grown to fill it)" if resize_fs else ""))
     else:
-        click.echo(f"volume {name} expanded from {format_size(before)} to "
-                   f"{format_size(info['size'])}"
+        click.echo(f"volume {name} expanded from {format_size_exact(before)} to "
+                   f"{format_size_exact(info['size'])}"
                    + (" with its file system" if resize_fs else ""))
 
 
@@ -566,6 +575,9 @@ def events(volume_name: str | None, follow: bool, output: str, url: str,
         return
     last = items[-1]["sequence"] if items else 0
     _print_follow(items, output)
+    # runs until interrupted, even when started with SIGINT ignored (in the background of
+    # a script, which is how a shell starts it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             time.sleep(FOLLOW_INTERVAL)

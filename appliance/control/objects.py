@@ -74,6 +74,7 @@ class Disk(Record):
     tags: list[str] = field(default_factory=list)
     allow_scheduling: bool = True
     storage_reserved: int = 0  # bytes kept free for other uses
+    eviction_requested: bool = False  # its replicas move to other disks; it takes none
 
 
 @dataclass
@@ -132,6 +133,9 @@ class ReplicaRecord(Record):
     port: int
     failed_at: float | None = None  # when the engine last reported it out of service
     replica_id: str | None = None  # the id in its directory (replica.json), once known
+    # set while this replica is being made, by an eviction, to replace the one named: not a
+    # complete copy yet (appliance/node/eviction.py)
+    evicting_from: str = ""
 
     @classmethod
     def prefix_of(cls, volume: str) -> str:

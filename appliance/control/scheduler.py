@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from appliance.control.objects import Settings
 from appliance.errors import FailedPrecondition
-from appliance.units import format_size
+from appliance.units import format_size, format_size_exact
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,14 @@ class DiskState:
     tags: tuple[str, ...] = ()
     allow_scheduling: bool = True
     problem: str = ""  # why its usage is unknown (it then takes no replica)
+    evicting: bool = False  # its replicas are being moved away
 
 
 def refusal(disk: DiskState, size: int, tags: list[str], settings: Settings) -> str:
     """Why *disk* cannot take a replica of *size* bytes, or an empty string."""
-    if disk.problem:
-        return disk.problem
-    if not disk.allow_scheduling:
-        return "scheduling is disabled"
+    if disk.problem or disk.evicting or not disk.allow_scheduling:
+        return disk.problem or ("its replicas are being evicted" if disk.evicting
+                                else "scheduling is disabled")
     missing = sorted(set(tags) - set(disk.tags))
     if missing:
         return f"lacks tag(s) {', '.join(missing)}"
@@ -93,7 +93,7 @@ def place(size: int, count: int, disks: list[DiskState], taken: list[str], tags:
                 hint = (". Each replica needs a disk of its own: add disks, ask for fewer "
                         "replicas, or set replica_soft_anti_affinity")
             raise FailedPrecondition(f"cannot place {count} replica(s) of "
-                                     f"{format_size(size)} ({len(chosen)} placed): "
+                                     f"{format_size_exact(size)} ({len(chosen)} placed): "
                                      + (detail or "no disks") + hint)
         chosen.append(best.name)
         states[best.name] = replace(best, scheduled=best.scheduled + size)

@@ -194,6 +194,28 @@ def resize(state_file: Path, size: int) -> str:
     return device
 
 
+def owned_device(state_file: Path) -> str | None:
+    """The device recorded in *state_file* if it is still the one attach set up (after a
+    reboot the same /dev/loopN may be something else's), else None."""
+    if not state_file.exists():
+        return None
+    state = json.loads(state_file.read_text())
+    device = str(state.get("device") or "")
+    if not device:
+        return None
+    if state.get("kind") == "fuse-loop":
+        name = Path(device).name
+        try:
+            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+        except OSError:
+            return None
+        expected = Path(state["mountpoint"]) / str(state.get("volume", ""))
+        return device if backing == str(expected) else None
+    if state.get("kind") == "kernel-nbd":
+        return device if Path(f"/sys/block/{Path(device).name}/pid").exists() else None
+    return None
+
+
 def detach(state_file: Path) -> None:
     """Undo :func:`attach` (nothing to do if the volume is not attached)."""
     if not state_file.exists():

@@ -9,7 +9,6 @@ that what was written through the file system reaches the volume before it goes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -17,7 +16,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.errors import StorageIOError
+
 PROC = Path("/proc")
+UMOUNT_TIMEOUT = 120.0  # seconds an unmount may take to write back the file system
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,9 @@ def _holders(rdev: int) -> list[Use]:
         return []
 
 
-def _openers(rdev: int) -> list[Use]:
+def _openers(rdevs: set[int]) -> list[Use]:
+    """Processes with one of the devices open. Only descriptors that name a file below
+    /dev are looked at (stat of any other could hang on a dead network or FUSE mount)."""
     found = []
     me = str(os.getpid())
     for pid in _pids():
@@ -106,12 +110,27 @@ def _openers(rdev: int) -> list[Use]:
             continue
         for fd in descriptors:
             try:
+                if not str(fd.readlink()).startswith("/dev/"):
+                    continue
                 info = fd.stat()
             except OSError:
                 continue
-            if stat.S_ISBLK(info.st_mode) and info.st_rdev == rdev:
+            if stat.S_ISBLK(info.st_mode) and info.st_rdev in rdevs:
                 found.append(Use("open", _command(pid)))
                 break
+    return found
+
+
+def _partitions(device: str) -> dict[str, int]:
+    """The partitions of *device* (``/dev/nbd0p1``...) by path, with their numbers."""
+    name = Path(device).resolve().name
+    found = {}
+    for entry in sorted(Path(f"/sys/class/block/{name}").glob(f"{name}*")):
+        try:
+            major, minor = (entry / "dev").read_text().strip().split(":")
+        except (OSError, ValueError):
+            continue
+        found[f"/dev/{entry.name}"] = os.makedev(int(major), int(minor))
     return found
 
 
@@ -126,12 +145,17 @@ def _claimed(device: str) -> bool:
 
 
 def users(device: str) -> list[Use]:
-    """Everything that uses block device *device* (empty: nothing, or no such device)."""
+    """Everything that uses block device *device* or one of its partitions (empty:
+    nothing, or no such device)."""
     rdev = _device_number(device)
     if rdev is None:
         return []
-    found = _mounts(rdev) + _holders(rdev) + _openers(rdev)
-    if not found and _claimed(device):
+    numbers = {device: rdev, **_partitions(device)}
+    found: list[Use] = []
+    for number in numbers.values():
+        found += _mounts(number) + _holders(number)
+    found += _openers(set(numbers.values()))
+    if not found and any(_claimed(path) for path in numbers):
         found.append(Use("exclusive", "the kernel (an exclusive opener not found in /proc)"))
     return found
 
@@ -148,16 +172,28 @@ def release(device: str) -> list[str]:
     if rdev is None:
         return []
     done = []
-    for use in _mounts(rdev):
+    mounts = [use for number in [rdev, *_partitions(device).values()]
+              for use in _mounts(number)]
+    for use in mounts:
         if use.elsewhere:
             continue  # another namespace's: not ours to unmount
         where = use.what
-        plain = subprocess.run(["umount", where], capture_output=True, text=True, check=False)
-        if plain.returncode:
-            with contextlib.suppress(OSError):
-                os.sync()
-            subprocess.run(["umount", "-l", where], capture_output=True, check=False)
+        if _umount(where):
+            done.append(where)
+        elif _umount(where, "-l"):
+            # busy: gone from the tree; the file system is written back and released
+            # when its last open file closes
             done.append(f"{where} (busy: detached lazily)")
         else:
-            done.append(where)
+            raise StorageIOError(f"cannot unmount {where}: it stays mounted; unmount it, "
+                                 "then try again")
     return done
+
+
+def _umount(where: str, *options: str) -> bool:
+    try:
+        result = subprocess.run(["umount", *options, where], capture_output=True, text=True,
+                                check=False, timeout=UMOUNT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import appliance
 from appliance import ports, unixsock
+from appliance.chain.directory import lock_directory
 from appliance.errors import (
     AddressInUse,
     AlreadyExists,
     ApplianceError,
     AuthenticationFailed,
+    Busy,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -168,8 +170,7 @@ def start_replica_server(directory: Path, listen: tuple[str, int], secret_file: 
     if not directory.is_dir():
         raise NotFound(f"replica directory {directory} does not exist")
     if not ports.bindable(*listen):
-        raise AddressInUse(f"port {listen[1]} of {listen[0]} is taken by "
-                           f"{ports.holder(listen[1])}")
+        _check_port_holder(directory, listen)
     command = [sys.executable, "-m", "appliance", "replica", "serve", str(directory),
                "--listen", f"{listen[0]}:{listen[1]}", "--secret-file", str(secret_file),
                "--foreground"]
@@ -191,10 +192,23 @@ def start_replica_server(directory: Path, listen: tuple[str, int], secret_file: 
     except FailedPrecondition as exc:
         if isinstance(exc, AddressInUse) or ports.bindable(*listen):
             raise
-        raise AddressInUse(f"port {listen[1]} of {listen[0]} is taken by "  # meanwhile
-                           f"{ports.holder(listen[1])}") from exc
+        _check_port_holder(directory, listen)  # taken meanwhile
     pid_file.write_text(f"{pid}\n")
     return pid
+
+
+def _check_port_holder(directory: Path, listen: tuple[str, int]) -> None:
+    """The port of the replica in *directory* is taken: by its own server when another
+    process holds the replica (a server that does not answer now: stopped, overloaded, or
+    started by a daemon that died before recording it), which :class:`Unavailable` says;
+    else by another program (:class:`AddressInUse`: the port has to change)."""
+    try:
+        fd = lock_directory(directory, exclusive=True)
+    except Busy:
+        raise Unavailable(f"the replica server of {directory} holds port {listen[1]} but does "
+                          "not answer (stopped or overloaded); tried again later") from None
+    os.close(fd)
+    raise AddressInUse(f"port {listen[1]} of {listen[0]} is taken by {ports.holder(listen[1])}")
 
 
 def stop_replica_server(directory: Path) -> None:

@@ -44,6 +44,7 @@ class DiskCreate(Strict):
 class DiskUpdate(Strict):
     tags: list[str] | None = Field(default=None, max_length=32)
     allow_scheduling: bool | None = None
+    eviction_requested: bool | None = None
     storage_reserved: int | str | None = Field(default=None,
                                                description="bytes, or a size such as 10G")
 

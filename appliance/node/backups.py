@@ -406,10 +406,11 @@ class BackupService:
         if job is not None and job.state == "in-progress":
             job.cancel.set()
             return {"status": "cancelling"}
-        if job is not None and job.state != "complete":
+        target = await self.target.settings()
+        if job is not None and job.state != "complete" and \
+                not await trio.to_thread.run_sync(self._on_target, target, backup_id):
             await self.jobs.forget(backup_id)
             return {"status": "deleted", "blocks_removed": 0}
-        target = await self.target.settings()
 
         def blocking() -> tuple[str, int]:
             with self.target.open_store(target) as store:
@@ -422,6 +423,18 @@ class BackupService:
             volume, "backup-deleted", f"backup {backup_id} ({removed} block(s) only it used "
             "removed)")
         return {"status": "deleted", "blocks_removed": removed}
+
+    def _on_target(self, target: dict[str, Any], backup_id: str) -> bool:
+        """Whether backup *backup_id* has a manifest on the target (a job recorded as not
+        complete may have written it just before the daemon stopped)."""
+        if not target.get("url"):
+            return False
+        try:
+            with self.target.open_store(target) as store:
+                store.find(backup_id)
+        except NotFound:
+            return False
+        return True
 
     async def verify(self, backup_id: str | None, volume: str | None) -> dict[str, Any]:
         target = await self.target.settings()

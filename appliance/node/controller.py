@@ -31,11 +31,12 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from appliance.control.objects import ReplicaRecord, Settings, Volume
+from appliance.control.objects import Disk, ReplicaRecord, Settings, Volume
 from appliance.control.store import StateStore
 from appliance.errors import AddressInUse, ApplianceError, Conflict, FailedPrecondition
 from appliance.node.config import NodeConfig
 from appliance.node.events import EventLog
+from appliance.node.eviction import Eviction
 from appliance.node.lineage import one_line
 from appliance.node.placement import Placement, load_settings
 from appliance.node.recovery import Recovery
@@ -56,7 +57,7 @@ class Restorer(Protocol):
                        progress: Callable[[int, int], None]) -> int: ...
 
 
-class Controller(Recovery):
+class Controller(Recovery, Eviction):
     def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig, *,
                  placement: Placement | None = None, restorer: Restorer | None = None,
                  wall_clock: Callable[[], float] = time.time) -> None:
@@ -81,6 +82,10 @@ class Controller(Recovery):
         self._refused: dict[str, tuple[str, Any, float]] = {}
         # replicas being handed over to a volume of their own (a kept diverged branch)
         self._handed_over: set[str] = set()
+        # disks whose replicas move away, and volumes whose replicas are being copied
+        self._evicting: set[str] = set()
+        self.moving: set[str] = set()
+        self._move_failed: dict[str, tuple[str, float]] = {}
         # the mode each replica of an attached volume was last seen in (events on change)
         self._modes: dict[tuple[str, str], str] = {}
 
@@ -116,6 +121,12 @@ class Controller(Recovery):
             volumes = [Volume.from_dict(entry.value) for entry in entries]
             self._handed_over = {v.source["replica"] for v in volumes if v.state == "creating"
                                  and v.source and "replica" in v.source}
+            evicting = {Disk.from_dict(e.value).name for e in (await self.store.list(
+                Disk.PREFIX))[0] if Disk.from_dict(e.value).eviction_requested}
+            if evicting != self._evicting:  # settled volumes may have replicas to move
+                self._settled.clear()
+                self._move_failed.clear()
+            self._evicting = evicting
             now = trio.current_time()
             for entry, volume in zip(entries, volumes, strict=True):
                 settled = self._settled.get(volume.name)
@@ -226,9 +237,11 @@ class Controller(Recovery):
 
     async def reconcile(self, volume: Volume, revision: int) -> None:
         if volume.deleting:
-            if volume.name not in self.cloning:
+            if volume.name not in self.cloning and volume.name not in self.moving:
                 await self._delete(volume)
             return
+        if volume.name in self.moving:
+            return  # its replicas are being copied to other disks (detached meanwhile)
         if volume.state == "creating" and volume.source and "replica" in volume.source:
             await self._adopt(volume)  # a branch kept from another volume (after a crash)
             return
@@ -236,6 +249,8 @@ class Controller(Recovery):
         if volume.state in ("creating", "failed"):
             return  # not usable (yet)
         if volume.attached:
+            # a move a crash interrupted is settled before an engine could see both copies
+            replicas = await self._finish_moves(volume, replicas, attached=True)
             await self._run_attached(volume, replicas)
         else:
             await self._run_detached(volume, replicas)
@@ -340,6 +355,7 @@ class Controller(Recovery):
         await self._observe(volume, status)
         await self._mode_events(volume, status)
         await self._replenish(volume, replicas, status, settings, set(failures))
+        await self._evict_online(volume, replicas, status, set(failures))
         device = await self.thread(sup.attached_device, volume.name)
         if device is None:
             device = await self.thread(sup.attach, volume.name)
@@ -504,6 +520,7 @@ class Controller(Recovery):
             del self._modes[key]
         await self._status(volume.name, state="detached", device=None, robustness="unknown",
                            refusal="")
+        await self._start_moves(volume, replicas)
 
     async def _delete(self, volume: Volume) -> None:
         sup = self.supervisor

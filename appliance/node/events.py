@@ -37,8 +37,17 @@ class EventLog:
         for entry in entries[:-Event.KEEP]:
             await self.store.delete(entry.key)
 
-    async def record(self, volume: str, kind: str, message: str) -> Event:
-        """Add an event; the oldest beyond the newest ``Event.KEEP`` goes."""
+    async def record(self, volume: str, kind: str, message: str) -> Event | None:
+        """Add an event; the oldest beyond the newest ``Event.KEEP`` goes. Best effort:
+        what happened happened, whether it could be recorded or not (None: it could not;
+        the daemon's log says why)."""
+        try:
+            return await self._record(volume, kind, message)
+        except Exception:  # the store failed: the action it reports stands
+            log.exception("event not recorded: volume %s: %s: %s", volume, kind, message)
+            return None
+
+    async def _record(self, volume: str, kind: str, message: str) -> Event:
         async with self._lock:
             for _ in range(10):
                 if not self._next:

@@ -18,7 +18,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -60,7 +60,8 @@ def disk_state(disk: Disk, usage: DiskUsage | None, replicas: Iterable[ReplicaRe
     scheduled = sum(volumes[r.volume].size for r in replicas
                     if r.disk == disk.name and r.volume in volumes)
     return DiskState(disk.name, usage.capacity, usage.available, scheduled,
-                     disk.storage_reserved, tuple(disk.tags), disk.allow_scheduling)
+                     disk.storage_reserved, tuple(disk.tags), disk.allow_scheduling,
+                     evicting=disk.eviction_requested)
 
 
 def free_port(host: str, candidates: Iterable[int], used: set[int]) -> int | None:
@@ -170,9 +171,10 @@ class Placement:
             raise FailedPrecondition(f"port {replica.port} of replica {replica.name} is "
                                      "taken, and no other port of the configured range is "
                                      "free")
-        moved = replace(replica, port=port)
-        await self.store.put(moved.key, moved.to_dict())
-        return moved
+        entry = await self.store.update(replica.key, lambda value: {**value, "port": port})
+        if entry is None:
+            raise FailedPrecondition(f"replica {replica.name} is gone")
+        return ReplicaRecord.from_dict(entry.value)
 
     async def place(self, volume: Volume, existing: list[ReplicaRecord],
                     count: int) -> list[ReplicaRecord]:

@@ -38,7 +38,7 @@ from appliance.errors import (
 from appliance.node import volumeops
 from appliance.node.backupjobs import BackupJobs
 from appliance.node.controller import Controller
-from appliance.units import format_size
+from appliance.units import format_size_exact
 
 _DISK_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -111,7 +111,8 @@ class NodeService:
 
     async def update_disk(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Change disk *name*'s ``tags``, ``allow_scheduling`` or ``storage_reserved``
-        (what later placements see; replicas on it stay)."""
+        (what later placements see; replicas on it stay), or ``eviction_requested`` (its
+        replicas move to other disks: the controller does it, volume by volume)."""
         async with self.placement.lock:
             disk = await self._disk(name)
             if "tags" in changes:
@@ -142,8 +143,8 @@ class NodeService:
             if held:
                 raise FailedPrecondition(
                     f"disk {name} holds {len(held)} replica(s): {', '.join(held)}. Move them "
-                    f"first: 'disk update {name} --no-scheduling', then for each volume "
-                    "delete it, or clone it to other disks and delete the original")
+                    f"to other disks first ('disk update {name} --evict'; 'disk list' shows "
+                    "when it holds none), or delete their volumes")
             await self.store.delete(disk.key)
         await self.controller.events.record("", "disk-removed", f"disk {name} at {disk.path} "
                                             "(its directory is left as it is)")
@@ -198,7 +199,7 @@ class NodeService:
         origin = "" if source is None else " from " + ", ".join(
             f"{key} {value}" for key, value in sorted(source.items()))
         await self.controller.events.record(
-            name, "created", f"{format_size(size)}, {replicas} replica(s) on "
+            name, "created", f"{format_size_exact(size)}, {replicas} replica(s) on "
             f"{', '.join(r.disk for r in planned)}{origin}")
         self.controller.poke()
         return await self.show_volume(name)
@@ -225,8 +226,11 @@ class NodeService:
         made = []
 
         async def take() -> None:
-            await self.create_snapshot(source, taken, {"clone": name})
+            layer = await self.create_snapshot(source, taken, {"clone": name})
             made.append(taken)
+            if layer["size"] != original.size:  # expanded meanwhile
+                raise Conflict(f"volume {source!r} changed size while it was cloned; try "
+                               "again")
 
         try:
             return await self.create_volume(name, original.size, replicas or original.replicas,
@@ -293,7 +297,9 @@ class NodeService:
             volume = Volume.from_dict(value)
             if volume.deleting:
                 raise FailedPrecondition(f"volume {name!r} is being deleted")
-            return replace(volume, **changes).to_dict()
+            # the last pass's error is about the request before: a waiting client must
+            # not take it for this one's
+            return replace(volume, error="", **changes).to_dict()
 
         try:
             entry = await self.store.update(Volume.key_of(name), change)
@@ -500,7 +506,8 @@ class NodeService:
             await self.controller.set_size(name, size)
         if size != volume.size:
             await self.controller.events.record(
-                name, "expanded", f"from {format_size(volume.size)} to {format_size(size)}")
+                name, "expanded",
+                f"from {format_size_exact(volume.size)} to {format_size_exact(size)}")
         if directories is None:
             await trio.to_thread.run_sync(partial(supervisor.grow_device, name, size,
                                                   resize_fs=resize_fs))

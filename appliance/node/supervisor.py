@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +23,15 @@ from typing import Any
 from appliance import unixsock
 from appliance.backup.jobs import Cancelled
 from appliance.chain import Replica
+from appliance.chain.directory import open_directory
 from appliance.control.objects import ReplicaRecord, Volume
 from appliance.defaults import CONTROL_TIMEOUT
-from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, Unavailable
+from appliance.errors import (
+    ApplianceError,
+    FailedPrecondition,
+    StorageIOError,
+    Unavailable,
+)
 from appliance.frontend import attach as frontend
 from appliance.frontend import filesystem, holders
 from appliance.nbd import launch
@@ -38,20 +45,47 @@ from appliance.replication.protocol import Role
 from appliance.secrets import read_secret_file, write_secret_file
 
 log = logging.getLogger(__name__)
-NBD_DIGEST = 16  # hex digits of a volume name's digest in a short NBD socket path
+# NBD sockets whose natural path is too long for a socket address: a fixed short directory
+# (any data directory, any volume name), each named by a digest of its natural path
+SHORT_SOCKETS = Path("/run/appliance/nbd")
+NBD_DIGEST = 32  # hex digits
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_tree(source: Path, destination: Path, cancel: threading.Event | None) -> None:
+    """``cp -a --sparse=always`` (holes stay holes); stopped when *cancel* is set."""
+    process = subprocess.Popen(["cp", "-a", "--sparse=always", "--", str(source),
+                                str(destination)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while True:
+        try:
+            _, errors = process.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if cancel is not None and cancel.is_set():
+                process.kill()
+                process.communicate()
+                shutil.rmtree(destination, ignore_errors=True)
+                raise Cancelled(f"the copy of {source} was cancelled") from None
+    if process.returncode:
+        shutil.rmtree(destination, ignore_errors=True)
+        raise StorageIOError(f"cannot copy {source} to {destination}: {errors.strip()}")
 
 
 class Supervisor:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        longest = config.run_dir / "nbd" / f"{'0' * NBD_DIGEST}.sock"
-        if len(os.fsencode(longest)) > unixsock.MAX_PATH:
-            raise InvalidArgument(
-                f"data directory {config.data_dir} is too deep: the engines' sockets below "
-                f"it (such as {longest}) would be longer than the {unixsock.MAX_PATH} bytes "
-                "of a socket address; choose a data directory with a shorter path")
-        for directory in (config.run_dir, config.run_dir / "nbd", config.secrets_dir):
+        for directory in (config.run_dir, config.secrets_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(OSError):  # not root: long names then cannot be attached
+            SHORT_SOCKETS.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # -- paths --------------------------------------------------------------------------
 
@@ -64,13 +98,14 @@ class Supervisor:
     def nbd_socket(self, volume: str) -> Path:
         """The engine's NBD socket: beside its control socket, unless that path is too long
         for a socket address (nbdkit binds it and NBD clients connect to it by name: a
-        long volume name, or a deep data directory); then a short path named by a digest
-        of the volume's name, so that every name the API accepts can be attached."""
+        long volume name, or a deep data directory); then a short path in SHORT_SOCKETS
+        named by a digest of that path (unique per data directory and volume), so that
+        every name the API accepts can be attached."""
         path = self.volume_dir(volume) / "nbd.sock"
         if len(os.fsencode(path)) <= unixsock.MAX_PATH:
             return path
-        digest = hashlib.sha256(volume.encode()).hexdigest()[:NBD_DIGEST]
-        return self.config.run_dir / "nbd" / f"{digest}.sock"
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:NBD_DIGEST]
+        return SHORT_SOCKETS / f"{digest}.sock"
 
     def attach_state(self, volume: str) -> Path:
         return self.volume_dir(volume) / "ctl.sock.attach"
@@ -129,6 +164,39 @@ class Supervisor:
 
     def delete_replica_dir(self, replica: ReplicaRecord) -> None:
         shutil.rmtree(replica.directory, ignore_errors=True)
+
+    @staticmethod
+    def replica_dir_complete(replica: ReplicaRecord) -> bool:
+        return (Path(replica.directory) / "replica.json").exists()
+
+    @staticmethod
+    def copy_replica_dir(source: ReplicaRecord, target: ReplicaRecord, *,
+                         cancel: threading.Event | None = None) -> None:
+        """Copy the directory of the closed replica *source* (sparse files stay sparse)
+        into *target*'s place: under a temporary name, made durable, then renamed over
+        whatever an interrupted copy left there. The replica is locked meanwhile (no server
+        opens it); with *cancel* set the copy stops, leaving the source as it was."""
+        final = Path(target.directory)
+        partial = final.with_name(final.name + ".copying")
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            lock = open_directory(Path(source.directory), exclusive=True)
+            try:
+                _copy_tree(Path(source.directory), partial, cancel)
+                for stale in ("server.pid", "server.log", "server.sock"):
+                    (partial / stale).unlink(missing_ok=True)
+                for path in [*partial.iterdir(), partial]:  # durable before it is used
+                    _fsync(path)
+                shutil.rmtree(final, ignore_errors=True)  # an earlier, unfinished copy
+                partial.rename(final)
+                _fsync(final.parent)
+            finally:
+                os.close(lock)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise StorageIOError(f"cannot copy replica {source.name} to {final}: "
+                                 f"{exc.strerror or exc}") from exc
 
     def clone_into(self, source: str, source_replicas: list[ReplicaRecord], snapshot: str,
                    volume: str, replicas: list[ReplicaRecord],
@@ -213,12 +281,12 @@ class Supervisor:
 
     def device_users(self, volume: str) -> tuple[str | None, list[holders.Use]]:
         """The attached device of *volume* (None: none) and what uses it."""
-        device = self.attached_device(volume)
+        device = frontend.owned_device(self.attach_state(volume))
         return device, holders.users(device) if device else []
 
     def release_device(self, volume: str) -> list[str]:
         """Unmount what is mounted on the device of *volume* (``--force``); what was."""
-        device = self.attached_device(volume)
+        device = frontend.owned_device(self.attach_state(volume))
         return holders.release(device) if device else []
 
     def check_growable(self, volume: str) -> None:
@@ -240,6 +308,8 @@ class Supervisor:
         frontend.detach(self.attach_state(volume))
 
     def forget_volume(self, volume: str) -> None:
-        self.nbd_socket(volume).unlink(missing_ok=True)  # a short path outside its directory
+        socket = self.nbd_socket(volume)  # a short path outside its directory, maybe
+        for leftover in (socket, socket.with_name(socket.name + ".pid")):
+            leftover.unlink(missing_ok=True)
         shutil.rmtree(self.volume_dir(volume), ignore_errors=True)
         (self.config.secrets_dir / volume).unlink(missing_ok=True)
