@@ -80,7 +80,8 @@ async def test_the_event_log_keeps_the_newest(tmp_path: Path,
         assert [e["message"] for e in await log.list()] == ["event 2", "event 3", "event 4"]
         assert [e["sequence"] for e in await log.list("v")] == [4]
         again = EventLog(store)  # after a restart: numbering goes on
-        assert (await again.record("v", "kind", "event 5")).sequence == 6
+        recorded = await again.record("v", "kind", "event 5")
+        assert recorded is not None and recorded.sequence == 6
         assert [e["sequence"] for e in await again.list()] == [4, 5, 6]
     finally:
         await store.aclose()
