@@ -28,6 +28,11 @@ class NodeConfig:
     local_fast_path: bool = True  # engines serve a replica on this node in-process
 
     @property
+    def replica_ports(self) -> range:
+        """The ports replica servers may get: ``port_range`` is first and last, inclusive."""
+        return range(self.port_range[0], self.port_range[1] + 1)
+
+    @property
     def state_db(self) -> Path:
         return self.data_dir / "state.db"
 

@@ -101,8 +101,7 @@ class NodeInfo:
     def _look(self, volumes: list[Volume],
               replicas: list[ReplicaRecord]) -> tuple[PortUsage, dict[str, Any]]:
         """Blocking: the port usage, and the engines and replica servers running."""
-        # the ports placement chooses from (placement.py: range(*port_range))
-        usage = port_usage(self.config.replica_address, range(*self.config.port_range),
+        usage = port_usage(self.config.replica_address, self.config.replica_ports,
                            {r.port for r in replicas})
         engines = []
         for volume in sorted(volumes, key=lambda v: v.name):

@@ -151,7 +151,7 @@ class Placement:
         planned = []
         for disk_name in chosen:
             port = await trio.to_thread.run_sync(free_port, self.config.replica_address,
-                                                 range(*self.config.port_range), used_ports)
+                                                 self.config.replica_ports, used_ports)
             if port is None:
                 raise FailedPrecondition("no free replica server port in the configured range")
             used_ports.add(port)
@@ -166,7 +166,7 @@ class Placement:
         _, all_replicas, _ = await self._inventory()
         used = {r.port for r in all_replicas}
         port = await trio.to_thread.run_sync(free_port, self.config.replica_address,
-                                             range(*self.config.port_range), used)
+                                             self.config.replica_ports, used)
         if port is None:
             raise FailedPrecondition(f"port {replica.port} of replica {replica.name} is "
                                      "taken, and no other port of the configured range is "

@@ -40,3 +40,10 @@ def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match="does not exist"):
         load_config(None, None, tmp_path / "absent.toml")
+
+
+def test_port_range_is_inclusive(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text("port_range = [10100, 10102]\n")
+    ports = load_config(tmp_path / "data", "127.0.0.1:7003", config).replica_ports
+    assert list(ports) == [10100, 10101, 10102]  # the last port is used too
