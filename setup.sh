@@ -28,6 +28,7 @@ packages=(
     fuse3 libfuse3-dev nftables iproute2           # attach, and test hosts in network namespaces
     gcc                                            # builds the tests' FUSE file system (hungfs)
     prometheus                                     # promtool checks the metrics exposition
+    etcd-server etcd-client                        # the cluster's state store (and its tests)
 )
 
 missing=()

@@ -8,7 +8,8 @@ prefix after a given revision. **Leases** expire unless kept alive, and take the
 attached to them along.
 
 :class:`~appliance.control.sqlite_store.SQLiteStore` is the embedded implementation (one
-node, nothing to install); an etcd implementation goes behind the same interface.
+node, nothing to install); :class:`~appliance.control.etcd_store.EtcdStore` keeps it in etcd
+for nodes that form a cluster. Both pass the same contract tests (tests/control).
 """
 
 from __future__ import annotations

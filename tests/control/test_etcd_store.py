@@ -1,0 +1,94 @@
+"""The state store contract on a real etcd (Debian's etcd-server, one member per test on a
+free loopback port): the contract tests of the SQLite store, run again on etcd, and what
+only etcd does (compaction)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from appliance.control.etcd_store import EtcdStore
+from appliance.control.store import Compacted
+from tests.control.test_store import (  # noqa: F401 - the contract, run on etcd
+    test_bad_keys_and_values,
+    test_compare_and_swap,
+    test_concurrent_increments_lose_nothing,
+    test_concurrent_updates_lose_nothing,
+    test_leases_expire_with_their_keys,
+    test_update_keeps_the_entry_lease,
+    test_update_of_a_missing_key_or_without_change_writes_nothing,
+    test_update_writes_what_the_change_returns,
+    test_watch_from_a_listed_revision,
+)
+from tests.harness import free_port, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
+                                reason="etcd-server is not installed (./setup.sh installs it)")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.post(url + "/v3/maintenance/status", json={}, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[EtcdStore]:
+    client, peer = free_port(), free_port()
+    url = f"http://127.0.0.1:{client}"
+    with open(tmp_path / "etcd.log", "wb") as log:
+        process = subprocess.Popen(
+            ["etcd", "--data-dir", str(tmp_path / "etcd"), "--listen-client-urls", url,
+             "--advertise-client-urls", url, "--listen-peer-urls",
+             f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
+             f"http://127.0.0.1:{peer}", "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
+            stdout=log, stderr=log)
+    try:
+        wait_for(lambda: _answers(url), 30, "etcd to answer")
+        opened = await EtcdStore.open(url)
+        yield opened
+        await opened.aclose()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def test_put_get_list_delete_and_revisions(store: EtcdStore) -> None:
+    first = await store.put("/volumes/a", {"size": 1})
+    second = await store.put("/volumes/b", {"size": 2})
+    third = await store.put("/volumes/a", {"size": 3})
+    assert first < second < third
+    entry = await store.get("/volumes/a")
+    assert entry is not None and entry.value == {"size": 3}
+    assert (entry.revision, entry.created) == (third, first)
+    await store.put("/disks/x", {"path": "/x"})
+    entries, revision = await store.list("/volumes/")
+    assert [e.key for e in entries] == ["/volumes/a", "/volumes/b"] and revision == third + 1
+    assert await store.delete("/volumes/a") is True
+    assert await store.delete("/volumes/a") is False
+    assert await store.get("/volumes/a") is None
+
+
+async def test_watch_of_a_compacted_revision(store: EtcdStore) -> None:
+    start = await store.put("/a", {"n": 0})
+    await store.put("/a", {"n": 1})
+    latest = await store.put("/a", {"n": 2})
+    # etcd keeps the compaction revision itself: the change after start is gone
+    httpx.post(store.endpoint + "/v3/kv/compaction", json={"revision": latest})
+    replay = []
+    with trio.fail_after(10):
+        async with store.watch("/", latest - 1) as events:  # still replayable
+            async for event in events:
+                replay.append(event.revision)
+                break
+    assert replay == [latest]
+    with trio.fail_after(10), pytest.raises(Compacted):
+        async with store.watch("/", start):
+            pass
