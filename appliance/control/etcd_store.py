@@ -17,6 +17,7 @@ import base64
 import contextlib
 import json
 import math
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -95,8 +96,11 @@ class EtcdStore(StateStore):
                    cert: tuple[str, str] | None = None) -> EtcdStore:
         """A store on the etcd at *endpoint* (``http://HOST:PORT`` or ``https://``, with
         the CA file *ca* and the client certificate and key *cert* for TLS)."""
+        context = ssl.create_default_context(cafile=ca)
+        if cert is not None:
+            context.load_cert_chain(*cert)
         client = httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=TIMEOUT,
-                                   verify=ca if ca else True, cert=cert)
+                                   verify=context)
         store = cls(client)
         try:
             await store._call("/v3/maintenance/status", {})

@@ -15,6 +15,7 @@ import trio
 
 from appliance.control.etcd_store import EtcdStore
 from appliance.control.store import Compacted
+from appliance.errors import Unavailable
 from tests.control.test_store import (  # noqa: F401 - the contract, run on etcd
     test_bad_keys_and_values,
     test_compare_and_swap,
@@ -92,3 +93,65 @@ async def test_watch_of_a_compacted_revision(store: EtcdStore) -> None:
     with trio.fail_after(10), pytest.raises(Compacted):
         async with store.watch("/", start):
             pass
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def _certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, signed by it."""
+    files = {name: directory / f"{name}.pem" for name in
+             ("ca", "ca-key", "server", "server-key", "client", "client-key")}
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-days", "1", "-subj", "/CN=test CA", "-keyout", files["ca-key"],
+             "-out", files["ca"])
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"),
+                        ("client", "extendedKeyUsage=clientAuth")):
+        request = directory / f"{name}.csr"
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-subj", f"/CN={name}", "-keyout", files[f"{name}-key"], "-out", request)
+        extensions = directory / f"{name}.ext"
+        extensions.write_text(extra + "\n")
+        _openssl("x509", "-req", "-in", request, "-CA", files["ca"], "-CAkey", files["ca-key"],
+                 "-CAcreateserial", "-days", "1", "-extfile", extensions, "-out", files[name])
+    return files
+
+
+async def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    """etcd requiring client certificates: the store with the CA and its certificate works;
+    without a certificate it is refused (Unavailable naming etcd)."""
+    files = _certificates(tmp_path)
+    client, peer = free_port(), free_port()
+    url = f"https://127.0.0.1:{client}"
+    with open(tmp_path / "etcd.log", "wb") as log:
+        process = subprocess.Popen(
+            ["etcd", "--data-dir", str(tmp_path / "etcd"), "--listen-client-urls", url,
+             "--advertise-client-urls", url, "--listen-peer-urls",
+             f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
+             f"http://127.0.0.1:{peer}", "--initial-cluster",
+             f"default=http://127.0.0.1:{peer}", "--cert-file", str(files["server"]),
+             "--key-file", str(files["server-key"]), "--trusted-ca-file", str(files["ca"]),
+             "--client-cert-auth"], stdout=log, stderr=log)
+    try:
+        async def opened() -> EtcdStore | None:
+            try:
+                return await EtcdStore.open(url, ca=str(files["ca"]), cert=(
+                    str(files["client"]), str(files["client-key"])))
+            except Unavailable:
+                return None
+
+        with trio.fail_after(30):
+            while (store := await opened()) is None:
+                await trio.sleep(0.2)
+        try:
+            await store.put("/secure", {"ok": True})
+            entry = await store.get("/secure")
+            assert entry is not None and entry.value == {"ok": True}
+        finally:
+            await store.aclose()
+        with pytest.raises(Unavailable, match="etcd"):
+            await EtcdStore.open(url, ca=str(files["ca"]))  # no client certificate
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
