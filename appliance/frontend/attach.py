@@ -231,7 +231,10 @@ def _undo(state: dict[str, Any]) -> None:
     if state.get("kind") == "kernel-nbd" and state.get("device"):
         _run("nbd-client", "-d", state["device"])
     if state.get("kind") == "fuse-loop":
-        if state.get("device"):
+        if state.get("device") and _loop_backing(state["device"]) == str(
+                Path(state.get("mountpoint", "")) / str(state.get("volume", ""))):
+            # (else detached already, by a run that stopped before it recorded so, and
+            # maybe set up again by someone else since: not ours to detach)
             _run("losetup", "-d", state["device"])
         if state.get("mountpoint"):
             unmounted = subprocess.run(["fusermount3", "-u", state["mountpoint"]],
@@ -244,6 +247,14 @@ def _undo(state: dict[str, Any]) -> None:
             _wait_gone(int(state.get("nbdfuse_pid", 0)))
             with contextlib.suppress(OSError):
                 Path(state["mountpoint"]).rmdir()
+
+
+def _loop_backing(device: str) -> str | None:
+    """The backing file of loop *device*, or None when it is not set up."""
+    try:
+        return Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
 
 
 def _mounted(path: Path) -> bool:
