@@ -10,6 +10,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.harness import MiB, Node, run, wait_for
 
 
@@ -96,6 +98,7 @@ def _replicas_hold(node: Node, tmp_path: Path, volume: str, data: bytes) -> None
         assert image.read_bytes()[:len(data)] == data, (volume, replica)
 
 
+@pytest.mark.slow  # 20 s; the default suite keeps the plain eviction (run with -m slow)
 def test_eviction_survives_a_daemon_kill_and_can_be_called_off(node: Node,
                                                                tmp_path: Path) -> None:
     evicted = disks(node)[str(tmp_path / "disk2")]["name"]
