@@ -35,6 +35,7 @@ from appliance.errors import (
     InvalidArgument,
     NotFound,
 )
+from appliance.frontend import holders
 from appliance.node import volumeops
 from appliance.node.backupjobs import BackupJobs
 from appliance.node.controller import Controller
@@ -331,7 +332,7 @@ class NodeService:
         device, users = await trio.to_thread.run_sync(supervisor.device_users, name)
         if not users:
             return
-        described = "; ".join(str(use) for use in users)
+        described = holders.describe(users)
         if not force:
             raise FailedPrecondition(
                 f"volume {name!r} is in use: its device {device} is {described}. Unmount it "

@@ -5,6 +5,7 @@ only etcd does (compaction)."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.control.test_store import (  # noqa: F401 - the contract, run on etcd
     test_concurrent_increments_lose_nothing,
     test_concurrent_updates_lose_nothing,
     test_leases_expire_with_their_keys,
+    test_put_get_list_delete_and_revisions,
     test_update_keeps_the_entry_lease,
     test_update_of_a_missing_key_or_without_change_writes_nothing,
     test_update_writes_what_the_change_returns,
@@ -33,6 +35,11 @@ pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd-server is not installed (./setup.sh installs it)")
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.post(url + "/v3/maintenance/status", json={}, timeout=1).status_code == 200
@@ -40,17 +47,24 @@ def _answers(url: str) -> bool:
         return False
 
 
+def start_etcd(directory: Path, scheme: str = "http",
+               *tls: str) -> tuple[subprocess.Popen[bytes], str]:
+    """One etcd member on free loopback ports (clients over *scheme*, with the *tls*
+    options); the process and its client URL."""
+    client, peer = free_port(), free_port()
+    url, peer_url = f"{scheme}://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    with open(directory / "etcd.log", "wb") as log:
+        process = subprocess.Popen(
+            ["etcd", "--data-dir", str(directory / "etcd"), "--listen-client-urls", url,
+             "--advertise-client-urls", url, "--listen-peer-urls", peer_url,
+             "--initial-advertise-peer-urls", peer_url, "--initial-cluster",
+             f"default={peer_url}", *tls], stdout=log, stderr=log)
+    return process, url
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[EtcdStore]:
-    client, peer = free_port(), free_port()
-    url = f"http://127.0.0.1:{client}"
-    with open(tmp_path / "etcd.log", "wb") as log:
-        process = subprocess.Popen(
-            ["etcd", "--data-dir", str(tmp_path / "etcd"), "--listen-client-urls", url,
-             "--advertise-client-urls", url, "--listen-peer-urls",
-             f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
-             f"http://127.0.0.1:{peer}", "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
-            stdout=log, stderr=log)
+    process, url = start_etcd(tmp_path)
     try:
         wait_for(lambda: _answers(url), 30, "etcd to answer")
         opened = await EtcdStore.open(url)
@@ -59,22 +73,6 @@ async def store(tmp_path: Path) -> AsyncIterator[EtcdStore]:
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-async def test_put_get_list_delete_and_revisions(store: EtcdStore) -> None:
-    first = await store.put("/volumes/a", {"size": 1})
-    second = await store.put("/volumes/b", {"size": 2})
-    third = await store.put("/volumes/a", {"size": 3})
-    assert first < second < third
-    entry = await store.get("/volumes/a")
-    assert entry is not None and entry.value == {"size": 3}
-    assert (entry.revision, entry.created) == (third, first)
-    await store.put("/disks/x", {"path": "/x"})
-    entries, revision = await store.list("/volumes/")
-    assert [e.key for e in entries] == ["/volumes/a", "/volumes/b"] and revision == third + 1
-    assert await store.delete("/volumes/a") is True
-    assert await store.delete("/volumes/a") is False
-    assert await store.get("/volumes/a") is None
 
 
 async def test_watch_of_a_compacted_revision(store: EtcdStore) -> None:
@@ -118,32 +116,21 @@ def _certificates(directory: Path) -> dict[str, Path]:
     return files
 
 
+# httpx leaves its request-body generator unfinalized when etcd drops the handshake of the
+# client without a certificate (refused as asserted; the generator is only collected late)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_tls_with_client_certificates(tmp_path: Path) -> None:
     """etcd requiring client certificates: the store with the CA and its certificate works;
     without a certificate it is refused (Unavailable naming etcd)."""
     files = _certificates(tmp_path)
-    client, peer = free_port(), free_port()
-    url = f"https://127.0.0.1:{client}"
-    with open(tmp_path / "etcd.log", "wb") as log:
-        process = subprocess.Popen(
-            ["etcd", "--data-dir", str(tmp_path / "etcd"), "--listen-client-urls", url,
-             "--advertise-client-urls", url, "--listen-peer-urls",
-             f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
-             f"http://127.0.0.1:{peer}", "--initial-cluster",
-             f"default=http://127.0.0.1:{peer}", "--cert-file", str(files["server"]),
-             "--key-file", str(files["server-key"]), "--trusted-ca-file", str(files["ca"]),
-             "--client-cert-auth"], stdout=log, stderr=log)
+    process, url = start_etcd(tmp_path, "https", "--cert-file", str(files["server"]),
+                              "--key-file", str(files["server-key"]), "--trusted-ca-file",
+                              str(files["ca"]), "--client-cert-auth")
     try:
-        async def opened() -> EtcdStore | None:
-            try:
-                return await EtcdStore.open(url, ca=str(files["ca"]), cert=(
-                    str(files["client"]), str(files["client-key"])))
-            except Unavailable:
-                return None
-
-        with trio.fail_after(30):
-            while (store := await opened()) is None:
-                await trio.sleep(0.2)
+        port = int(url.rsplit(":", 1)[1])
+        wait_for(lambda: _listening(port), 30, "etcd to listen")
+        store = await EtcdStore.open(url, ca=str(files["ca"]), cert=(
+            str(files["client"]), str(files["client-key"])))
         try:
             await store.put("/secure", {"ok": True})
             entry = await store.get("/secure")

@@ -24,7 +24,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     await opened.aclose()
 
 
-async def test_put_get_list_delete_and_revisions(store: SQLiteStore, tmp_path: Path) -> None:
+async def test_put_get_list_delete_and_revisions(store: SQLiteStore) -> None:
     first = await store.put("/volumes/a", {"size": 1})
     second = await store.put("/volumes/b", {"size": 2})
     third = await store.put("/volumes/a", {"size": 3})
@@ -38,6 +38,10 @@ async def test_put_get_list_delete_and_revisions(store: SQLiteStore, tmp_path: P
     assert await store.delete("/volumes/a") is True
     assert await store.delete("/volumes/a") is False
     assert await store.get("/volumes/a") is None
+
+
+async def test_the_database_file_is_private(store: SQLiteStore, tmp_path: Path) -> None:
+    await store.put("/k", {})
     assert os.stat(tmp_path / "state.db").st_mode & 0o777 == 0o600
 
 

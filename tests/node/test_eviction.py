@@ -13,19 +13,11 @@ from typing import Any
 import pytest
 
 from tests.harness import MiB, Node, run, wait_for
+from tests.node.test_volume_ops import write_at
 
 
 def disks(node: Node) -> dict[str, dict[str, Any]]:
     return {d["path"]: d for d in json.loads(node.cli("disk", "list", "-o", "json").stdout)}
-
-
-def write(device: str, offset: int, data: bytes) -> None:
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read(device: str, size: int) -> bytes:
@@ -38,18 +30,18 @@ def test_evict_a_disk_then_remove_it(node: Node, tmp_path: Path) -> None:
     cold_data, hot_data = os.urandom(2 * MiB), os.urandom(2 * MiB)
     node.cli("volume", "create", "cold", "--size", "16M", "--replicas", "2")
     device = node.cli("volume", "attach", "cold").stdout.strip()
-    write(device, 0, cold_data[:MiB])
+    write_at(device, 0, cold_data[:MiB])
     node.cli("snapshot", "create", "cold", "s1")
-    write(device, MiB, cold_data[MiB:])
+    write_at(device, MiB, cold_data[MiB:])
     node.cli("volume", "detach", "cold")
     node.cli("volume", "create", "single", "--size", "16M", "--replicas", "1", "--disk-tag",
              "second")
     device = node.cli("volume", "attach", "single").stdout.strip()
-    write(device, 0, cold_data)
+    write_at(device, 0, cold_data)
     node.cli("volume", "detach", "single")
     node.cli("volume", "create", "hot", "--size", "16M", "--replicas", "2")
     hot = node.cli("volume", "attach", "hot").stdout.strip()
-    write(hot, 0, hot_data)
+    write_at(hot, 0, hot_data)
     assert {r["disk"] for r in node.volume("hot")["replica_list"]} >= {evicted}
 
     third = tmp_path / "disk3"
@@ -109,7 +101,7 @@ def test_eviction_survives_a_daemon_kill_and_can_be_called_off(node: Node,
     for name in ("a", "b"):
         node.cli("volume", "create", name, "--size", "16M", "--replicas", "2")
         device = node.cli("volume", "attach", name).stdout.strip()
-        write(device, 0, data)
+        write_at(device, 0, data)
         if name == "a":
             node.cli("volume", "detach", name)
     # killed at once after the request: the next start carries the eviction out
@@ -128,7 +120,7 @@ def test_eviction_survives_a_daemon_kill_and_can_be_called_off(node: Node,
     node.cli("disk", "update", evicted, "--no-evict")
     node.cli("volume", "create", "c", "--size", "16M", "--replicas", "2")
     device = node.cli("volume", "attach", "c").stdout.strip()
-    write(device, 0, data)
+    write_at(device, 0, data)
     node.cli("volume", "detach", "c")
     node.cli("disk", "update", evicted, "--evict")
     node.cli("disk", "update", evicted, "--no-evict")

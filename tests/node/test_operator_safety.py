@@ -15,6 +15,7 @@ import pytest
 
 from appliance.node.supervisor import SHORT_SOCKETS
 from tests.harness import Node, wait_for
+from tests.node.test_volume_ops import write_at
 
 
 def _mounted(path: Path) -> bool:
@@ -124,12 +125,7 @@ def test_longest_volume_name_works_everywhere(node: Node, tmp_path: Path) -> Non
     short = SHORT_SOCKETS / f"{hashlib.sha256(bytes(natural)).hexdigest()[:32]}.sock"
     assert short.is_socket()  # served there: the natural path is too long
     payload = os.urandom(4096)
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, payload, 8192)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_at(device, 8192, payload)
     node.cli("snapshot", "create", name, "s")
     node.cli("volume", "detach", name)
     node.cli("volume", "clone", name, "c", "--snapshot", "s")
@@ -148,12 +144,7 @@ def test_replica_port_taken_by_another_program(node: Node) -> None:
     node.cli("volume", "create", "ported", "--size", "16M", "--replicas", "2")
     device = node.cli("volume", "attach", "ported").stdout.strip()
     payload = os.urandom(65536)
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, payload, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_at(device, 0, payload)
     node.cli("volume", "detach", "ported")
     replica = node.volume("ported")["replica_list"][0]
     with socket.socket() as squatter:
