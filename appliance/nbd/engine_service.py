@@ -8,10 +8,12 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from appliance.errors import InvalidArgument
+from appliance.errors import InvalidArgument, Unavailable
 from appliance.nbd import threadstate
 from appliance.nbd.settings import EngineSettings
 from appliance.replication import protocol as proto
@@ -20,6 +22,8 @@ from appliance.replication.engine_control import ControlServer
 from appliance.secrets import read_secret_file, write_secret_file
 
 log = logging.getLogger(__name__)
+
+FORWARDER_READY_TIMEOUT = 30.0
 
 
 class EngineService:
@@ -56,11 +60,31 @@ class EngineService:
         if not psk.exists():
             write_secret_file(psk, b"appliance:" + os.urandom(32).hex().encode() + b"\n")
         host, port = settings.listen
+        ready = self._listener_pid_file()
+        ready.unlink(missing_ok=True)
+        # nbdkit writes its pid file only once it accepts connections: the engine counts
+        # as started after that, so a client never races the listener.
         command = ["nbdkit", "--exit-with-parent", "-f", "-i", host, "-p", str(port),
-                   "--tls=require", f"--tls-psk={psk}", "nbd", f"socket={settings.socket}"]
+                   "-P", str(ready), "--tls=require", f"--tls-psk={psk}", "nbd",
+                   f"socket={settings.socket}"]
         log.info("serving NBD over TLS-PSK on %s (key file %s)",
                  proto.format_address(settings.listen), psk)
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        forwarder = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + FORWARDER_READY_TIMEOUT
+        while not ready.exists():
+            if forwarder.poll() is not None:
+                raise Unavailable(f"the NBD listener on {proto.format_address(settings.listen)} "
+                                  f"exited with status {forwarder.returncode}; see the engine log")
+            if time.monotonic() > deadline:
+                forwarder.kill()
+                raise Unavailable(f"the NBD listener on {proto.format_address(settings.listen)} "
+                                  f"did not start in {FORWARDER_READY_TIMEOUT:.0f} s")
+            time.sleep(0.02)
+        return forwarder
+
+    def _listener_pid_file(self) -> Path:
+        control = self.settings.control
+        return control.with_name(control.name + ".listen.pid")
 
     def stop(self) -> None:
         if self.control is not None:
@@ -68,6 +92,7 @@ class EngineService:
         if self.forwarder is not None:
             self.forwarder.terminate()
             self.forwarder.wait(timeout=10)
+            self._listener_pid_file().unlink(missing_ok=True)
         self.engine.close()
 
     # -- control operations -----------------------------------------------------------------
