@@ -233,21 +233,23 @@ def _dead(pid: int) -> bool:
 class Node:
     """A node daemon (`appliance serve`) started as an operator would, and its client."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1") -> None:
         self.root = root
+        self.host = host
         self.data = root / "data"
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.log = root / "daemon.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str | Path, wait: bool = True) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [APPLIANCE, "serve", "--data-dir", str(self.data), "--listen",
-                 f"127.0.0.1:{self.port}", *extra],
+                 f"{self.host}:{self.port}", *map(str, extra)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        wait_for(self._healthy, 60, "the daemon to answer")
+        if wait:
+            wait_for(self._healthy, 60, "the daemon to answer")
 
     def _healthy(self) -> bool:
         import urllib.request  # noqa: PLC0415
@@ -281,6 +283,11 @@ class Node:
         assert response.status_code == 200, response.text
         settings: dict[str, Any] = response.json()
         return settings
+
+    def cli_env(self) -> dict[str, str]:
+        """The environment of a CLI process talking to this daemon."""
+        return {**os.environ, "APPLIANCE_URL": self.url,
+                "APPLIANCE_TOKEN_FILE": str(self.token_file)}
 
     def cli(self, *args: str | Path, check: bool = True,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:

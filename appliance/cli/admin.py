@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 from click.shell_completion import get_completion_class
@@ -12,7 +14,7 @@ from click.shell_completion import get_completion_class
 from appliance import __version__
 from appliance.cli.client import api, client_options
 from appliance.cli.output import emit, emit_json, table
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, Unavailable
 from appliance.units import format_size
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]),
@@ -59,7 +61,7 @@ def version(ctx: click.Context, output: str, url: str, token_file: Path) -> None
 
 @click.group()
 def node() -> None:
-    """This node: its configuration, disks, volumes and processes."""
+    """The nodes of the cluster, and the node the API runs on."""
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -99,13 +101,131 @@ def _render_node(info: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-@node.command("show")
+def _render_cluster_node(node: dict[str, Any]) -> str:
+    labels = ",".join(f"{k}={v}" for k, v in node["labels"].items()) or "-"
+    heartbeat = node["last_heartbeat"]
+    facts = [
+        ["name", node["name"] + (" (leader)" if node["leader"] else "")],
+        ["state", node["state"]],
+        ["address", node["address"]],
+        ["API", node["api"]],
+        ["zone", node["zone"] or "-"],
+        ["labels", labels],
+        ["tags", ",".join(node["tags"]) or "-"],
+        ["replicas", str(node["replicas"])],
+        ["version", node["version"]],
+        ["joined", node["joined"]],
+        ["last heartbeat", time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(heartbeat))
+         if heartbeat else "- (down)"],
+    ]
+    width = max(len(key) for key, _ in facts)
+    return "\n".join(f"{key.ljust(width)}  {value}" for key, value in facts)
+
+
+def _render_nodes(nodes: list[dict[str, Any]]) -> str:
+    return table([[n["name"] + ("*" if n["leader"] else ""), n["state"], n["address"],
+                   n["zone"] or "-", ",".join(n["tags"]) or "-", str(n["replicas"]),
+                   n["version"]] for n in nodes],
+                 ["NAME", "STATE", "ADDRESS", "ZONE", "TAGS", "REPLICAS", "VERSION"])
+
+
+@node.command("list")
 @OUTPUT
 @client_options
-def node_show(output: str, url: str, token_file: Path) -> None:
-    """Version, data directory, addresses, free replica ports, disks, volumes by state,
-    and the engines and replica servers running (with their pids)."""
-    emit(api(url, token_file).call("GET", "/v1/node"), output, _render_node)
+def node_list(output: str, url: str, token_file: Path) -> None:
+    """The nodes of the cluster: state (ready, down, cordoned), address, zone, tags and
+    replica count; the leader is marked with *."""
+    emit(api(url, token_file).call("GET", "/v1/nodes"), output, _render_nodes)
+
+
+@node.command("show")
+@click.argument("name", required=False)
+@OUTPUT
+@client_options
+def node_show(name: str | None, output: str, url: str, token_file: Path) -> None:
+    """Node NAME as the cluster sees it (state, address, zone, labels, tags, replicas,
+    last heartbeat); without NAME, the node the API runs on: version, data directory,
+    addresses, free replica ports, disks, volumes by state, and the engines and replica
+    servers running (with their pids)."""
+    client = api(url, token_file)
+    if name is None:
+        emit(client.call("GET", "/v1/node"), output, _render_node)
+    else:
+        emit(client.call("GET", f"/v1/nodes/{quote(name, safe='')}"), output,
+             _render_cluster_node)
+
+
+@node.command("cordon")
+@click.argument("name")
+@client_options
+def node_cordon(name: str, url: str, token_file: Path) -> None:
+    """Place no new replicas on node NAME (those it has stay)."""
+    api(url, token_file).call("POST", f"/v1/nodes/{quote(name, safe='')}/cordon")
+    click.echo(f"node {name} cordoned")
+
+
+@node.command("uncordon")
+@click.argument("name")
+@client_options
+def node_uncordon(name: str, url: str, token_file: Path) -> None:
+    """Let node NAME take new replicas again."""
+    api(url, token_file).call("POST", f"/v1/nodes/{quote(name, safe='')}/uncordon")
+    click.echo(f"node {name} uncordoned")
+
+
+@node.command("drain")
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="Wait until no replica is left on the node.")
+@click.option("--timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds --wait waits (the drain goes on after it).")
+@client_options
+def node_drain(name: str, wait: bool, timeout: float, url: str, token_file: Path) -> None:
+    """Cordon node NAME and move every replica on it to other nodes: each is rebuilt
+    elsewhere before it leaves, so volumes stay healthy throughout (a detached volume is
+    attached, without a device, for the time of its rebuild). Refused, changing nothing,
+    when another node cannot take one of them."""
+    client = api(url, token_file)
+    path = f"/v1/nodes/{quote(name, safe='')}"
+    shown = client.call("POST", path + "/drain")
+    if not wait:
+        click.echo(f"node {name} draining: {shown['replicas']} replica(s) to move "
+                   f"('node show {name}' counts them)")
+        return
+    deadline = time.monotonic() + timeout
+    left = shown["replicas"]
+    while left:
+        if time.monotonic() > deadline:
+            raise Unavailable(f"node {name} still has {left} replica(s) after {timeout:.0f} "
+                              "s; the drain goes on")
+        time.sleep(1)
+        now = client.call("GET", path)["replicas"]
+        if now != left:
+            click.echo(f"node {name}: {now} replica(s) left", err=True)
+        left = now
+    click.echo(f"node {name} drained")
+
+
+@node.command("label")
+@click.argument("name")
+@click.argument("labels", nargs=-1, required=True, metavar="KEY=VALUE|KEY- ...")
+@client_options
+def node_label(name: str, labels: tuple[str, ...], url: str, token_file: Path) -> None:
+    """Set labels of node NAME (KEY- removes one). The label ``zone`` is the node's zone:
+    replicas of a volume go to different zones when they can."""
+    changes: dict[str, str | None] = {}
+    for item in labels:
+        if item.endswith("-") and "=" not in item:
+            changes[item[:-1]] = None
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE or KEY-",
+                                     param_hint="LABELS")
+        changes[key] = value
+    node = api(url, token_file).call("PATCH", f"/v1/nodes/{quote(name, safe='')}",
+                                     {"labels": changes})
+    click.echo(f"node {name} labels: "
+               + (",".join(f"{k}={v}" for k, v in node["labels"].items()) or "none"))
 
 
 # -- completion -----------------------------------------------------------------------------

@@ -31,14 +31,34 @@ WAIT_TIMEOUT = 300.0
 @click.option("--listen", help="HOST:PORT for the API (default 127.0.0.1:9500).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="A TOML file; flags override it.")
-def serve(data_dir: Path | None, listen: str | None, config_file: Path | None) -> None:
+@click.option("--cluster", metavar="etcd://H:P[,H:P...]",
+              help="Join the cluster whose state is in these etcd members (etcds:// for "
+                   "TLS); without it, one node with its state in SQLite.")
+@click.option("--node-name", help="This node's name in the cluster (default: the host name).")
+@click.option("--advertise", metavar="HOST",
+              help="The address other nodes reach this node at (replica servers listen "
+                   "there; default: the --listen host).")
+@click.option("--cluster-key-file", type=click.Path(path_type=Path),
+              help="The cluster's key (0600): made by the first node of a new cluster, "
+                   "copied to every other node (default DATA_DIR/cluster.key).")
+@click.option("--etcd-ca", type=click.Path(path_type=Path), help="CA file of etcd's TLS.")
+@click.option("--etcd-cert", type=click.Path(path_type=Path),
+              help="Client certificate for etcd (with --etcd-key).")
+@click.option("--etcd-key", type=click.Path(path_type=Path),
+              help="Key of the client certificate for etcd.")
+def serve(data_dir: Path | None, listen: str | None, config_file: Path | None,
+          cluster: str | None, node_name: str | None, advertise: str | None,
+          cluster_key_file: Path | None, etcd_ca: Path | None, etcd_cert: Path | None,
+          etcd_key: Path | None) -> None:
     """Run the node daemon."""
     from appliance.node.config import load_config  # noqa: PLC0415 - trio only when serving
     from appliance.node.daemon import main  # noqa: PLC0415
 
     if listen is None and config_file is None:
         listen = API_LISTEN
-    main(load_config(data_dir, listen, config_file))
+    main(load_config(data_dir, listen, config_file, cluster=cluster, node_name=node_name,
+                     advertise=advertise, cluster_key_file=cluster_key_file,
+                     etcd_ca=etcd_ca, etcd_cert=etcd_cert, etcd_key=etcd_key))
 
 
 # -- disks ----------------------------------------------------------------------------------
@@ -52,10 +72,16 @@ def disk() -> None:
 @disk.command("add")
 @click.argument("path")
 @click.option("--tag", "tags", multiple=True, help="A tag; repeat for more.")
+@click.option("--node", help="The node the directory is on (default: the node the API runs "
+                             "on).")
 @client_options
-def disk_add(path: str, tags: tuple[str, ...], url: str, token_file: Path) -> None:
+def disk_add(path: str, tags: tuple[str, ...], node: str | None, url: str,
+             token_file: Path) -> None:
     """Add the directory PATH (on its own filesystem, ideally) as a disk."""
-    info = api(url, token_file).call("POST", "/v1/disks", {"path": path, "tags": list(tags)})
+    body: dict[str, Any] = {"path": path, "tags": list(tags)}
+    if node:
+        body["node"] = node
+    info = api(url, token_file).call("POST", "/v1/disks", body)
     click.echo(f"disk {info['name']} added ({format_size(info['capacity'])})")
 
 
@@ -65,14 +91,21 @@ def disk_add(path: str, tags: tuple[str, ...], url: str, token_file: Path) -> No
 def disk_list(output: str, url: str, token_file: Path) -> None:
     """List the disks with their capacity and use."""
     disks = api(url, token_file).call("GET", "/v1/disks")
-    emit(disks, output, lambda items: table(
-        [[d["name"], d["path"], format_size(d["capacity"]), format_size(d["available"]),
-          format_size(d["scheduled"]), format_size(d["storage_reserved"]),
+    emit(disks, output, _disk_table)
+
+
+def _disk_table(disks: list[dict[str, Any]]) -> str:
+    nodes = any(d.get("node") for d in disks)  # a cluster: which node each is on
+    return table(
+        [[d["name"], *([d["node"]] if nodes else []), d["path"], format_size(d["capacity"]),
+          format_size(d["available"]), format_size(d["scheduled"]),
+          format_size(d["storage_reserved"]),
           "evicting" if d["eviction_requested"] else "on" if d["allow_scheduling"] else "off",
           ",".join(d["tags"]) or "-",
           str(len(d["replicas"]))]
-         for d in items], ["NAME", "PATH", "CAPACITY", "AVAILABLE", "SCHEDULED", "RESERVED",
-                           "SCHEDULING", "TAGS", "REPLICAS"]))
+         for d in disks], ["NAME", *(["NODE"] if nodes else []), "PATH", "CAPACITY",
+                           "AVAILABLE", "SCHEDULED", "RESERVED", "SCHEDULING", "TAGS",
+                           "REPLICAS"])
 
 
 @disk.command("update")
@@ -243,14 +276,26 @@ def wait_for_copy(client: ApiClient, name: str, what: str, timeout: float) -> No
 @click.option("--size", required=True, type=SIZE, help="Size, e.g. 10G.")
 @click.option("--replicas", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.option("--disk-tag", "disk_tags", multiple=True, help="Place replicas on disks with it.")
+@click.option("--node-tag", "node_tags", multiple=True,
+              help="Place replicas on nodes with it (a cluster).")
+@click.option("--data-locality", type=click.Choice(["disabled", "strict-local"]),
+              default="disabled", show_default=True,
+              help="strict-local: its one replica on the node of its engine (the node the "
+                   "API runs on).")
 @wait_options
 @client_options
 def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...],
-                  timeout: float, no_wait: bool, url: str, token_file: Path) -> None:
+                  node_tags: tuple[str, ...], data_locality: str, timeout: float,
+                  no_wait: bool, url: str, token_file: Path) -> None:
     """Create volume NAME."""
     client = api(url, token_file)
-    client.call("POST", "/v1/volumes", {"name": name, "size": size, "replicas": replicas,
-                                        "disk_tags": list(disk_tags)})
+    body: dict[str, Any] = {"name": name, "size": size, "replicas": replicas,
+                            "disk_tags": list(disk_tags)}
+    if node_tags:
+        body["node_tags"] = list(node_tags)
+    if data_locality != "disabled":
+        body["data_locality"] = data_locality
+    client.call("POST", "/v1/volumes", body)
     if no_wait:
         click.echo(f"volume {name} requested")
         return
@@ -286,9 +331,13 @@ def _salvage_line(salvage: dict[str, Any]) -> str:
 
 def _volume_detail(v: dict[str, Any]) -> str:
     """One volume: its row, its replicas, its branch, the last salvage, kept branches."""
+    replicas = v.get("replica_list", [])
+    nodes = len({r.get("node") for r in replicas}) > 1  # a cluster: which node each is on
     lines = [_volume_rows([v]), "", table(
-        [[r["name"], r["disk"], _replica_mode(r)] for r in v.get("replica_list", [])],
-        ["REPLICA", "DISK", "MODE"]), ""]
+        [[r["name"], *([r["node"]] if nodes else []), r["disk"], _replica_mode(r)]
+         for r in replicas], ["REPLICA", *(["NODE"] if nodes else []), "DISK", "MODE"]), ""]
+    if v.get("node") and nodes:
+        lines.insert(1, f"attached on node {v['node']}")
     if v.get("branch"):
         lines.append(f"branch: {v['branch']}")
     if v.get("salvage"):
@@ -326,16 +375,24 @@ def _device(info: dict[str, Any] | None) -> str:
 
 @volume.command("attach")
 @click.argument("name")
+@click.option("--node", help="Run its engine on this node of the cluster (default: the node "
+                             "the API runs on).")
+@click.option("--force", is_flag=True,
+              help="Attached on another node (down, or cut off): move it here anyway; the "
+                   "engine there is fenced and can write no more.")
 @wait_options
 @client_options
-def volume_attach(name: str, timeout: float, no_wait: bool, url: str, token_file: Path) -> None:
-    """Attach volume NAME as a block device on this node; print the device.
+def volume_attach(name: str, node: str | None, force: bool, timeout: float, no_wait: bool,
+                  url: str, token_file: Path) -> None:
+    """Attach volume NAME as a block device on this node (or --node); print the device.
 
     When its engine refuses to start (it cannot prove that every acknowledged write is
     there), the refusal is printed and the volume stays attached-but-faulted: the start is
     tried again by itself, and 'volume salvage' lets an operator choose."""
     client = api(url, token_file)
-    client.call("POST", f"/v1/volumes/{name}/attach")
+    query = "&".join(([f"node={quote(node, safe='')}"] if node else [])
+                     + (["force=true"] if force else []))
+    client.call("POST", f"/v1/volumes/{name}/attach" + (f"?{query}" if query else ""))
     if no_wait:
         click.echo(f"volume {name} attaching ('volume show {name}' gives its device)")
         return

@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -87,21 +87,34 @@ class _Events:
 
 
 class EtcdStore(StateStore):
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    """The store on the members of one etcd cluster at *endpoints* (``http[s]://HOST:PORT``):
+    requests go to one member; when it cannot be reached, to the next (a member that is
+    cut off, or down, costs one failed connection, not the cluster)."""
+
+    def __init__(self, client: httpx.AsyncClient, endpoints: Sequence[str]) -> None:
+        if not endpoints:
+            raise InvalidArgument("no etcd endpoint given")
         self._client = client
-        self.endpoint = str(client.base_url)
+        self._endpoints = [endpoint.rstrip("/") for endpoint in endpoints]
+        self._current = 0
+
+    @property
+    def endpoint(self) -> str:
+        """The member requests go to now."""
+        return self._endpoints[self._current]
 
     @classmethod
-    async def open(cls, endpoint: str, *, ca: str | None = None,
+    async def open(cls, endpoints: str | Sequence[str], *, ca: str | None = None,
                    cert: tuple[str, str] | None = None) -> EtcdStore:
-        """A store on the etcd at *endpoint* (``http://HOST:PORT`` or ``https://``, with
-        the CA file *ca* and the client certificate and key *cert* for TLS)."""
+        """A store on the etcd members at *endpoints* (a list, or one string with commas),
+        with the CA file *ca* and the client certificate and key *cert* for TLS."""
+        if isinstance(endpoints, str):
+            endpoints = [part for part in endpoints.split(",") if part]
         context = ssl.create_default_context(cafile=ca)
         if cert is not None:
             context.load_cert_chain(*cert)
-        client = httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=TIMEOUT,
-                                   verify=context)
-        store = cls(client)
+        client = httpx.AsyncClient(timeout=TIMEOUT, verify=context)
+        store = cls(client, endpoints)
         try:
             await store._call("/v3/maintenance/status", {})
         except BaseException:
@@ -109,12 +122,27 @@ class EtcdStore(StateStore):
             raise
         return store
 
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """POST to the current member, or to the next ones when it cannot be reached."""
+        errors = []
+        for _ in range(len(self._endpoints)):
+            endpoint = self.endpoint
+            try:
+                return await self._client.post(endpoint + path, json=body)
+            except httpx.TransportError as exc:
+                errors.append(f"{endpoint}: {exc or type(exc).__name__}")
+                if self._current == len(self._endpoints) - 1:
+                    self._current = 0
+                else:
+                    self._current += 1
+            except httpx.HTTPError as exc:
+                errors.append(f"{endpoint}: {exc or type(exc).__name__}")
+                break
+        raise Unavailable(f"etcd cannot be reached ({'; '.join(errors)}); the cluster's state "
+                          "store needs a quorum of its members")
+
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await self._client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"etcd at {self._client.base_url} cannot be reached: {exc}"
-                              ) from exc
+        response = await self._post(path, body)
         answer: dict[str, Any] = response.json() if response.content else {}
         if response.status_code != 200:
             message = str(answer.get("error") or answer.get("message") or response.text)
@@ -185,7 +213,7 @@ class EtcdStore(StateStore):
             body = {"create_request": {"key": _b64(prefix), "range_end": _range_end(prefix),
                                        "start_revision": after + 1}}
             try:
-                async with self._client.stream("POST", "/v3/watch", json=body,
+                async with self._client.stream("POST", self.endpoint + "/v3/watch", json=body,
                                                timeout=None) as response:
                     async for line in response.aiter_lines():
                         if not line.strip():

@@ -75,6 +75,43 @@ class Disk(Record):
     allow_scheduling: bool = True
     storage_reserved: int = 0  # bytes kept free for other uses
     eviction_requested: bool = False  # its replicas move to other disks; it takes none
+    node: str = ""  # the node it is on ("": the one node of a single-node store)
+    # status, reported by its node for the others (placement on a remote disk)
+    capacity: int = 0
+    available: int = 0
+    reported: float = 0.0  # when (seconds since the epoch); 0: never
+
+
+@dataclass
+class Node(Record):
+    """A node of the cluster (one in single-node mode): spec set by operators (labels,
+    tags, cordon), the rest by the node itself when it starts. Whether it is alive is the
+    key ``NodeAlive.key_of(name)``, kept under the node's lease."""
+
+    PREFIX: ClassVar[str] = "/nodes/"
+    name: str
+    address: str  # the host other nodes reach it at (its replica servers listen there)
+    api: str  # HOST:PORT of its API
+    version: str = ""
+    labels: dict[str, str] = field(default_factory=dict)  # "zone" among them
+    tags: list[str] = field(default_factory=list)
+    cordoned: bool = False  # takes no new replicas
+    draining: bool = False  # its replicas move to other nodes (it is cordoned too)
+    joined: str = ""  # when it first registered (UTC, ISO 8601)
+
+    @property
+    def zone(self) -> str:
+        return self.labels.get("zone", "")
+
+
+@dataclass
+class NodeAlive(Record):
+    """Written by a node while it runs, under its lease: gone when the lease expires."""
+
+    PREFIX: ClassVar[str] = "/nodes-alive/"
+    name: str
+    heartbeat: float  # seconds since the epoch, of the node's last heartbeat
+    pid: int = 0
 
 
 @dataclass
@@ -103,6 +140,13 @@ class Volume(Record):
     branch: str = ""  # the current branch of its history, as its engine last reported it
     salvage: dict[str, Any] | None = None  # the last salvage of its lineage (replica names)
     salvage_done: int = 0  # the id of the last salvage request carried out
+    # desired: the node its engine runs on when attached ("": the one node of a
+    # single-node store); the node field of a status says where it runs
+    node: str = ""
+    data_locality: str = "disabled"  # disabled, best-effort, strict-local
+    # status: attached by a drain (no device) while its replicas are rebuilt elsewhere
+    maintenance: bool = False
+    node_tags: list[str] = field(default_factory=list)
 
     @property
     def pending_salvage(self) -> dict[str, Any] | None:
@@ -136,6 +180,13 @@ class ReplicaRecord(Record):
     # set while this replica is being made, by an eviction, to replace the one named: not a
     # complete copy yet (appliance/node/eviction.py)
     evicting_from: str = ""
+    node: str = ""  # the node of its disk ("": the one node of a single-node store)
+    host: str = ""  # that node's address, where its server listens ("": this node's)
+    removing: bool = False  # replaced: its node deletes it (and then its record)
+
+    def address(self, local_host: str) -> str:
+        """``HOST:PORT`` of its server; *local_host* is this node's replica address."""
+        return f"{self.host or local_host}:{self.port}"
 
     @classmethod
     def prefix_of(cls, volume: str) -> str:
@@ -172,6 +223,7 @@ class Settings(Record):
     over_provisioning_percentage: int = 100
     minimal_available_percentage: int = 10
     replica_soft_anti_affinity: bool = False
+    replica_node_soft_anti_affinity: bool = False
     replica_replenishment_wait: float = 30.0  # seconds before a failed replica is rebuilt
     auto_salvage: bool = True  # restart a faulted engine (never accepting a loss)
     backup_compression: str = "lz4"  # lz4, zstd or none
@@ -202,6 +254,8 @@ SETTING_DESCRIPTIONS: dict[str, str] = {
                                     "take a new replica (0-100)",
     "replica_soft_anti_affinity": "let a disk take a second replica of a volume when no "
                                   "other disk can",
+    "replica_node_soft_anti_affinity": "in a cluster, let a node take a second replica of a "
+                                       "volume when no other node can",
     "replica_replenishment_wait": "seconds to wait for a failed replica before rebuilding "
                                   "or replacing it (0-86400)",
     "auto_salvage": "restart a faulted engine; it serves only if no acknowledged write can "

@@ -226,8 +226,11 @@ def detach(state_file: Path) -> None:
 
 def _undo(state: dict[str, Any]) -> None:
     if state.get("link"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(state["link"]).unlink()
+        link = Path(state["link"])
+        # only while it is still ours (another attach of the name may have taken it)
+        with contextlib.suppress(OSError):
+            if str(link.readlink()) == str(state.get("device")):
+                link.unlink()
     if state.get("kind") == "kernel-nbd" and state.get("device"):
         _run("nbd-client", "-d", state["device"])
     if state.get("kind") == "fuse-loop":

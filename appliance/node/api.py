@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +27,8 @@ from appliance import __version__
 from appliance.control.objects import setting_definitions
 from appliance.errors import ApplianceError, AuthenticationFailed
 from appliance.node.backups import BackupService
+from appliance.node.forward import HEADER as FORWARDED
+from appliance.node.forward import Forwarding
 from appliance.node.nodeinfo import NodeInfo
 from appliance.node.service import NodeService
 from appliance.units import parse_size
@@ -39,6 +41,8 @@ class Strict(BaseModel):
 class DiskCreate(Strict):
     path: str = Field(min_length=1, max_length=4096)
     tags: list[str] = Field(default_factory=list, max_length=32)
+    node: str | None = Field(default=None, max_length=63,
+                             description="the node the disk is on (default: this one)")
 
 
 class DiskUpdate(Strict):
@@ -59,7 +63,12 @@ class VolumeCreate(Strict):
     size: int | str = Field(description="bytes, or a size such as 10G")
     replicas: int = Field(default=2, ge=1, le=8)
     disk_tags: list[str] = Field(default_factory=list, max_length=32)
+    node_tags: list[str] = Field(default_factory=list, max_length=32)
     labels: dict[str, str] = Field(default_factory=dict)
+    data_locality: Literal["disabled", "strict-local"] = "disabled"
+    node: str | None = Field(default=None, max_length=63,
+                             description="strict-local: the node of its replica and engine "
+                                         "(default: the node the request came to)")
 
     @field_validator("size")
     @classmethod
@@ -153,7 +162,7 @@ def _disk_routes(app: FastAPI, service: NodeService, auth: list[Any]) -> None:
 
     @app.post("/v1/disks", dependencies=auth, status_code=201)
     async def add_disk(body: DiskCreate) -> dict[str, Any]:
-        return await service.add_disk(body.path, body.tags)
+        return await service.add_disk(body.path, body.tags, body.node)
 
     @app.patch("/v1/disks/{name}", dependencies=auth)
     async def update_disk(name: str, body: DiskUpdate) -> dict[str, Any]:
@@ -163,6 +172,70 @@ def _disk_routes(app: FastAPI, service: NodeService, auth: list[Any]) -> None:
     async def remove_disk(name: str) -> dict[str, str]:
         await service.remove_disk(name)
         return {"status": "removed"}
+
+
+class NodeUpdate(Strict):
+    labels: dict[str, str | None] = Field(default_factory=dict, max_length=64,
+                                          description="a value of null removes the label")
+    tags: list[str] | None = Field(default=None, max_length=32)
+
+
+def _node_routes(app: FastAPI, service: NodeService, auth: list[Any], token: str) -> None:
+    """The nodes of the cluster: list, show, cordon, uncordon, labels and tags; requests
+    that belong to another node go there (forward.py)."""
+    membership = service.controller.membership
+    app.add_middleware(Forwarding, membership=membership, token=token)
+
+    @app.get("/v1/nodes", dependencies=auth)
+    async def list_nodes() -> list[dict[str, Any]]:
+        return await membership.describe_all()
+
+    @app.get("/v1/nodes/{name}", dependencies=auth)
+    async def show_cluster_node(name: str) -> dict[str, Any]:
+        return await membership.get(name)
+
+    @app.patch("/v1/nodes/{name}", dependencies=auth)
+    async def update_node(name: str, body: NodeUpdate) -> dict[str, Any]:
+        return await membership.label(name, body.labels, body.tags)
+
+    @app.post("/v1/nodes/{name}/cordon", dependencies=auth)
+    async def cordon_node(name: str) -> dict[str, Any]:
+        return await membership.cordon(name, True)
+
+    @app.post("/v1/nodes/{name}/uncordon", dependencies=auth)
+    async def uncordon_node(name: str) -> dict[str, Any]:
+        return await membership.cordon(name, False)
+
+    @app.post("/v1/nodes/{name}/drain", dependencies=auth, status_code=202)
+    async def drain_node(name: str) -> dict[str, Any]:
+        return await service.drain_node(name)
+
+
+def _snapshot_routes(app: FastAPI, service: NodeService, auth: list[Any]) -> None:
+    """A volume's snapshots: list, take, revert, remove, purge."""
+
+    @app.get("/v1/volumes/{name}/snapshots", dependencies=auth)
+    async def list_snapshots(name: str) -> list[dict[str, Any]]:
+        return await service.list_snapshots(name)
+
+    @app.post("/v1/volumes/{name}/snapshots", dependencies=auth, status_code=201)
+    async def create_snapshot(name: str, body: SnapshotCreate) -> dict[str, Any]:
+        return await service.create_snapshot(name, body.name, body.labels)
+
+    @app.post("/v1/volumes/{name}/snapshots/{snapshot}/revert", dependencies=auth)
+    async def revert_snapshot(name: str, snapshot: str) -> dict[str, str]:
+        await service.revert_snapshot(name, snapshot)
+        return {"status": "reverted"}
+
+    @app.delete("/v1/volumes/{name}/snapshots/{snapshot}", dependencies=auth)
+    async def delete_snapshot(name: str, snapshot: str) -> dict[str, str]:
+        await service.delete_snapshot(name, snapshot)
+        return {"status": "removed"}
+
+    @app.post("/v1/volumes/{name}/purge", dependencies=auth)
+    async def purge_snapshots(name: str) -> dict[str, str]:
+        await service.purge_snapshots(name)
+        return {"status": "purged"}
 
 
 def create_app(service: NodeService, backups: BackupService, token: str,
@@ -213,16 +286,21 @@ def create_app(service: NodeService, backups: BackupService, token: str,
         return await node_info.describe()
 
     _disk_routes(app, service, auth)
+    _node_routes(app, service, auth, token)
 
     @app.get("/v1/volumes", dependencies=auth)
     async def list_volumes() -> list[dict[str, Any]]:
         return await service.list_volumes()
 
     @app.post("/v1/volumes", dependencies=auth, status_code=201)
-    async def create_volume(body: VolumeCreate) -> dict[str, Any]:
+    async def create_volume(body: VolumeCreate, request: Request) -> dict[str, Any]:
         assert isinstance(body.size, int)
+        origin = request.headers.get(FORWARDED) or service.controller.config.node_name
         return await service.create_volume(body.name, body.size, body.replicas,
-                                           body.disk_tags, body.labels)
+                                           body.disk_tags, body.labels,
+                                           node_tags=body.node_tags,
+                                           data_locality=body.data_locality,
+                                           node=body.node or origin)
 
     @app.get("/v1/volumes/{name}", dependencies=auth)
     async def show_volume(name: str) -> dict[str, Any]:
@@ -234,8 +312,9 @@ def create_app(service: NodeService, backups: BackupService, token: str,
         return {"status": "deleting"}
 
     @app.post("/v1/volumes/{name}/attach", dependencies=auth, status_code=202)
-    async def attach_volume(name: str) -> dict[str, Any]:
-        return await service.attach(name)
+    async def attach_volume(name: str, node: str | None = None,
+                            force: bool = False) -> dict[str, Any]:
+        return await service.attach(name, node, force=force)
 
     @app.post("/v1/volumes/{name}/detach", dependencies=auth, status_code=202)
     async def detach_volume(name: str, force: bool = False) -> dict[str, Any]:
@@ -258,28 +337,7 @@ def create_app(service: NodeService, backups: BackupService, token: str,
     async def list_events(volume: str | None = None, after: int = 0) -> list[dict[str, Any]]:
         return await service.list_events(volume, after)
 
-    @app.get("/v1/volumes/{name}/snapshots", dependencies=auth)
-    async def list_snapshots(name: str) -> list[dict[str, Any]]:
-        return await service.list_snapshots(name)
-
-    @app.post("/v1/volumes/{name}/snapshots", dependencies=auth, status_code=201)
-    async def create_snapshot(name: str, body: SnapshotCreate) -> dict[str, Any]:
-        return await service.create_snapshot(name, body.name, body.labels)
-
-    @app.post("/v1/volumes/{name}/snapshots/{snapshot}/revert", dependencies=auth)
-    async def revert_snapshot(name: str, snapshot: str) -> dict[str, str]:
-        await service.revert_snapshot(name, snapshot)
-        return {"status": "reverted"}
-
-    @app.delete("/v1/volumes/{name}/snapshots/{snapshot}", dependencies=auth)
-    async def delete_snapshot(name: str, snapshot: str) -> dict[str, str]:
-        await service.delete_snapshot(name, snapshot)
-        return {"status": "removed"}
-
-    @app.post("/v1/volumes/{name}/purge", dependencies=auth)
-    async def purge_snapshots(name: str) -> dict[str, str]:
-        await service.purge_snapshots(name)
-        return {"status": "purged"}
+    _snapshot_routes(app, service, auth)
 
     @app.get("/v1/backup-target", dependencies=auth)
     async def show_backup_target() -> dict[str, Any]:

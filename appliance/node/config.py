@@ -3,6 +3,7 @@ into a frozen dataclass that is passed down."""
 
 from __future__ import annotations
 
+import re
 import socket
 import tomllib
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 
 from appliance.defaults import REPLICA_TIMEOUT
 from appliance.errors import InvalidArgument, NotFound
-from appliance.replication.protocol import parse_address
+from appliance.replication.protocol import format_address, parse_address
 
 Address = tuple[str, int]
 
@@ -26,6 +27,26 @@ class NodeConfig:
     reconcile_interval: float = 2.0  # seconds between looks at running processes
     replica_timeout: float = REPLICA_TIMEOUT
     local_fast_path: bool = True  # engines serve a replica on this node in-process
+    # a cluster: the client URLs of its etcd members (empty: one node on SQLite)
+    cluster: tuple[str, ...] = ()
+    cluster_key_file: Path | None = None  # the cluster's key (docs/cluster.md)
+    etcd_ca: Path | None = None  # TLS to etcd: the CA, and this node's certificate and key
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
+    node_lease_ttl: float = 10.0  # seconds without a heartbeat before a node is down
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.cluster)
+
+    @property
+    def api_address(self) -> str:
+        """Where other nodes reach this node's API: the advertised host, the API's port."""
+        return format_address((self.replica_address, self.listen[1]))
+
+    @property
+    def key_file(self) -> Path:
+        return self.cluster_key_file or self.data_dir / "cluster.key"
 
     @property
     def replica_ports(self) -> range:
@@ -55,23 +76,21 @@ class NodeConfig:
 
 DEFAULT_DATA_DIR = Path("/var/lib/appliance")
 _KEYS = {"data_dir", "listen", "node_name", "replica_address", "port_range", "reconcile_interval",
-         "replica_timeout", "local_fast_path"}
+         "replica_timeout", "local_fast_path", "cluster", "cluster_key_file", "etcd_ca",
+         "etcd_cert", "etcd_key", "node_lease_ttl"}
+_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
 
 
-def load_config(data_dir: Path | None, listen: str | None,
-                config_file: Path | None) -> NodeConfig:
-    """Flags override the file; the file overrides the defaults."""
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            values = tomllib.loads(config_file.read_text())
-        except FileNotFoundError:
-            raise NotFound(f"config file {config_file} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise InvalidArgument(f"config file {config_file}: {exc}") from exc
-        unknown = sorted(set(values) - _KEYS)
-        if unknown:
-            raise InvalidArgument(f"config file {config_file}: unknown key {unknown[0]!r}")
+def load_config(data_dir: Path | None, listen: str | None, config_file: Path | None,
+                **flags: str | Path | None) -> NodeConfig:
+    """Flags override the file; the file overrides the defaults. *flags* are the other
+    options of ``appliance serve`` by configuration key (None: not given); ``advertise``
+    is the ``replica_address``."""
+    values = _read_file(config_file) if config_file is not None else {}
+    if flags.get("advertise") is not None:
+        flags["replica_address"] = flags.pop("advertise")
+    flags.pop("advertise", None)
+    values.update({key: value for key, value in flags.items() if value is not None})
     if listen is not None:
         values["listen"] = listen
     if data_dir is not None:
@@ -81,18 +100,74 @@ def load_config(data_dir: Path | None, listen: str | None,
     port_range = tuple(values.get("port_range", (10100, 10999)))
     if len(port_range) != 2 or not 1024 <= port_range[0] <= port_range[1] <= 65535:
         raise InvalidArgument(f"invalid port_range {values.get('port_range')!r}")
+    cluster = values.get("cluster", ())
+    if isinstance(cluster, str):
+        cluster = tuple(_etcd_url(part) for part in cluster.split(",") if part.strip())
     try:
-        return NodeConfig(
+        listen_address = parse_address(str(values["listen"]))
+        node_name = str(values.get("node_name", socket.gethostname().lower()))
+        if (cluster or "node_name" in values) and not _NODE_NAME.fullmatch(node_name):
+            raise InvalidArgument(f"invalid node name {node_name!r}: lower-case letters, "
+                                  "digits, '.' and '-', at most 63")
+        replica_address = str(values.get("replica_address", "")) or (
+            listen_address[0] if cluster else "127.0.0.1")
+        if cluster and replica_address in ("0.0.0.0", "::", ""):  # noqa: S104 - a check
+            raise InvalidArgument("a node of a cluster needs --advertise HOST: the address "
+                                  "other nodes reach it at")
+        config = NodeConfig(
             data_dir=Path(values.get("data_dir", DEFAULT_DATA_DIR)).resolve(),
-            listen=parse_address(str(values["listen"])),
-            node_name=str(values.get("node_name", socket.gethostname())),
-            replica_address=str(values.get("replica_address", "127.0.0.1")),
+            listen=listen_address,
+            node_name=node_name,
+            replica_address=replica_address,
             port_range=(int(port_range[0]), int(port_range[1])),
             reconcile_interval=float(values.get("reconcile_interval", 2.0)),
             replica_timeout=float(values.get("replica_timeout", REPLICA_TIMEOUT)),
-            local_fast_path=_flag(values.get("local_fast_path", True), "local_fast_path"))
+            local_fast_path=_flag(values.get("local_fast_path", True), "local_fast_path"),
+            cluster=tuple(cluster),
+            cluster_key_file=_path(values.get("cluster_key_file")),
+            etcd_ca=_path(values.get("etcd_ca")),
+            etcd_cert=_path(values.get("etcd_cert")),
+            etcd_key=_path(values.get("etcd_key")),
+            node_lease_ttl=float(values.get("node_lease_ttl", 10.0)))
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"invalid configuration: {exc}") from exc
+    if not 2 <= config.node_lease_ttl <= 300:
+        raise InvalidArgument("node_lease_ttl must be 2 to 300 seconds")
+    if (config.etcd_cert is None) != (config.etcd_key is None):
+        raise InvalidArgument("etcd_cert and etcd_key go together (the client certificate "
+                              "and its key)")
+    return config
+
+
+def _read_file(config_file: Path) -> dict[str, Any]:
+    try:
+        values = tomllib.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"config file {config_file} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config file {config_file}: {exc}") from exc
+    unknown = sorted(set(values) - _KEYS)
+    if unknown:
+        raise InvalidArgument(f"config file {config_file}: unknown key {unknown[0]!r}")
+    return values
+
+
+def _etcd_url(text: str) -> str:
+    """``etcd://H:P`` (or plain ``H:P``) is http; ``etcds://H:P`` is https (TLS)."""
+    text = text.strip()
+    for scheme, real in (("etcd://", "http://"), ("etcds://", "https://"),
+                         ("http://", "http://"), ("https://", "https://")):
+        if text.startswith(scheme):
+            text, prefix = text[len(scheme):], real
+            break
+    else:
+        prefix = "http://"
+    parse_address(text.rstrip("/"))  # HOST:PORT, or a clear error
+    return prefix + text.rstrip("/")
+
+
+def _path(value: Any) -> Path | None:
+    return None if value in (None, "") else Path(str(value)).resolve()
 
 
 def _flag(value: Any, key: str) -> bool:

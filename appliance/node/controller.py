@@ -34,10 +34,12 @@ import trio
 from appliance.control.objects import Disk, ReplicaRecord, Settings, Volume
 from appliance.control.store import StateStore
 from appliance.errors import AddressInUse, ApplianceError, Conflict, FailedPrecondition
+from appliance.node.clustered import SECRET_PREFIX, ClusterWork
 from appliance.node.config import NodeConfig
 from appliance.node.events import EventLog
 from appliance.node.eviction import Eviction
 from appliance.node.lineage import one_line
+from appliance.node.nodes import Membership
 from appliance.node.placement import Placement, load_settings
 from appliance.node.recovery import Recovery
 from appliance.node.supervisor import Supervisor
@@ -57,10 +59,11 @@ class Restorer(Protocol):
                        progress: Callable[[int, int], None]) -> int: ...
 
 
-class Controller(Recovery, Eviction):
+class Controller(Recovery, Eviction, ClusterWork):
     def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig, *,
                  placement: Placement | None = None, restorer: Restorer | None = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 cluster_key: bytes | None = None) -> None:
         self.store = store
         self.supervisor = supervisor
         self.config = config
@@ -76,6 +79,9 @@ class Controller(Recovery, Eviction):
         # detached volumes found in order: skipped until they change or RESYNC_INTERVAL
         self._settled: dict[str, tuple[tuple[Any, ...], float]] = {}
         self.events = EventLog(store)
+        self.membership = Membership(store, config, self.events)
+        self.cluster_key = cluster_key  # None alone: volume secrets are files of this node
+        self._server_wait: dict[str, float] = {}  # volume -> since when its start waits
         # the last thing said (logged, recorded as an event) per (volume, topic)
         self._said: dict[tuple[str, str], str] = {}
         # per volume, its engine's last refusal: (message, what it was tried with, when)
@@ -115,14 +121,27 @@ class Controller(Recovery, Eviction):
         """Run a pass soon (the API calls this after a change)."""
         self.wake.set()
 
+    def poke_later(self, delay: float) -> None:
+        """Run a pass after *delay* seconds (sooner than the reconcile interval)."""
+        if self._jobs is not None:
+            wake = self.wake
+
+            async def later() -> None:
+                await trio.sleep(delay)
+                wake.set()
+
+            self._jobs.start_soon(later)
+
     async def reconcile_all(self) -> None:
         async with self._lock:
             entries, _ = await self.store.list(Volume.PREFIX)
             volumes = [Volume.from_dict(entry.value) for entry in entries]
             self._handed_over = {v.source["replica"] for v in volumes if v.state == "creating"
                                  and v.source and "replica" in v.source}
-            evicting = {Disk.from_dict(e.value).name for e in (await self.store.list(
-                Disk.PREFIX))[0] if Disk.from_dict(e.value).eviction_requested}
+            disks = [Disk.from_dict(e.value) for e in (await self.store.list(Disk.PREFIX))[0]]
+            evicting = {disk.name for disk in disks if disk.eviction_requested}
+            if self.config.clustered:
+                await self._report_disks([d for d in disks if self.placement.mine(d.node)])
             if evicting != self._evicting:  # settled volumes may have replicas to move
                 self._settled.clear()
                 self._move_failed.clear()
@@ -170,10 +189,16 @@ class Controller(Recovery, Eviction):
     async def settings(self) -> Settings:
         return await load_settings(self.store)
 
-    async def replicas_of(self, volume: str) -> list[ReplicaRecord]:
+    async def replicas_of(self, volume: str, *, removing: bool = False) -> list[ReplicaRecord]:
+        """The replicas of *volume* (with *removing*: also those replaced, which their
+        nodes are deleting)."""
         entries, _ = await self.store.list(ReplicaRecord.prefix_of(volume))
-        return [ReplicaRecord.from_dict(e.value) for e in entries
-                if ReplicaRecord.from_dict(e.value).volume == volume]
+        found = [ReplicaRecord.from_dict(e.value) for e in entries]
+        return [r for r in found if r.volume == volume and (removing or not r.removing)]
+
+    def mine(self, node: str) -> bool:
+        """Whether a replica or an engine on *node* is this node's to run."""
+        return self.placement.mine(node)
 
     async def _status(self, name: str, **changes: Any) -> None:
         """Write status fields of volume *name* (retrying on concurrent spec changes; a
@@ -243,12 +268,17 @@ class Controller(Recovery, Eviction):
         if volume.name in self.moving:
             return  # its replicas are being copied to other disks (detached meanwhile)
         if volume.state == "creating" and volume.source and "replica" in volume.source:
-            await self._adopt(volume)  # a branch kept from another volume (after a crash)
+            if await self._adopts_here(volume):
+                await self._adopt(volume)  # a branch kept from another volume (after a crash)
             return
         replicas = await self._ensure_replicas(volume)
+        if self.config.clustered:
+            await self._remove_replaced(volume)
         if volume.state in ("creating", "failed"):
             return  # not usable (yet)
-        if volume.attached:
+        if self.config.clustered:
+            await self._reconcile_member(volume, replicas)
+        elif volume.attached:
             # a move a crash interrupted is settled before an engine could see both copies
             replicas = await self._finish_moves(volume, replicas, attached=True)
             await self._run_attached(volume, replicas)
@@ -262,10 +292,21 @@ class Controller(Recovery, Eviction):
                     if r.name not in self._handed_over]
         missing = volume.replicas - len(replicas)
         placed: list[ReplicaRecord] = []
-        if missing > 0:
+        if missing > 0 and self.membership.is_leader:
             async with self.placement.lock:
                 placed = await self.placement.place(volume, replicas, missing)
             replicas += placed
+        if self.config.clustered:
+            # a new replica (no id yet) is made by its node, whoever placed it
+            for replica in replicas:
+                if self.mine(replica.node) and replica.replica_id is None:
+                    await self._create_dir(replica, volume.size)
+            if volume.state == "creating" and self.membership.is_leader and \
+                    len(replicas) >= volume.replicas:
+                current = await self.replicas_of(volume.name)
+                if current and all(r.replica_id for r in current):
+                    await self._status(volume.name, state="detached", message="")
+            return replicas
         # Directories are made for new replicas only: one that vanished later is a failed
         # replica (replaced after the wait), not something to recreate empty in its place.
         for replica in replicas if volume.state == "creating" else placed:
@@ -339,6 +380,8 @@ class Controller(Recovery, Eviction):
         failures, replicas = await self._ensure_servers(volume, replicas, status)
         settings = await self.settings()
         if status is None:
+            if not await self._remote_servers_ready(volume, replicas):
+                return
             if not await self._start(volume, replicas, failures):
                 return
             status = await self.thread(sup.engine_status, volume.name)
@@ -355,9 +398,13 @@ class Controller(Recovery, Eviction):
         await self._observe(volume, status)
         await self._mode_events(volume, status)
         await self._replenish(volume, replicas, status, settings, set(failures))
-        await self._evict_online(volume, replicas, status, set(failures))
+        if self.config.clustered:
+            await self._finish_drain(volume, replicas, status)
+            await self._drop_replaced(volume, replicas, status)
+        else:
+            await self._evict_online(volume, replicas, status, set(failures))
         device = await self.thread(sup.attached_device, volume.name)
-        if device is None:
+        if device is None and not volume.maintenance:  # (a drain's attach has no device)
             device = await self.thread(sup.attach, volume.name)
         await self._status(volume.name, state="attached", robustness=status["state"],
                            device=device, message="", refusal="",
@@ -377,7 +424,7 @@ class Controller(Recovery, Eviction):
 
         async def ensure_server(replica: ReplicaRecord) -> None:
             check = sup.replica_process_alive \
-                if f"{self.config.replica_address}:{replica.port}" in in_service \
+                if replica.address(self.config.replica_address) in in_service \
                 else sup.replica_running
             if not await self.thread(check, replica):
                 if (volume.name, f"server {replica.name}") not in self._said:  # not failing
@@ -394,10 +441,11 @@ class Controller(Recovery, Eviction):
                 except ApplianceError as exc:
                     failures[replica.name] = exc
 
-        await self.thread(sup.secret_file, volume.name)  # made once, before they start
+        await self._secret(volume.name)  # made once, before they start
         async with trio.open_nursery() as servers:  # started side by side
             for replica in replicas:
-                servers.start_soon(ensure_server, replica)
+                if self.mine(replica.node):  # another node's: that node runs it
+                    servers.start_soon(ensure_server, replica)
         current = {r.name: r for r in await self.replicas_of(volume.name)}
         replicas = [current.get(r.name, r) for r in replicas]
         for replica in replicas:
@@ -418,7 +466,7 @@ class Controller(Recovery, Eviction):
         await self.events.record(volume.name, "replica-port-moved",
                                  f"replica {replica.name} moved from port {replica.port} to "
                                  f"{moved.port}: {exc}")
-        old = f"{self.config.replica_address}:{replica.port}"
+        old = replica.address(self.config.replica_address)
         if status is not None and any(r["address"] == old for r in status["replicas"]):
             with contextlib.suppress(ApplianceError):
                 await self.thread(partial(self.supervisor.engine_call, volume.name,
@@ -432,7 +480,7 @@ class Controller(Recovery, Eviction):
         when it cannot be served (its directory or disk is gone or broken)."""
         modes = {r["address"]: r for r in status["replicas"]}
         for replica in replicas:
-            address = f"{self.config.replica_address}:{replica.port}"
+            address = replica.address(self.config.replica_address)
             info = modes.get(address)
             if info is None:  # new (placed in a lost one's place): the engine takes it
                 if replica.name not in unservable:
@@ -448,6 +496,8 @@ class Controller(Recovery, Eviction):
                 continue
             if self._wall_clock() - replica.failed_at < settings.replica_replenishment_wait:
                 continue
+            if not self.mine(replica.node) and not await self._node_alive(replica.node):
+                continue  # its node is down: the leader replaces it
             if replica.name in unservable:
                 await self._replace(volume, replicas, replica, address)
                 continue
@@ -496,7 +546,7 @@ class Controller(Recovery, Eviction):
             await self.thread(partial(sup.engine_call, volume.name, "remove-replica",
                                       address=address))
         await self.thread(partial(sup.engine_call, volume.name, "add-replica",
-                                  address=f"{self.config.replica_address}:{new.port}"))
+                                  address=new.address(self.config.replica_address)))
         await self.store.delete(failed.key)
         await self.thread(sup.stop_replica, failed)
         await self.thread(sup.delete_replica_dir, failed)
@@ -526,11 +576,22 @@ class Controller(Recovery, Eviction):
         sup = self.supervisor
         await self._status(volume.name, state="deleting")
         await self.thread(sup.stop_engine, volume.name)
-        for replica in await self.replicas_of(volume.name):
+        for replica in await self.replicas_of(volume.name, removing=True):
+            if not self.mine(replica.node):
+                continue  # its node deletes it
             await self.thread(sup.stop_replica, replica)
             await self.thread(sup.delete_replica_dir, replica)
             await self.store.delete(replica.key)
         await self.thread(sup.forget_volume, volume.name)
+        if self.config.clustered:
+            left = await self.replicas_of(volume.name, removing=True)
+            if left or not self.membership.is_leader:
+                if left and self.membership.is_leader and self._note(
+                        volume.name, "delete", ", ".join(sorted({r.node for r in left}))):
+                    log.info("volume %s: waiting for node(s) %s to delete its replicas",
+                             volume.name, ", ".join(sorted({r.node for r in left})))
+                return
+            await self.store.delete(SECRET_PREFIX + volume.name)
         await self.store.delete(volume.key)
         log.info("volume %s deleted", volume.name)
         await self.events.record(volume.name, "deleted", "the volume and its data are gone")

@@ -68,7 +68,7 @@ class Eviction:
         return [r for r in replicas if r.disk in self._evicting and not r.evicting_from]
 
     def _address(self, replica: ReplicaRecord) -> str:
-        return f"{self.config.replica_address}:{replica.port}"
+        return replica.address(self.config.replica_address)
 
     async def _finish_moves(self, volume: Volume, replicas: list[ReplicaRecord], *,
                             attached: bool) -> list[ReplicaRecord]:

@@ -32,7 +32,7 @@ class ReplicaNames:
     def __init__(self, replicas: Iterable[ReplicaRecord], host: str) -> None:
         self.names: dict[str, str] = {}
         for replica in replicas:
-            self.names[f"{host}:{replica.port}"] = replica.name
+            self.names[replica.address(host)] = replica.name
             if replica.replica_id:
                 self.names[replica.replica_id] = replica.name
         keys = sorted(self.names, key=len, reverse=True)

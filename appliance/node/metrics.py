@@ -23,6 +23,7 @@ from appliance.control.scheduler import DiskState
 from appliance.control.store import StateStore
 from appliance.node.backupjobs import BackupJobs
 from appliance.node.config import NodeConfig
+from appliance.node.nodes import Membership
 from appliance.node.placement import Placement
 from appliance.node.supervisor import Supervisor
 
@@ -53,8 +54,10 @@ class _Snapshot(Collector):
 
 class Metrics:
     def __init__(self, store: StateStore, supervisor: Supervisor, config: NodeConfig, *,
-                 placement: Placement, backup_jobs: BackupJobs | None = None) -> None:
+                 placement: Placement, backup_jobs: BackupJobs | None = None,
+                 membership: Membership | None = None) -> None:
         self.store = store
+        self.membership = membership  # the nodes of the cluster (None: not reported)
         self.supervisor = supervisor
         self.config = config
         self.placement = placement  # disk usage, bounded in time
@@ -71,11 +74,31 @@ class Metrics:
                 engines[volume.name] = await trio.to_thread.run_sync(
                     self.supervisor.engine_status, volume.name)
         usage = await self.placement.disk_states(disks, replicas, {v.name: v for v in volumes})
+        nodes = await self.membership.describe_all() if self.membership else []
         families = await trio.to_thread.run_sync(self._families, volumes, replicas, disks,
                                                  usage, engines)
+        families += self._nodes(nodes)
         registry = CollectorRegistry()
         registry.register(_Snapshot(families))
         return generate_latest(registry)
+
+    @staticmethod
+    def _nodes(nodes: list[dict[str, Any]]) -> list[Any]:
+        ready = GaugeMetricFamily("appliance_node_ready",
+                                  "1 while the node has a heartbeat (ready or cordoned).",
+                                  labels=["node"])
+        cordoned = GaugeMetricFamily("appliance_node_cordoned",
+                                     "1 while the node takes no new replicas.", labels=["node"])
+        leader = GaugeMetricFamily("appliance_node_leader", "1 for the cluster's leader.",
+                                   labels=["node"])
+        count = GaugeMetricFamily("appliance_node_replicas", "Replicas on the node.",
+                                  labels=["node"])
+        for node in nodes:
+            ready.add_metric([node["name"]], int(node["state"] != "down"))
+            cordoned.add_metric([node["name"]], int(node["cordoned"]))
+            leader.add_metric([node["name"]], int(node["leader"]))
+            count.add_metric([node["name"]], node["replicas"])
+        return [ready, cordoned, leader, count]
 
     def _families(self, volumes: list[Volume], replicas: list[ReplicaRecord], disks: list[Disk],
                   states: dict[str, DiskState], engines: dict[str, Any]) -> list[Any]:
@@ -115,7 +138,7 @@ class Metrics:
                 robust.add_metric([volume.name, name], int(volume.robustness == name))
             count.add_metric([volume.name], volume.replicas)
         families += [size, actual, state, robust, count]
-        names = {f"{self.config.replica_address}:{r.port}": r.name for r in replicas}
+        names = {r.address(self.config.replica_address): r.name for r in replicas}
         families += self._engine_families(engines, names)
         if self.backup_jobs is not None:
             families += self._backup_families(self.backup_jobs)

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
 
 from appliance import ports
-from appliance.control.objects import Disk, ReplicaRecord, Settings, Volume
+from appliance.control.objects import Disk, Node, NodeAlive, ReplicaRecord, Settings, Volume
 from appliance.control.scheduler import DiskState, place, refusal
 from appliance.control.store import StateStore
 from appliance.errors import FailedPrecondition
@@ -33,6 +34,7 @@ from appliance.units import format_size
 
 log = logging.getLogger(__name__)
 STATFS_TIMEOUT = 3.0  # seconds a disk's file system has to say how full it is
+REPORT_AGE = 120.0  # seconds: an older usage report of a remote disk is not trusted
 NOT_ANSWERING = "its file system does not answer (statfs)"
 
 
@@ -52,16 +54,20 @@ def statfs(path: str) -> DiskUsage | None:
 
 
 def disk_state(disk: Disk, usage: DiskUsage | None, replicas: Iterable[ReplicaRecord],
-               volumes: Mapping[str, Volume], problem: str = "") -> DiskState:
+               volumes: Mapping[str, Volume], problem: str = "",
+               node: Node | None = None) -> DiskState:
     """What the scheduler knows of *disk*: its *usage* (None: unknown, so that it takes
-    no replica), and the sizes of the *replicas* placed on it."""
-    if usage is None:
-        return DiskState(disk.name, 0, 0, 0, allow_scheduling=False, problem=problem)
-    scheduled = sum(volumes[r.volume].size for r in replicas
-                    if r.disk == disk.name and r.volume in volumes)
-    return DiskState(disk.name, usage.capacity, usage.available, scheduled,
-                     disk.storage_reserved, tuple(disk.tags), disk.allow_scheduling,
-                     evicting=disk.eviction_requested)
+    no replica), the sizes of the *replicas* placed on it, and its *node* (in a cluster)."""
+    state = DiskState(disk.name, 0, 0, 0, allow_scheduling=False, problem=problem)
+    if usage is not None:
+        scheduled = sum(volumes[r.volume].size for r in replicas
+                        if r.disk == disk.name and r.volume in volumes)
+        state = DiskState(disk.name, usage.capacity, usage.available, scheduled,
+                          disk.storage_reserved, tuple(disk.tags), disk.allow_scheduling,
+                          problem=problem, evicting=disk.eviction_requested)
+    if node is None:
+        return state
+    return replace(state, node=node.name, zone=node.zone, node_tags=tuple(node.tags))
 
 
 def free_port(host: str, candidates: Iterable[int], used: set[int]) -> int | None:
@@ -110,21 +116,52 @@ class Placement:
         self._hung.add(path)
         return None, NOT_ANSWERING
 
+    def mine(self, node: str) -> bool:
+        """Whether a disk, replica or engine on *node* is this node's to look after."""
+        return not self.config.clustered or node == self.config.node_name
+
+    async def disk_usage(self, disk: Disk) -> tuple[DiskUsage | None, str]:
+        """The usage of *disk*: asked of its file system here, or as its node reported it."""
+        if self.mine(disk.node):
+            return await self.usage(disk.path)
+        if not disk.reported or time.time() - disk.reported > REPORT_AGE:
+            return None, f"node {disk.node} has not reported its usage lately"
+        return DiskUsage(disk.capacity, disk.available), ""
+
+    async def nodes(self) -> tuple[dict[str, Node], set[str]]:
+        """The nodes of the cluster by name, and the names of those alive."""
+        nodes = {n.name: n for n in (Node.from_dict(e.value)
+                                     for e in (await self.store.list(Node.PREFIX))[0])}
+        alive = {NodeAlive.from_dict(e.value).name
+                 for e in (await self.store.list(NodeAlive.PREFIX))[0]}
+        return nodes, alive
+
     async def disk_states(self, disks: list[Disk], replicas: list[ReplicaRecord],
                           volumes: Mapping[str, Volume]) -> dict[str, DiskState]:
         """Every disk's state by name, the disks asked side by side."""
         usages: dict[str, tuple[DiskUsage | None, str]] = {}
 
         async def ask(disk: Disk) -> None:
-            usages[disk.name] = await self.usage(disk.path)
+            usages[disk.name] = await self.disk_usage(disk)
 
         async with trio.open_nursery() as nursery:
             for disk in disks:
                 nursery.start_soon(ask, disk)
+        nodes, alive = await self.nodes() if self.config.clustered else ({}, set())
         states = {}
         for disk in disks:
             usage, problem = usages[disk.name]
-            states[disk.name] = disk_state(disk, usage, replicas, volumes, problem)
+            node = nodes.get(disk.node)
+            state = disk_state(disk, usage, replicas, volumes, problem, node)
+            if self.config.clustered:
+                if node is None:
+                    state = replace(state, node_problem=f"its node {disk.node} is not "
+                                    "registered")
+                elif node.name not in alive:
+                    state = replace(state, node_problem=f"its node {node.name} is down")
+                elif node.cordoned:
+                    state = replace(state, node_problem=f"its node {node.name} is cordoned")
+            states[disk.name] = state
         return states
 
     async def _inventory(self) -> tuple[list[Disk], list[ReplicaRecord], dict[str, Volume]]:
@@ -144,27 +181,45 @@ class Placement:
         disks, all_replicas, volumes = await self._inventory()
         volumes[volume.name] = volume
         states = await self.disk_states(disks, all_replicas, volumes)
+        if volume.data_locality == "strict-local" and volume.node:
+            states = {name: state for name, state in states.items()
+                      if state.node == volume.node}
+        nodes, _ = await self.nodes() if self.config.clustered else ({}, set())
         chosen = place(volume.size, count, list(states.values()), [r.disk for r in existing],
-                       volume.disk_tags, await load_settings(self.store))
-        used_ports = {r.port for r in all_replicas}
+                       volume.disk_tags, await load_settings(self.store),
+                       node_tags=volume.node_tags,
+                       taken_nodes=[r.node for r in existing],
+                       taken_zones=[nodes[r.node].zone for r in existing if r.node in nodes])
         by_name = {d.name: d for d in disks}
-        planned = []
+        planned: list[ReplicaRecord] = []
         for disk_name in chosen:
-            port = await trio.to_thread.run_sync(free_port, self.config.replica_address,
-                                                 self.config.replica_ports, used_ports)
-            if port is None:
-                raise FailedPrecondition("no free replica server port in the configured range")
-            used_ports.add(port)
+            disk = by_name[disk_name]
+            used_ports = {r.port for r in all_replicas + planned if r.node == disk.node}
+            port = await self._port(disk.node, used_ports)
             name = f"{volume.name}-{uuid.uuid4().hex[:8]}"
+            host = nodes[disk.node].address if disk.node in nodes else ""
             planned.append(ReplicaRecord(name, volume.name, disk_name,
-                                         str(Path(by_name[disk_name].path) / "replicas" / name),
-                                         port))
+                                         str(Path(disk.path) / "replicas" / name),
+                                         port, node=disk.node, host=host))
         return planned
+
+    async def _port(self, node: str, used: set[int]) -> int:
+        """A replica server port on *node*: one this node can bind now, or (another node's)
+        the first not assigned there (that node moves it if another program holds it)."""
+        if self.mine(node):
+            port = await trio.to_thread.run_sync(free_port, self.config.replica_address,
+                                                 self.config.replica_ports, used)
+        else:
+            port = next((p for p in self.config.replica_ports if p not in used), None)
+        if port is None:
+            raise FailedPrecondition("no free replica server port in the configured range"
+                                     + (f" on node {node}" if node else ""))
+        return port
 
     async def move_port(self, replica: ReplicaRecord) -> ReplicaRecord:
         """Give *replica* another free port and store it. Hold ``lock``."""
         _, all_replicas, _ = await self._inventory()
-        used = {r.port for r in all_replicas}
+        used = {r.port for r in all_replicas if r.node == replica.node}
         port = await trio.to_thread.run_sync(free_port, self.config.replica_address,
                                              self.config.replica_ports, used)
         if port is None:

@@ -71,7 +71,7 @@ class Recovery:
         """Keep the replica ids the engine reports (its messages name replicas by id)."""
         ids = {r["address"]: r.get("replica_id") for r in status["replicas"]} if status else {}
         for replica in replicas:
-            found = ids.get(f"{self.config.replica_address}:{replica.port}")
+            found = ids.get(replica.address(self.config.replica_address))
             if found and replica.replica_id != found:
                 await self._put_replica(replace(replica, replica_id=found))
 
@@ -224,7 +224,7 @@ class Recovery:
         from then on no pass of this volume touches the replica (a replica the engine
         does not know is otherwise added to it, and rebuilt: its data would go); then the
         replica leaves the engine; then the new volume takes it over (:meth:`_adopt`)."""
-        by_address = {f"{self.config.replica_address}:{r.port}": r for r in replicas}
+        by_address = {r.address(self.config.replica_address): r for r in replicas}
         taken = {Volume.from_dict(e.value).name for e in (await self.store.list(
             Volume.PREFIX))[0]}
         moved: set[str] = set()

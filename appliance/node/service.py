@@ -19,6 +19,7 @@ from appliance.chain.directory import probe_filesystem
 from appliance.chain.format import check_labels, check_name
 from appliance.control.objects import (
     Disk,
+    Node,
     ReplicaRecord,
     Settings,
     Volume,
@@ -54,18 +55,30 @@ class NodeService:
 
     # -- disks --------------------------------------------------------------------------
 
-    async def add_disk(self, path: str, tags: list[str]) -> dict[str, Any]:
+    async def add_disk(self, path: str, tags: list[str], node: str | None = None
+                       ) -> dict[str, Any]:
+        """Add directory *path* of this node as a disk (in a cluster, named after the node;
+        the API sends a disk of another node to that node)."""
         tags = check_tags(tags)
+        if node is not None and node != self.controller.config.node_name:
+            raise InvalidArgument(f"node {node!r} is not this node "
+                                  f"({self.controller.config.node_name}); "
+                                  + ("'appliance node list' shows the nodes"
+                                     if self.controller.config.clustered else
+                                     "this daemon is a single node"))
         if not path.startswith("/"):
             raise InvalidArgument(f"disk path {path!r} must be absolute")
-        disks = await self._disks()
+        config = self.controller.config
+        disks = [d for d in await self._disks() if self.placement.mine(d.node)]
         resolved, known = await trio.to_thread.run_sync(self._check_disk, path,
                                                         [Path(d.path) for d in disks])
         name = _DISK_NAME.sub("-", str(resolved).strip("/")) or "root"
+        if config.clustered:
+            name = f"{config.node_name}-{name}"
         for disk, where in zip(disks, known, strict=True):
             if where == resolved:
                 raise AlreadyExists(f"disk {path} is already added (as {disk.name})")
-        disk = Disk(name, str(resolved), tags)
+        disk = Disk(name, str(resolved), tags, node=config.node_name if config.clustered else "")
         await self.store.put(disk.key, disk.to_dict(), expect=0)
         await self.controller.events.record("", "disk-added", f"disk {name} at {resolved}")
         self.controller.poke()
@@ -161,6 +174,46 @@ class NodeService:
         states = await self.placement.disk_states(disks, replicas, volumes)
         return [self._disk_fields(disk, states[disk.name], replicas) for disk in disks]
 
+    # -- nodes --------------------------------------------------------------------------
+
+    async def drain_node(self, name: str) -> dict[str, Any]:
+        """Cordon node *name* and move every replica on it to other nodes, each rebuilt
+        before the one it replaces leaves (the leader does it: docs/cluster.md). Refused,
+        changing nothing, when another node cannot take one of them."""
+        membership = self.controller.membership
+        node = await membership.node(name)
+        if not self.controller.config.clustered:
+            raise FailedPrecondition(f"node {name} is the only node: its replicas have "
+                                     "nowhere to go")
+        entries, _ = await self.store.list(ReplicaRecord.PREFIX)
+        leaving = [r for r in (ReplicaRecord.from_dict(e.value) for e in entries)
+                   if r.node == name and not r.removing]
+        volumes = {v.name: v for v in await self._volumes()}
+        if not node.cordoned:
+            await membership.cordon(name, True)
+        async with self.placement.lock:
+            try:
+                for replica in leaving:
+                    volume = volumes.get(replica.volume)
+                    if volume is None:
+                        continue
+                    staying = [r for r in await self.controller.replicas_of(volume.name)
+                               if r.node != name]
+                    await self.placement.plan_replicas(volume, staying, 1)  # a dry run
+            except FailedPrecondition as exc:
+                if not node.cordoned:
+                    await membership.cordon(name, False)
+                raise FailedPrecondition(f"node {name} cannot be drained: replica "
+                                         f"{replica.name} of volume {replica.volume} has "
+                                         f"nowhere to go: {exc}") from None
+        await self.store.update(node.key, lambda value: replace(
+            Node.from_dict(value), cordoned=True, draining=True).to_dict())
+        await self.controller.events.record("", "node-draining",
+                                            f"node {name}: {len(leaving)} replica(s) move to "
+                                            "other nodes")
+        self.controller.poke()
+        return await membership.get(name)
+
     # -- volumes ------------------------------------------------------------------------
 
     async def _volumes(self) -> list[Volume]:
@@ -176,13 +229,29 @@ class NodeService:
     async def create_volume(self, name: str, size: int, replicas: int,
                             disk_tags: list[str], labels: dict[str, str],
                             source: dict[str, str] | None = None, *,
-                            first: Callable[[], Awaitable[None]] | None = None
+                            first: Callable[[], Awaitable[None]] | None = None,
+                            node_tags: list[str] | None = None,
+                            data_locality: str = "disabled", node: str | None = None
                             ) -> dict[str, Any]:
         """Create volume *name*; *first* (a clone's snapshot) runs once its replicas are
         placed, before anything is stored: a volume that cannot be placed changes
-        nothing."""
+        nothing. A ``strict-local`` volume has one replica, on *node*, where it attaches."""
+        config = self.controller.config
+        if source is not None and config.clustered:
+            raise FailedPrecondition("clones and restores are not available in a cluster yet: "
+                                     "restore or clone on a single-node appliance")
+        if data_locality == "strict-local":
+            if replicas != 1:
+                raise InvalidArgument("a strict-local volume has one replica (on the node of "
+                                      "its engine): --replicas 1")
+            node = node or config.node_name
+            if config.clustered:
+                await self.controller.membership.node(node)
         volume = Volume(name, size, replicas, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        disk_tags=disk_tags, labels=labels, source=source).validate()
+                        disk_tags=disk_tags, labels=labels, source=source,
+                        node_tags=check_tags(node_tags or []), data_locality=data_locality,
+                        node=(node or "") if data_locality == "strict-local" and
+                        config.clustered else "").validate()
         if not await self._disks():
             raise FailedPrecondition("no disks: add one with 'appliance disk add PATH'")
         if await self.store.get(volume.key) is not None:
@@ -267,9 +336,8 @@ class NodeService:
                 return info
             names = await self.controller.names()
             modes = {r["address"]: r for r in status["replicas"]}
-            address = self.controller.config.replica_address
             for replica in info["replica_list"]:
-                reported = modes.get(f"{address}:{replica['port']}", {})
+                reported = modes.get(replica["address"], {})
                 replica["mode"] = reported.get("mode")
                 for key in ("rebuild", "diverged", "reason"):
                     if reported.get(key):
@@ -288,9 +356,14 @@ class NodeService:
         if volume.name in self.controller.cloning:
             copied, total = self.controller.cloning[volume.name]
             info["progress"] = {"done_bytes": copied, "total_bytes": total}
+        config = self.controller.config
+        local = config.replica_address
         info["replica_list"] = [{"name": r.name, "disk": r.disk, "port": r.port,
+                                 "node": r.node or config.node_name,
+                                 "address": r.address(local),
                                  "directory": r.directory, "replica_id": r.replica_id}
                                 for r in replicas]
+        info["node"] = (volume.node or config.node_name) if volume.attached else ""
         return info
 
     async def _change(self, name: str, **changes: Any) -> dict[str, Any]:
@@ -311,9 +384,36 @@ class NodeService:
         self.controller.poke()
         return await self._describe(Volume.from_dict(entry.value))
 
-    async def attach(self, name: str) -> dict[str, Any]:
+    async def attach(self, name: str, node: str | None = None, *,
+                     force: bool = False) -> dict[str, Any]:
+        """Attach volume *name* on *node* (default: this node). Attached on another node,
+        it moves only with *force*: the engine started on *node* fences the old one (a
+        higher generation on every replica it reaches), which can then write no more."""
+        config = self.controller.config
+        target = node or config.node_name
+        if not config.clustered:
+            if target != config.node_name:
+                raise InvalidArgument(f"node {target!r} is not this node ({config.node_name});"
+                                      " this daemon is a single node")
+            return await self._change(name, attached=True, refusal="", message="")
+        await self.controller.membership.node(target)  # NotFound names it
+        volume, _ = await self._volume(name)
+        elsewhere = volume.node and volume.node != target and not volume.maintenance and (
+            volume.attached or volume.state in ("attaching", "attached", "detaching"))
+        if elsewhere and not force:
+            raise FailedPrecondition(
+                f"volume {name!r} is attached on node {volume.node}: detach it there first, "
+                f"or attach with --force to move it to node {target} (its engine on "
+                f"{volume.node} is fenced and can write no more)")
+        if elsewhere:
+            await self.controller.events.record(
+                name, "forced-attach", f"attached on node {target} while attached on node "
+                f"{volume.node}: the engine there is fenced")
         # a refused start is tried again at once (refusal: the status the CLI waits on)
-        return await self._change(name, attached=True, refusal="", message="")
+        state = {"state": "attaching", "device": None} if elsewhere else {}
+        # (a drain's attach without a device becomes the operator's: it moves if need be)
+        return await self._change(name, attached=True, node=target, refusal="", message="",
+                                  maintenance=False, **state)
 
     async def detach(self, name: str, *, force: bool = False) -> dict[str, Any]:
         """Detach volume *name*; refused while its device is mounted or open, unless
@@ -400,6 +500,9 @@ class NodeService:
         if volume.state == "attached" and volume.attached:
             return volume, None
         if volume.state == "detached" and not volume.attached:
+            if self.controller.config.clustered:
+                raise FailedPrecondition(f"volume {name!r} is detached, and its replicas are "
+                                         "on several nodes: attach it first")
             replicas = await self.controller.replicas_of(name)
             return volume, [Path(r.directory) for r in replicas]
         raise FailedPrecondition(f"volume {name!r} is {volume.state}; try again when it is "

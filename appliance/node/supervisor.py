@@ -29,6 +29,8 @@ from appliance.defaults import CONTROL_TIMEOUT
 from appliance.errors import (
     ApplianceError,
     FailedPrecondition,
+    InvalidArgument,
+    NotFound,
     StorageIOError,
     Unavailable,
 )
@@ -117,8 +119,19 @@ class Supervisor:
                 write_secret_file(path, os.urandom(32).hex().encode())
         return path
 
+    def write_secret(self, volume: str, secret: bytes) -> None:
+        """Keep *secret* as volume *volume*'s secret file (0600), replacing another."""
+        path = self.config.secrets_dir / volume
+        with contextlib.suppress(OSError, InvalidArgument, NotFound, FailedPrecondition):
+            if read_secret_file(path) == secret:
+                return
+        temporary = path.with_name(f".{volume}.{os.getpid()}.new")
+        temporary.unlink(missing_ok=True)
+        write_secret_file(temporary, secret)
+        temporary.replace(path)
+
     def address(self, replica: ReplicaRecord) -> tuple[str, int]:
-        return self.config.replica_address, replica.port
+        return replica.host or self.config.replica_address, replica.port
 
     # -- replicas -----------------------------------------------------------------------
 

@@ -1,0 +1,295 @@
+"""A node's part of each volume in a cluster (docs/cluster.md, "What each node does").
+Mixed into :class:`~appliance.node.controller.Controller`; alone, a node does all of it
+there, and none of this runs.
+
+* its replicas: servers run while the volume is attached (wherever its engine is), stopped
+  when it is detached, deleted when they were replaced;
+* the engine, on the volume's node: started once the other nodes' servers answer;
+  replaced replicas leave it; an engine of the volume anywhere else on this node stops;
+* the leader: replicas lost with their node are replaced on another node after the wait;
+* the volume's secret, sealed in the store with the cluster key, in this node's file;
+* the usage of this node's disks, reported in their records for placement elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from appliance.control import cluster
+from appliance.control.objects import Disk, ReplicaRecord, Settings, Volume
+from appliance.control.store import StateStore
+from appliance.errors import ApplianceError, Conflict, FailedPrecondition
+from appliance.node.config import NodeConfig
+from appliance.node.events import EventLog
+from appliance.node.nodes import Membership
+from appliance.node.placement import Placement
+from appliance.node.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SECRET_PREFIX = "/secrets/"  # noqa: S105 - a key prefix: a volume's sealed secret
+SERVER_WAIT = 20.0  # seconds an engine start waits for other nodes' replica servers
+SERVER_POLL = 0.5  # seconds between looks meanwhile
+REPORT_INTERVAL = 30.0  # seconds between reports of an unchanged disk's usage
+
+
+def _merged(value: dict[str, Any], *, report: dict[str, Any]) -> dict[str, Any]:
+    return {**value, **report}
+
+
+class ClusterWork:
+    """The controller's work that only a node of a cluster does (see the module)."""
+
+    store: StateStore
+    supervisor: Supervisor
+    config: NodeConfig
+    events: EventLog
+    placement: Placement
+    membership: Membership
+    cluster_key: bytes | None
+    _server_wait: dict[str, float]  # volume -> since when its engine start waits
+    _wall_clock: Callable[[], float]
+
+    if TYPE_CHECKING:  # provided by the Controller
+        async def thread(self, function: Callable[..., T], *args: Any) -> T: ...
+        def poke_later(self, delay: float) -> None: ...
+        def mine(self, node: str) -> bool: ...
+        async def settings(self) -> Settings: ...
+        async def _status(self, name: str, **changes: Any) -> None: ...
+        async def _create_dir(self, replica: ReplicaRecord, size: int) -> None: ...
+        async def _put_replica(self, replica: ReplicaRecord) -> None: ...
+        async def replicas_of(self, volume: str, *,
+                              removing: bool = False) -> list[ReplicaRecord]: ...
+        async def _ensure_servers(self, volume: Volume, replicas: list[ReplicaRecord],
+                                  status: dict[str, Any] | None
+                                  ) -> tuple[dict[str, ApplianceError],
+                                             list[ReplicaRecord]]: ...
+        async def _run_attached(self, volume: Volume,
+                                replicas: list[ReplicaRecord]) -> None: ...
+        def _note(self, volume: str, topic: str, message: str) -> bool: ...
+
+    async def _report_disks(self, disks: list[Disk]) -> None:
+        """Publish the usage of this node's disks for the other nodes (placement), when it
+        changed by a percent of the capacity or is REPORT_INTERVAL old."""
+        for disk in disks:
+            usage, _ = await self.placement.usage(disk.path)
+            if usage is None:
+                continue
+            moved = abs(usage.available - disk.available) > usage.capacity // 100
+            if moved or usage.capacity != disk.capacity or \
+                    self._wall_clock() - disk.reported > REPORT_INTERVAL:
+                report = {"capacity": usage.capacity, "available": usage.available,
+                          "reported": self._wall_clock()}
+                await self.store.update(disk.key, partial(_merged, report=report))
+
+    async def _secret(self, volume: str) -> None:
+        """In a cluster: the volume's secret, sealed in the store (made by the first node
+        that needs it), in this node's secret file; alone, the file is the secret."""
+        if self.cluster_key is None:
+            await self.thread(self.supervisor.secret_file, volume)
+            return
+        key = SECRET_PREFIX + volume
+        entry = await self.store.get(key)
+        if entry is None:
+            sealed = await self.thread(cluster.seal, self.cluster_key, os.urandom(32).hex()
+                                       .encode(), key)
+            with contextlib.suppress(Conflict):  # another node made it meanwhile: that one
+                await self.store.put(key, sealed, expect=0)
+            entry = await self.store.get(key)
+            if entry is None:
+                raise Conflict(f"the secret of volume {volume} vanished while it was made")
+        secret = await self.thread(cluster.unseal, self.cluster_key, entry.value, key)
+        await self.thread(self.supervisor.write_secret, volume, secret)
+
+    async def _reconcile_member(self, volume: Volume, replicas: list[ReplicaRecord]) -> None:
+        """In a cluster: this node's part of *volume*: the servers of its replicas while
+        the volume is attached, its engine when it is attached here (and no engine of it
+        anywhere else on this node); the leader's part (replacing replicas whose node is
+        down, the end of a detach whose node is down)."""
+        here = [r for r in replicas if self.mine(r.node)]
+        if self.membership.is_leader:
+            volume = await self._drain(volume, replicas)
+        if volume.attached and self.membership.is_leader:
+            await self._replace_lost(volume, replicas)
+        if volume.attached and self.mine(volume.node):
+            await self._run_attached(volume, replicas)
+            return
+        engine = await self.thread(self.supervisor.engine_status, volume.name)
+        if engine is not None or await self.thread(self.supervisor.attached_device,
+                                                   volume.name) is not None:
+            # attached elsewhere (moved by a forced attach) or detached: this engine goes
+            log.info("volume %s: stopping its engine here (%s)", volume.name,
+                     f"attached on node {volume.node}" if volume.attached else "detached")
+            await self.thread(self.supervisor.stop_engine, volume.name)
+        if volume.attached:
+            failures, _ = await self._ensure_servers(volume, here, None)
+            del failures  # the engine, on its node, finds them out of service
+            return
+        for replica in here:
+            if await self.thread(self.supervisor.replica_running, replica):
+                await self.thread(self.supervisor.stop_replica, replica)
+        if volume.state != "detached" and (self.mine(volume.node) or (
+                self.membership.is_leader and not await self._node_alive(volume.node))):
+            await self._status(volume.name, state="detached", device=None,
+                               robustness="unknown", refusal="")
+
+    async def _adopts_here(self, volume: Volume) -> bool:
+        """Whether this node hands the replica kept by *volume* over (its node does)."""
+        if not self.config.clustered:
+            return True
+        assert volume.source is not None
+        entry = await self.store.get(ReplicaRecord.key_of(volume.source["replica"]))
+        return (entry is None and self.membership.is_leader) or \
+            (entry is not None and self.mine(ReplicaRecord.from_dict(entry.value).node))
+
+    async def _remote_servers_ready(self, volume: Volume, replicas: list[ReplicaRecord]
+                                    ) -> bool:
+        """Before an engine starts: whether the servers of its replicas on other nodes
+        answer (their nodes start them when they see the volume attached). It waits, pass
+        after pass, at most SERVER_WAIT seconds for those on nodes that are up, so that an
+        attach does not start degraded for a server a moment late."""
+        if not self.config.clustered:
+            return True
+        _, alive = await self.placement.nodes()
+        late = [r for r in replicas if not self.mine(r.node) and r.node in alive
+                and not await self.thread(self.supervisor.replica_running, r)]
+        if not late:
+            self._server_wait.pop(volume.name, None)
+            return True
+        since = self._server_wait.setdefault(volume.name, trio.current_time())
+        if trio.current_time() - since < SERVER_WAIT:
+            self.poke_later(SERVER_POLL)
+            return False
+        log.warning("volume %s: starting its engine without replica(s) %s, whose servers do "
+                    "not answer", volume.name, ", ".join(r.name for r in late))
+        self._server_wait.pop(volume.name, None)
+        return True
+
+    async def _node_alive(self, node: str) -> bool:
+        if not node:
+            return False
+        _, alive = await self.placement.nodes()
+        return node in alive
+
+    async def _replace_lost(self, volume: Volume, replicas: list[ReplicaRecord]) -> None:
+        """The leader's part of replenishment: a replica out of service for longer than
+        ``replica_replenishment_wait`` whose node is down is replaced by a new replica on
+        another node (rebuilt by the engine); the lost one is marked removing, and its node
+        deletes it when it comes back."""
+        settings = await self.settings()
+        _, alive = await self.placement.nodes()
+        for failed in replicas:
+            if failed.failed_at is None or failed.node in alive or \
+                    self._wall_clock() - failed.failed_at < settings.replica_replenishment_wait:
+                continue
+            others = [r for r in replicas if r.name != failed.name]
+            async with self.placement.lock:
+                try:
+                    [new] = await self.placement.plan_replicas(volume, others, 1)
+                except FailedPrecondition as exc:
+                    if self._note(volume.name, f"replace {failed.name}", str(exc)):
+                        log.warning("volume %s: replica %s (node %s down) cannot be "
+                                    "replaced: %s", volume.name, failed.name, failed.node, exc)
+                    continue
+                await self.store.put(new.key, new.to_dict(), expect=0)
+                await self._put_replica(replace(failed, removing=True))
+            await self.events.record(volume.name, "replica-replaced",
+                                     f"replica {failed.name} (node {failed.node} down) "
+                                     f"replaced by {new.name} on node {new.node}")
+            replicas = [*others, new]
+
+    async def _remove_replaced(self, volume: Volume) -> None:
+        """Delete this node's replicas of *volume* that were replaced (their engine has
+        dropped them), and then their records."""
+        for replica in await self.replicas_of(volume.name, removing=True):
+            if not replica.removing or not self.mine(replica.node):
+                continue
+            await self.thread(self.supervisor.stop_replica, replica)
+            await self.thread(self.supervisor.delete_replica_dir, replica)
+            await self.store.delete(replica.key)
+            log.info("volume %s: replaced replica %s deleted", volume.name, replica.name)
+
+    async def _drain(self, volume: Volume, replicas: list[ReplicaRecord]) -> Volume:
+        """The leader's part of a drain: each replica of *volume* on a draining node gets a
+        replacement elsewhere (``evicting_from`` names it), which its engine rebuilds; a
+        detached volume is attached meanwhile, without a device (``maintenance``), on this
+        node, and detached again once no replica is left on a draining node. The volume as
+        it is now."""
+        nodes, _ = await self.placement.nodes()
+        draining = {name for name, node in nodes.items() if node.draining}
+        replacing = {r.evicting_from for r in replicas if r.evicting_from}
+        leaving = [r for r in replicas if r.node in draining and r.name not in replacing]
+        staying = [r for r in replicas if r.node not in draining]
+        if not leaving and not replacing:
+            if volume.maintenance:
+                log.info("volume %s: drained; detached again", volume.name)
+                return await self._set_spec(volume, attached=False, maintenance=False)
+            return volume
+        for old in leaving:
+            async with self.placement.lock:
+                try:
+                    [new] = await self.placement.plan_replicas(volume, staying, 1)
+                except FailedPrecondition as exc:
+                    if self._note(volume.name, f"drain {old.name}", str(exc)):
+                        log.warning("volume %s: replica %s cannot leave node %s: %s",
+                                    volume.name, old.name, old.node, exc)
+                    continue
+                new = replace(new, evicting_from=old.name)
+                await self.store.put(new.key, new.to_dict(), expect=0)
+            staying.append(new)
+            await self.events.record(volume.name, "replica-draining",
+                                     f"replica {old.name} leaves node {old.node}: rebuilt "
+                                     f"as {new.name} on node {new.node} first")
+        if not volume.attached:
+            log.info("volume %s: attached on node %s (no device) to rebuild the replicas "
+                     "leaving a drained node", volume.name, self.config.node_name)
+            return await self._set_spec(volume, attached=True, maintenance=True,
+                                        node=self.config.node_name)
+        return volume
+
+    async def _set_spec(self, volume: Volume, **changes: Any) -> Volume:
+        entry = await self.store.update(volume.key, lambda value: replace(
+            Volume.from_dict(value), **changes).to_dict())
+        return Volume.from_dict(entry.value) if entry else volume
+
+    async def _finish_drain(self, volume: Volume, replicas: list[ReplicaRecord],
+                            status: dict[str, Any]) -> None:
+        """On the engine's node: a replacement of a leaving replica that serves (RW) takes
+        its place; the leaving one is marked removing (it leaves the engine, then its node
+        deletes it). The volume never has fewer serving replicas than it asks for."""
+        modes = {r["address"]: r["mode"] for r in status["replicas"]}
+        by_name = {r.name: r for r in replicas}
+        for new in replicas:
+            old = by_name.get(new.evicting_from)
+            if not new.evicting_from or modes.get(new.address(self.config.replica_address)) \
+                    != "RW":
+                continue
+            if old is not None:
+                await self._put_replica(replace(old, removing=True))
+            await self._put_replica(replace(new, evicting_from=""))
+            await self.events.record(volume.name, "replica-drained",
+                                     f"replica {new.name} serves in place of "
+                                     f"{new.evicting_from}")
+
+    async def _drop_replaced(self, volume: Volume, replicas: list[ReplicaRecord],
+                             status: dict[str, Any]) -> None:
+        """Take replicas that were replaced (marked removing) out of the engine."""
+        current = {r.address(self.config.replica_address) for r in replicas}
+        gone = {r.address(self.config.replica_address)
+                for r in await self.replicas_of(volume.name, removing=True) if r.removing}
+        for reported in status["replicas"]:
+            address = reported["address"]
+            if address in gone and address not in current:
+                log.info("volume %s: dropping replaced replica %s from its engine",
+                         volume.name, address)
+                with contextlib.suppress(ApplianceError):
+                    await self.thread(partial(self.supervisor.engine_call, volume.name,
+                                              "remove-replica", address=address))
