@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,11 @@ class ClusterNode(Node):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in self.processes():
-            wait_for(lambda pid=pid: not alive(pid), 30, f"process {pid} to die")
+            wait_for(partial(_dead, pid), 30, f"process {pid} to die")
+
+
+def _dead(pid: int) -> bool:
+    return not alive(pid)
 
 
 class Cluster:
