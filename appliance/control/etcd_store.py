@@ -152,6 +152,9 @@ class EtcdStore(StateStore):
                 raise Compacted(f"etcd no longer has that revision: {message}")
             if "future revision" in message:
                 raise FutureRevision(message)
+            if "timed out" in message or "no leader" in message:
+                raise Unavailable(f"etcd has no quorum ({message}): the cluster's state "
+                                  "store needs a majority of its members")
             raise Unavailable(f"etcd answered {response.status_code}: {message}")
         return answer
 

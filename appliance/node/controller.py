@@ -33,7 +33,13 @@ import trio
 
 from appliance.control.objects import Disk, ReplicaRecord, Settings, Volume
 from appliance.control.store import StateStore
-from appliance.errors import AddressInUse, ApplianceError, Conflict, FailedPrecondition
+from appliance.errors import (
+    AddressInUse,
+    ApplianceError,
+    Conflict,
+    FailedPrecondition,
+    Unavailable,
+)
 from appliance.node.clustered import SECRET_PREFIX, ClusterWork
 from appliance.node.config import NodeConfig
 from appliance.node.events import EventLog
@@ -108,12 +114,21 @@ class Controller(Recovery, Eviction, ClusterWork):
             await self._loop()
 
     async def _loop(self) -> None:
+        unavailable = ""  # the state store's last failure, said once
         while True:
             self.wake = trio.Event()
             try:
                 await self.reconcile_all()
+            except Unavailable as exc:  # the store (etcd without quorum): the data path serves
+                if not unavailable:
+                    log.warning("reconciling waits for the state store: %s", exc)
+                unavailable = str(exc)
             except Exception:
                 log.exception("a reconcile pass failed")
+            else:
+                if unavailable:
+                    log.info("the state store answers again")
+                unavailable = ""
             with trio.move_on_after(self.config.reconcile_interval):
                 await self.wake.wait()
 
