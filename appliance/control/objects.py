@@ -226,6 +226,7 @@ class Settings(Record):
     replica_node_soft_anti_affinity: bool = False
     replica_replenishment_wait: float = 30.0  # seconds before a failed replica is rebuilt
     auto_salvage: bool = True  # restart a faulted engine (never accepting a loss)
+    auto_failover: bool = False  # a cluster: move a down node's engines to another node
     backup_compression: str = "lz4"  # lz4, zstd or none
     backup_block_size: int = 2 << 20  # for a volume's first backup; fixed afterwards
 
@@ -260,6 +261,8 @@ SETTING_DESCRIPTIONS: dict[str, str] = {
                                   "or replacing it (0-86400)",
     "auto_salvage": "restart a faulted engine; it serves only if no acknowledged write can "
                     "be missing",
+    "auto_failover": "in a cluster, attach a volume whose engine's node is down on another "
+                     "node after replica_replenishment_wait (the old engine is fenced)",
     "backup_compression": "compression of new backups: lz4, zstd or none",
     "backup_block_size": "bytes per block of a volume's first backup: a power of two, "
                          "64 KiB to 64 MiB",

@@ -130,8 +130,10 @@ class SettingsUpdate(Strict):
     over_provisioning_percentage: int | None = None
     minimal_available_percentage: int | None = None
     replica_soft_anti_affinity: bool | None = None
+    replica_node_soft_anti_affinity: bool | None = None
     replica_replenishment_wait: float | None = None
     auto_salvage: bool | None = None
+    auto_failover: bool | None = None
     backup_compression: str | None = None
     backup_block_size: int | None = None
 

@@ -56,6 +56,7 @@ class ClusterWork:
     membership: Membership
     cluster_key: bytes | None
     _server_wait: dict[str, float]  # volume -> since when its engine start waits
+    _down_since: dict[str, float]  # volume -> since when its engine's node is seen down
     _wall_clock: Callable[[], float]
 
     if TYPE_CHECKING:  # provided by the Controller
@@ -118,6 +119,7 @@ class ClusterWork:
         if self.membership.is_leader:
             volume = await self._drain(volume, replicas)
         if volume.attached and self.membership.is_leader:
+            volume = await self._fail_over(volume, replicas)
             await self._replace_lost(volume, replicas)
         if volume.attached and self.mine(volume.node):
             await self._run_attached(volume, replicas)
@@ -178,6 +180,32 @@ class ClusterWork:
             return False
         _, alive = await self.placement.nodes()
         return node in alive
+
+    async def _fail_over(self, volume: Volume, replicas: list[ReplicaRecord]) -> Volume:
+        """With ``auto_failover``: a volume attached on a node that has been down for
+        ``replica_replenishment_wait`` is attached on another node (one holding a replica
+        first), as a forced attach would: the engine started there fences the old one."""
+        settings = await self.settings()
+        if not settings.auto_failover or not volume.node:
+            return volume
+        _, alive = await self.placement.nodes()
+        if volume.node in alive:
+            self._down_since.pop(volume.name, None)
+            return volume
+        since = self._down_since.setdefault(volume.name, self._wall_clock())
+        if self._wall_clock() - since < settings.replica_replenishment_wait:
+            return volume
+        holders = sorted({r.node for r in replicas if r.node in alive})
+        target = holders[0] if holders else min(alive, default=None)
+        if target is None:
+            return volume
+        del self._down_since[volume.name]
+        log.warning("volume %s: its node %s is down; attaching it on node %s (failover)",
+                    volume.name, volume.node, target)
+        await self.events.record(volume.name, "failover",
+                                 f"node {volume.node} is down: attached on node {target}; "
+                                 "the engine there fences the old one")
+        return await self._set_spec(volume, node=target, state="attaching", device=None)
 
     async def _replace_lost(self, volume: Volume, replicas: list[ReplicaRecord]) -> None:
         """The leader's part of replenishment: a replica out of service for longer than

@@ -88,6 +88,7 @@ class Controller(Recovery, Eviction, ClusterWork):
         self.membership = Membership(store, config, self.events)
         self.cluster_key = cluster_key  # None alone: volume secrets are files of this node
         self._server_wait: dict[str, float] = {}  # volume -> since when its start waits
+        self._down_since: dict[str, float] = {}  # volume -> since when its node is down
         # the last thing said (logged, recorded as an event) per (volume, topic)
         self._said: dict[tuple[str, str], str] = {}
         # per volume, its engine's last refusal: (message, what it was tried with, when)

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.control.objects import Volume
+from appliance.control.objects import NodeAlive, Volume
 from appliance.errors import ApplianceError, Unavailable
 from appliance.node.nodes import Membership
 
@@ -46,6 +46,7 @@ class Forwarding:
         self.membership = membership
         self.token = token
         self.name = membership.name
+        self.store = membership.store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.membership.config.clustered:
@@ -66,7 +67,14 @@ class Forwarding:
             if target is None:
                 await self.app(scope, _replay(body, receive), send)
                 return
-            response = await self._send(request, body, *target)
+            try:
+                response = await self._send(request, body, *target)
+            except Unavailable as exc:
+                if request.method == "GET":  # a read: what the store says, from here
+                    await self.app(scope, _replay(body, receive), send)
+                    return
+                response = JSONResponse({"error": {"code": exc.code, "message": exc.message}},
+                                        status_code=exc.http_status)
         await response(scope, receive, send)
 
     def _authorised(self, request: Request) -> bool:
@@ -108,13 +116,14 @@ class Forwarding:
         return await self._node(leader, why)
 
     async def _engine(self, name: str) -> tuple[str, str, str] | None:
-        entry = await self.membership.store.get(Volume.key_of(name))
+        entry = await self.store.get(Volume.key_of(name))
         if entry is None:
             return None  # answered here: not found
         volume = Volume.from_dict(entry.value)
-        if volume.node and (volume.attached or volume.state in ATTACHED_STATES):
+        if volume.node and (volume.attached or volume.state in ATTACHED_STATES) and \
+                await self.store.get(NodeAlive.key_of(volume.node)) is not None:
             return await self._node(volume.node, f"volume {name} is attached there")
-        return None
+        return None  # (its node is down: answered here, from the store)
 
     async def _send(self, request: Request, body: bytes, node: str, api: str,
                     why: str) -> Response:
@@ -130,10 +139,8 @@ class Forwarding:
                 answer = await client.request(request.method, url, headers=headers,
                                               content=body)
         except httpx.HTTPError as exc:
-            error = Unavailable(f"node {node} cannot be reached at {api} ({why}): "
-                                f"{exc or type(exc).__name__}")
-            return JSONResponse({"error": {"code": error.code, "message": error.message}},
-                                status_code=error.http_status)
+            raise Unavailable(f"node {node} cannot be reached at {api} ({why}): "
+                              f"{exc or type(exc).__name__}") from exc
         return Response(answer.content, status_code=answer.status_code,
                         media_type=answer.headers.get("content-type"))
 

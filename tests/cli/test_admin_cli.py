@@ -109,10 +109,11 @@ def test_settings_set_parses_the_value_and_says_what_changed(node: Node) -> None
 
 @pytest.mark.parametrize(("args", "message"), [
     (("set", "over_provisioning", "200"),
-     "error: unknown setting 'over_provisioning'; the settings are: auto_salvage, "
-     "backup_block_size, backup_compression, minimal_available_percentage, "
-     "over_provisioning_percentage, replica_replenishment_wait, replica_soft_anti_affinity"),
-    (("get", "name"), "error: unknown setting 'name'; the settings are: auto_salvage, "),
+     "error: unknown setting 'over_provisioning'; the settings are: auto_failover, "
+     "auto_salvage, backup_block_size, backup_compression, minimal_available_percentage, "
+     "over_provisioning_percentage, replica_node_soft_anti_affinity, "
+     "replica_replenishment_wait, replica_soft_anti_affinity"),
+    (("get", "name"), "error: unknown setting 'name'; the settings are: auto_failover, "),
     (("set", "auto_salvage", "maybe"), "error: invalid value 'maybe' for setting "
      "auto_salvage: must be true or false (or yes/no, on/off, 1/0)"),
     (("set", "backup_block_size", "2M"),

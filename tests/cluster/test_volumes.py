@@ -191,3 +191,29 @@ def test_drain_under_fio_keeps_every_volume_whole(cluster4: Cluster) -> None:
     refused = n4.cli("node", "drain", "n2", check=False)
     assert refused.returncode == 1 and "cannot be drained" in refused.stderr
     assert n1.json("node", "show", "n2")["state"] == "ready"  # nothing changed
+
+
+def test_auto_failover_moves_a_dead_nodes_volume_and_waits_for_proof(
+        cluster: Cluster) -> None:
+    """The engine's node dies with its replica: the volume is attached elsewhere, but its
+    engine refuses to start (the dead replica was a member: it may hold acknowledged writes
+    the others lack) until an operator salvages; then it serves every write it had."""
+    n1, n2, _ = cluster.nodes
+    settings = n2.change_settings(auto_failover=True, replica_replenishment_wait=1)
+    assert settings["auto_failover"] is True
+    n2.cli("volume", "create", "v", "--size", "64M", "--replicas", "3")
+    device = n2.cli("volume", "attach", "v", "--node", "n1").stdout.strip()
+    payload = os.urandom(2 * MiB)
+    write_at(device, 3 * MiB, payload)
+    n1.die()
+
+    def refused() -> dict[str, object] | None:
+        shown = n2.json("volume", "show", "v")
+        return shown if shown["node"] != "n1" and shown["refusal"] else None
+
+    shown = wait_for(refused, 90, "the volume moved, its start refused")
+    assert "cannot be reached" in str(shown["refusal"])
+    assert "failover" in [e["kind"] for e in n2.json("events")]
+    salvaged = n2.cli("volume", "salvage", "v").stdout.strip().splitlines()
+    assert salvaged[0].startswith("volume v salvaged") and "given up" in salvaged[0]
+    assert read_at(salvaged[-1], 3 * MiB, len(payload)) == payload
