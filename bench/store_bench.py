@@ -189,14 +189,14 @@ def report(result: dict[str, Any]) -> None:
           f"{httpx.__version__}) beside SQLite {result['sqlite']} (WAL, synchronous=FULL); "
           f"{rounds} rounds of {result['count']}, {os.cpu_count()} CPUs, load average "
           f"{result['load']:.2f} before")
-    print(f"{'operation':<44} {'SQLite p50/p99 ms':>18} {'etcd p50/p99 ms':>18} "
+    print(f"{'operation':<50} {'SQLite p50/p99 ms':>18} {'etcd p50/p99 ms':>18} "
           f"{'etcd/SQLite':>12}  rounds")
     for op in OPS:
         info = result["figures"][op]
         sqlite, etcd = info["sqlite"], info["etcd"]
         low, high = info["ratio_rounds"]
         label = LABELS[op].format(n=n, r=2 * n)
-        print(f"{label:<44} {sqlite['p50_ms']:>8.3f}/{sqlite['p99_ms']:<9.3f} "
+        print(f"{label:<50} {sqlite['p50_ms']:>8.3f}/{sqlite['p99_ms']:<9.3f} "
               f"{etcd['p50_ms']:>8.3f}/{etcd['p99_ms']:<9.3f} {info['ratio']:>11.2f}x  "
               f"{low:.2f}-{high:.2f}x")
     print("GET /v1/volumes on etcd through the daemon: awaits the --cluster flag "
