@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +29,18 @@ def test_node_bench_quick(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert "GET /v1/volumes, 5 volumes" in result.stdout and "idle attached" in result.stdout
+    assert (tmp_path / "out.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None,
+                    reason="etcd-server is not installed (./setup.sh installs it)")
+def test_store_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.store_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "watch delivery" in result.stdout and "volume list handler" in result.stdout
     assert (tmp_path / "out.json").exists()
 
 

@@ -29,7 +29,8 @@ from tests.control.test_store import (  # noqa: F401 - the contract, run on etcd
     test_update_writes_what_the_change_returns,
     test_watch_from_a_listed_revision,
 )
-from tests.harness import free_port, wait_for
+from tests.etcd import running_etcd, start_etcd
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd-server is not installed (./setup.sh installs it)")
@@ -40,39 +41,12 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _answers(url: str) -> bool:
-    try:
-        return httpx.post(url + "/v3/maintenance/status", json={}, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def start_etcd(directory: Path, scheme: str = "http",
-               *tls: str) -> tuple[subprocess.Popen[bytes], str]:
-    """One etcd member on free loopback ports (clients over *scheme*, with the *tls*
-    options); the process and its client URL."""
-    client, peer = free_port(), free_port()
-    url, peer_url = f"{scheme}://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-    with open(directory / "etcd.log", "wb") as log:
-        process = subprocess.Popen(
-            ["etcd", "--data-dir", str(directory / "etcd"), "--listen-client-urls", url,
-             "--advertise-client-urls", url, "--listen-peer-urls", peer_url,
-             "--initial-advertise-peer-urls", peer_url, "--initial-cluster",
-             f"default={peer_url}", *tls], stdout=log, stderr=log)
-    return process, url
-
-
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[EtcdStore]:
-    process, url = start_etcd(tmp_path)
-    try:
-        wait_for(lambda: _answers(url), 30, "etcd to answer")
+    with running_etcd(tmp_path) as url:
         opened = await EtcdStore.open(url)
         yield opened
         await opened.aclose()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 async def test_watch_of_a_compacted_revision(store: EtcdStore) -> None:
