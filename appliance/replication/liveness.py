@@ -90,7 +90,11 @@ class Liveness:
             for member in self._targets():
                 if self._closed.is_set():
                     return
-                self.check(member)
+                try:
+                    self.check(member)
+                except Exception:  # a bug: said loudly, and liveness goes on
+                    log.exception("volume %s: the liveness check of %s failed", self.volume,
+                                  member.name)
             self.rounds += 1
 
     def check(self, member: Member) -> None:
