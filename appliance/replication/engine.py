@@ -15,6 +15,9 @@
   replica, and resume (invariant 5).
 * **Rebuild** (:mod:`appliance.replication.rebuild`) brings a replica in as WO and makes it
   RW only after it is proven equal (invariant 3).
+* **Liveness** (:mod:`appliance.replication.liveness`): while no I/O completes, the replicas
+  in service are pinged every few seconds; one that does not answer leaves service as it
+  would on a failed write.
 * **Locks** are taken in one order (docs/engine-locks.md), checked when
   ``APPLIANCE_LOCK_CHECK=1`` (:mod:`appliance.replication.lockorder`).
 """
@@ -51,6 +54,7 @@ from appliance.errors import (
 )
 from appliance.replication import fanout, membership, rebuild
 from appliance.replication import protocol as proto
+from appliance.replication.liveness import Liveness
 from appliance.replication.lockorder import Locks, Rank
 from appliance.replication.member import Member, Mode
 from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op
@@ -123,6 +127,10 @@ class Engine:
             self.volume, self.roster, self.rebuild_lock, self._io.exclusive, self._call,
             self._snapshot_in_service, lambda: self.size, self._closed, config.timeout,
             config.control_timeout, config.rebuild_bandwidth)
+        self.liveness = Liveness(self.volume, config.monitor_interval,
+                                 targets=lambda: self.roster.targets,
+                                 last_io=lambda: self._last_io, fail=self._fail,
+                                 closed=self._closed)
 
     def _new_member(self, address: tuple[str, int]) -> Member:
         return Member(address, self.config.secret, self.config.timeout,
@@ -165,8 +173,7 @@ class Engine:
                  self.started["unreachable"])
         for probe in decision.stale:
             self._start_rebuild(by_name[probe.name])
-        if self.config.monitor_interval > 0:
-            threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+        self.liveness.start()
 
     def _borrow_local(self) -> None:
         """Have the server of one replica in service on this host lend it to the engine
@@ -185,23 +192,6 @@ class Engine:
                      "its server)", self.volume, member.name)
             self._lent_member = member
             return
-
-    def _monitor(self) -> None:
-        """Ping the replicas in service while the volume is idle: one that died leaves
-        service (the volume is reported degraded, and can be rebuilt) without waiting for
-        the next I/O. A busy volume is left to its I/O, which finds such a replica anyway."""
-        interval = self.config.monitor_interval
-        while not self._closed.wait(interval):
-            if time.perf_counter() - self._last_io < interval:
-                continue
-            for member in self.roster.targets:
-                if self._closed.is_set():
-                    return
-                try:
-                    self._call(member, lambda conn: conn.ping())
-                except ApplianceError as exc:
-                    if not self._closed.is_set():
-                        self._fail(member, exc)
 
     def _probe(self, member: Member) -> membership.Probe:
         try:
@@ -224,6 +214,8 @@ class Engine:
         if self._closed.is_set():
             return
         self._closed.set()
+        # A ping under way, and a failure it found, end before the clean stop is recorded.
+        self.liveness.stop(self.config.timeout * (len(self.members) + 1))
         with self._io.exclusive():
             if self.roster.readers:
                 try:
@@ -631,7 +623,8 @@ class Engine:
                 "history": [b.to_dict() for b in roster.history[-HISTORY_SHOWN:]],
                 "salvage": dict(roster.salvage) if roster.salvage else None,
                 "started": dict(self.started), "state": state,
-                "replicas": [m.describe() for m in self.members], "io": stats}
+                "replicas": [m.describe() for m in self.members], "io": stats,
+                "liveness": self.liveness.status()}
 
 
 def describe_given_up(salvage: Mapping[str, Any]) -> str:

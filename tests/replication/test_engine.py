@@ -13,6 +13,7 @@ import pytest
 from appliance.chain import Replica
 from appliance.errors import FailedPrecondition, NoSpace, StorageIOError
 from appliance.replication.engine import Engine, EngineConfig
+from appliance.replication.liveness import PING_FAILED
 from appliance.replication.server_process import RunningServer
 from tests.logcheck import expect_log
 
@@ -252,12 +253,17 @@ def test_an_idle_volume_notices_a_dead_replica(cluster: Cluster,
         cluster.add()
     engine = cluster.engine(monitor_interval=0.2)
     engine.write(mv(b"m" * BS), 0)
+    io = dict(engine.status()["io"], latency=None)
     cluster.crash(1)
     deadline = time.monotonic() + 20
     while modes(engine) != ["RW", "ERR"]:  # no I/O: the engine's pings find it
         assert time.monotonic() < deadline, engine.status()
         time.sleep(0.05)
-    assert engine.status()["state"] == "degraded"
+    status = engine.status()
+    assert status["state"] == "degraded" and dict(status["io"], latency=None) == io
+    assert status["replicas"][1]["reason"].startswith(PING_FAILED), status["replicas"][1]
+    assert status["liveness"]["interval"] == 0.2
     assert read(engine, 0, BS) == b"m" * BS
     engine.close()
     expect_log(caplog, left(1))
+

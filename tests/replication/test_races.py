@@ -15,7 +15,7 @@ import pytest
 from appliance.errors import AlreadyExists
 from tests.logcheck import expect_log
 
-from .conftest import BS, Cluster, MiB, modes, mv, read
+from .conftest import BS, Cluster, MiB, left, modes, mv, read
 
 
 def test_two_add_replica_calls_start_one_rebuild(cluster: Cluster,
@@ -159,3 +159,103 @@ def test_a_hung_target_holds_writes_no_longer_than_the_data_timeout(
         hung.close()
     expect_log(caplog, r"rebuild of 127\.0\.0\.1:\d+ stopped: .*timed out")
     engine.close()
+
+
+class Partition:
+    """A TCP relay in front of a replica server that can be cut (every byte either way is
+    dropped: requests are lost and nothing comes back, as with a firewall's drop rule) and
+    healed (the connections that lost bytes are closed; new ones are relayed again)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.cut = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+                self.sockets += [client, server]
+                for source, target in ((client, server), (server, client)):
+                    threading.Thread(target=self._pump, args=(source, target),
+                                     daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                if not self.cut.is_set():
+                    target.sendall(data)
+
+    def heal(self) -> None:
+        sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.cut.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.heal()
+
+
+def test_a_ping_and_a_write_failing_on_one_replica_are_one_failure(
+        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """The liveness ping and a write in flight time out together on a partitioned replica
+    (one connection, one timeout): the replica leaves once (one new branch), the write is
+    acknowledged by the other replica only once the record without it is durable there,
+    and a restart serves that replica with every acknowledged write, the other behind."""
+    for _ in range(2):
+        cluster.add()
+    cut = Partition(cluster.servers[1].address)
+    cluster.servers[1].unix_path.unlink()  # the engine reaches it through the relay only
+    try:
+        addresses = (cluster.servers[0].address, cut.address)
+        engine = cluster.engine(addresses=addresses, timeout=1.0, monitor_interval=0)
+        engine.write(mv(b"0" * BS), 0)
+        branches = len(engine.status()["history"])
+        cut.cut.set()
+        outcomes: list[str] = []
+        barrier = threading.Barrier(2)
+
+        def write() -> None:
+            barrier.wait()
+            engine.write(mv(b"1" * BS), 0)
+            outcomes.append("acknowledged")
+
+        def ping() -> None:
+            barrier.wait()
+            engine.liveness.check(engine.members[1])
+            outcomes.append("pinged")
+
+        racers = [threading.Thread(target=write), threading.Thread(target=ping)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(30)
+        assert sorted(outcomes) == ["acknowledged", "pinged"]
+        status = engine.status()
+        assert modes(engine) == ["RW", "ERR"]
+        assert len(status["history"]) == branches + 1  # one departure: one branch
+        record = cluster.servers[0].replica.volume_record()
+        assert record is not None and record["members"] == [status["replicas"][0]["replica_id"]]
+        assert record["history"][-1]["id"] == status["branch"]
+        engine.close()
+        cut.heal()
+        restart = cluster.engine(addresses=addresses, timeout=1.0, monitor_interval=0)
+        assert restart.status()["started"]["behind"] == [cut_name(cut)]
+        assert read(restart, 0, BS) == b"1" * BS
+        assert restart.wait_rebuilds(60)
+        assert modes(restart) == ["RW", "RW"]
+        restart.close()
+    finally:
+        cut.close()
+    expect_log(caplog, left(1))
+
+
+def cut_name(cut: Partition) -> str:
+    return f"{cut.address[0]}:{cut.address[1]}"

@@ -1,7 +1,7 @@
 """A flush that takes longer than the data timeout (it writes back what the page cache
 holds, and the disk below is slow to take it) completes, and the replica stays in service:
-a busy disk is not a dead one (a replica that stops answering is found by the idle
-monitor's pings). The disk is held (nbdkit's pause filter) while the flush waits."""
+a busy disk is not a dead one (a replica that stops answering is found by the engine's
+liveness pings). The disk is held (nbdkit's pause filter) while the flush waits."""
 
 from __future__ import annotations
 
