@@ -28,6 +28,7 @@ def etcd3(tmp_path: Path) -> Iterator[Etcd]:
         running.stop()
 
 
+@pytest.mark.slow  # a minute: with the slow tests, to keep the default suite in its budget
 def test_etcd_members_lost_and_back(tmp_path: Path, etcd3: Etcd) -> None:
     cluster = Cluster(tmp_path, 3, etcd3)
     try:

@@ -152,6 +152,7 @@ def test_forced_attach_elsewhere_fences_the_old_engine(cluster: Cluster) -> None
     assert "forced-attach" in kinds
 
 
+@pytest.mark.slow  # a minute: with the slow tests, to keep the default suite in its budget
 def test_drain_under_fio_keeps_every_volume_whole(cluster4: Cluster) -> None:
     n1, n2, _, n4 = cluster4.nodes
     n1.cli("node", "cordon", "n4")
