@@ -71,10 +71,14 @@ def test_a_dead_node_is_down_and_comes_back(cluster: Cluster) -> None:
     assert 'appliance_node_ready{node="n3"} 0.0' in metrics
     assert 'appliance_node_ready{node="n1"} 1.0' in metrics
     assert metrics.count("appliance_node_leader{") == 3
+    def kinds() -> list[str]:
+        return [e["kind"] for e in json.loads(n1.cli("events", "-o", "json").stdout)]
+
+    # the leader looks at the nodes every third of the lease: it records the death
+    wait_for(lambda: "node-down" in kinds(), 30, "the node-down event")
     n3.start()
     wait_for(lambda: n1.json("node", "show", "n3")["state"] == "ready", 30, "n3 back")
-    kinds = [e["kind"] for e in json.loads(n1.cli("events", "-o", "json").stdout)]
-    assert "node-down" in kinds and "node-up" in kinds
+    wait_for(lambda: "node-up" in kinds(), 30, "the node-up event")
 
 
 def test_joining_with_another_key_or_none_is_refused(tmp_path: Path, cluster: Cluster,
