@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,19 @@ def etcd(tmp_path: Path) -> Iterator[Etcd]:
         running.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, etcd: Etcd) -> Iterator[Cluster]:
-    """Three nodes on one etcd member."""
-    nodes = Cluster(tmp_path, 3, etcd)
+@contextmanager
+def running_cluster(tmp_path: Path, size: int, etcd: Etcd) -> Iterator[Cluster]:
+    """*size* nodes on *etcd*, every node ready; everything they started stopped after."""
+    nodes = Cluster(tmp_path, size, etcd)
     try:
         nodes.start()
         yield nodes
     finally:
         nodes.cleanup()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, etcd: Etcd) -> Iterator[Cluster]:
+    """Three nodes on one etcd member."""
+    with running_cluster(tmp_path, 3, etcd) as nodes:
+        yield nodes

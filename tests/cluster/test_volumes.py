@@ -4,6 +4,7 @@ another node), and a forced attach elsewhere that fences the old engine."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.conftest import running_cluster
 from tests.cluster.harness import Cluster, ClusterNode, Etcd
 from tests.harness import APPLIANCE, VERIFY, MiB, engine_writes, fio_errors, run, wait_for
 from tests.node.test_volume_ops import write_at
@@ -30,15 +32,12 @@ def healthy(node: ClusterNode, volume: str) -> bool:
 
 
 def read_at(device: str, offset: int, length: int) -> bytes:
+    """*length* bytes at *offset*, read past the page cache (O_DIRECT, an aligned buffer)."""
     fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
     try:
-        buffer = bytearray(length)
-        import mmap  # noqa: PLC0415 - an aligned buffer for O_DIRECT
-
-        aligned = mmap.mmap(-1, length)
-        os.preadv(fd, [aligned], offset)
-        buffer[:] = aligned[:]
-        return bytes(buffer)
+        with mmap.mmap(-1, length) as aligned:
+            os.preadv(fd, [aligned], offset)
+            return bytes(aligned)
     finally:
         os.close(fd)
 
@@ -87,12 +86,8 @@ def test_three_replicas_on_three_nodes_ride_out_a_node_death(cluster: Cluster,
 
 @pytest.fixture
 def cluster4(tmp_path: Path, etcd: Etcd) -> Iterator[Cluster]:
-    nodes = Cluster(tmp_path, 4, etcd)
-    try:
-        nodes.start()
+    with running_cluster(tmp_path, 4, etcd) as nodes:
         yield nodes
-    finally:
-        nodes.cleanup()
 
 
 def test_a_lost_node_replica_is_replaced_on_another_node(cluster4: Cluster) -> None:
