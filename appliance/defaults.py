@@ -17,6 +17,9 @@ CONTROL_TIMEOUT = 600.0
 #: fight over the interpreter lock without adding parallel work)
 ENGINE_THREADS = 16
 ENGINE_THREADS_LOCAL = 4  # with the local fast path (docs/performance.md)
+#: seconds a clustered engine tries to reach its volume's witness before it gives up (and,
+#: when it was leaving a replica out, is fenced: docs/membership.md, "The witness")
+WITNESS_WAIT = 20.0
 #: seconds between pings of an idle volume's replicas (0: off)
 MONITOR_INTERVAL = 5.0
 #: where the node daemon's API listens unless told otherwise

@@ -233,9 +233,11 @@ def _dead(pid: int) -> bool:
 class Node:
     """A node daemon (`appliance serve`) started as an operator would, and its client."""
 
-    def __init__(self, root: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1",
+                 launcher: Sequence[str] = ()) -> None:
         self.root = root
         self.host = host
+        self.launcher = list(launcher)  # a prefix of the daemon's command (nsenter ...)
         self.data = root / "data"
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
@@ -245,7 +247,7 @@ class Node:
     def start(self, *extra: str | Path, wait: bool = True) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [APPLIANCE, "serve", "--data-dir", str(self.data), "--listen",
+                [*self.launcher, APPLIANCE, "serve", "--data-dir", str(self.data), "--listen",
                  f"{self.host}:{self.port}", *map(str, extra)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         if wait:

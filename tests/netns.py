@@ -26,12 +26,21 @@ class Host:
     name: str  # the network namespace
     address: str
 
-    def partition(self, port: int | None = None) -> None:
-        """Drop every packet arriving from the engine's side (or only for *port*)."""
+    @property
+    def launcher(self) -> list[str]:
+        """A command prefix that runs a program in this host's network namespace (and no
+        other namespace: its FUSE mounts are everyone's)."""
+        return ["nsenter", f"--net=/run/netns/{self.name}", "--"]
+
+    def partition(self, port: int | None = None, *, both_ways: bool = False) -> None:
+        """Drop every packet arriving from the engine's side (or only for *port*); with
+        *both_ways*, every packet leaving too (nothing this host sends arrives)."""
         rule = f"tcp dport {port} drop" if port else "drop"
+        output = ("  chain output {\n    type filter hook output priority 0;\n"
+                  "    oifname eth0 drop\n  }\n") if both_ways else ""
         script = ("table inet partition {\n  chain input {\n"
                   "    type filter hook input priority 0;\n"
-                  f"    iifname eth0 {rule}\n  }}\n}}\n")
+                  f"    iifname eth0 {rule}\n  }}\n{output}}}\n")
         subprocess.run(["ip", "netns", "exec", self.name, "nft", "-f", "-"], input=script,
                        text=True, check=True)
 

@@ -453,6 +453,7 @@ def verify(conn: Connection, document: dict[str, Any]) -> dict[str, Any]:
     verdicts: Counter[str] = Counter()
     states: Counter[str] = Counter()
     examples: dict[str, list[dict[str, Any]]] = {"lost": [], "foreign": []}
+    newest = 0  # the highest seq any block holds
     for start, data in conn.read(document["offset"], document["size"]):
         view = memoryview(data)
         for at in range(0, len(data), BLOCK):
@@ -461,6 +462,8 @@ def verify(conn: Connection, document: dict[str, Any]) -> dict[str, Any]:
             verdict, found = judge(history, view[at:at + BLOCK], offset,
                                    initial[index * 16:index * 16 + 16])
             verdicts[verdict] += 1
+            if isinstance(found, int):
+                newest = max(newest, found)
             states[state_of(history, offset, found, verdict)] += 1
             if verdict != "ok" and len(examples[verdict]) < EXAMPLES:
                 examples[verdict].append({"offset": offset,
@@ -470,7 +473,7 @@ def verify(conn: Connection, document: dict[str, Any]) -> dict[str, Any]:
     return {"mode": "verify", "run": document["run"], "blocks": sum(verdicts.values()),
             "written_blocks": len(history.versions), "acked_writes": acked,
             "ok": verdicts["ok"], "lost": verdicts["lost"], "foreign": verdicts["foreign"],
-            "states": dict(states), "lost_examples": examples["lost"],
+            "states": dict(states), "newest_found": newest, "lost_examples": examples["lost"],
             "foreign_examples": examples["foreign"],
             "seconds": round(time.monotonic() - started, 3)}
 

@@ -64,6 +64,7 @@ def test_hotpath_quick(tmp_path: Path) -> None:
     assert (tmp_path / "out.json").exists()
 
 
+@pytest.mark.slow  # variants of the attach path: a quarter minute, with the slow tests
 def test_device_bench_quick(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench.device_bench", "--quick", "--variants", "default,attach",
@@ -72,4 +73,17 @@ def test_device_bench_quick(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert "attach" in result.stdout and "4k-randwrite" in result.stdout
+    assert (tmp_path / "out.json").exists()
+
+
+@pytest.mark.slow  # two minutes: a cluster of four namespace nodes and three etcd members
+@pytest.mark.skipif(shutil.which("etcd") is None,
+                    reason="etcd-server is not installed (./setup.sh installs it)")
+def test_cluster_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.cluster_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "GET /v1/volumes" in result.stdout and "forced attach" in result.stdout
     assert (tmp_path / "out.json").exists()

@@ -278,10 +278,12 @@ def wait_for_copy(client: ApiClient, name: str, what: str, timeout: float) -> No
 @click.option("--disk-tag", "disk_tags", multiple=True, help="Place replicas on disks with it.")
 @click.option("--node-tag", "node_tags", multiple=True,
               help="Place replicas on nodes with it (a cluster).")
-@click.option("--data-locality", type=click.Choice(["disabled", "strict-local"]),
+@click.option("--data-locality",
+              type=click.Choice(["disabled", "best-effort", "strict-local"]),
               default="disabled", show_default=True,
-              help="strict-local: its one replica on the node of its engine (the node the "
-                   "API runs on).")
+              help="best-effort: keep a replica on the node it is attached on (one is "
+                   "built there in place of another); strict-local: its one replica on the "
+                   "node of its engine (the node the API runs on).")
 @wait_options
 @client_options
 def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...],

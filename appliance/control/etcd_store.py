@@ -30,6 +30,10 @@ from appliance.errors import Conflict, InvalidArgument, NotFound, Unavailable
 
 MIN_TTL = 2  # seconds: etcd refuses shorter leases (1.5 election timeouts)
 TIMEOUT = 10.0  # seconds for one request (a watch waits as long as it is open)
+#: what etcd answers while its members elect a leader: worth asking again shortly
+ELECTION_SIGNS = ("leader changed", "no leader")
+ELECTION_WAIT = 3.0  # seconds a request is tried again meanwhile (a few election timeouts)
+ELECTION_PAUSE = 0.2
 
 
 class FutureRevision(Unavailable):
@@ -142,8 +146,18 @@ class EtcdStore(StateStore):
                           "store needs a quorum of its members")
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self._post(path, body)
-        answer: dict[str, Any] = response.json() if response.content else {}
+        """One request; while the members elect a leader (a member came back, the leader
+        moved) it is tried again for up to ELECTION_WAIT seconds."""
+        deadline = trio.current_time() + ELECTION_WAIT
+        while True:
+            response = await self._post(path, body)
+            answer: dict[str, Any] = response.json() if response.content else {}
+            message = str(answer.get("error") or answer.get("message") or "")
+            if response.status_code == 200 or not any(
+                    sign in message for sign in ELECTION_SIGNS) or \
+                    trio.current_time() >= deadline:
+                break
+            await trio.sleep(ELECTION_PAUSE)
         if response.status_code != 200:
             message = str(answer.get("error") or answer.get("message") or response.text)
             if "requested lease not found" in message:

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.defaults import WITNESS_WAIT
 from appliance.errors import InvalidArgument, Unavailable
 from appliance.nbd import threadstate
 from appliance.nbd.settings import EngineSettings
+from appliance.nbd.witness import HttpWitness
 from appliance.replication import protocol as proto
 from appliance.replication.engine import Engine, EngineConfig
 from appliance.replication.engine_control import ControlServer
@@ -35,7 +37,10 @@ class EngineService:
             timeout=settings.timeout, salvage=settings.salvage,
             salvage_from=settings.salvage_from,
             rebuild_bandwidth=settings.rebuild_bandwidth,
-            local_fast_path=settings.local_fast_path))
+            local_fast_path=settings.local_fast_path,
+            witness=HttpWitness(settings.witness, settings.witness_token_file, settings.volume,
+                                WITNESS_WAIT)
+            if settings.witness and settings.witness_token_file else None))
         self.control: ControlServer | None = None
         self.forwarder: subprocess.Popen[bytes] | None = None
 

@@ -36,6 +36,10 @@ class EngineSettings:
     #: nbdkit worker threads per connection (0: the default, fewer with the fast path,
     #: where each request's work runs in the engine's interpreter: docs/performance.md)
     threads: int = 0
+    #: the node daemon's API URL and token file, where a clustered volume's witness is
+    #: (docs/membership.md, "The witness"); None alone
+    witness: str | None = None
+    witness_token_file: Path | None = None
     extra: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -83,6 +87,9 @@ class EngineSettings:
             parameters.append(f"salvage-from={format_address(self.salvage_from)}")
         if self.local_fast_path:
             parameters.append("local=1")
+        if self.witness and self.witness_token_file:
+            parameters += [f"witness={self.witness}",
+                           f"witness-token-file={self.witness_token_file}"]
         return parameters
 
     @classmethod
@@ -112,10 +119,14 @@ class EngineSettings:
                 if "salvage-from" in values else None,
                 timeout=float(values.get("timeout", REPLICA_TIMEOUT)),
                 rebuild_bandwidth=int(values.get("rebuild-bandwidth", 0)),
-                local_fast_path=values.get("local") == "1")
+                local_fast_path=values.get("local") == "1",
+                witness=values.get("witness"),
+                witness_token_file=Path(values["witness-token-file"])
+                if "witness-token-file" in values else None)
         except ValueError as exc:
             raise InvalidArgument(f"invalid engine parameter: {exc}") from exc
 
 
 _SINGLE = {"volume", "secret-file", "socket", "control", "listen", "psk-file", "salvage",
-           "salvage-from", "timeout", "rebuild-bandwidth", "local"}
+           "salvage-from", "timeout", "rebuild-bandwidth", "local", "witness",
+           "witness-token-file"}

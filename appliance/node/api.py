@@ -45,6 +45,12 @@ class DiskCreate(Strict):
                              description="the node the disk is on (default: this one)")
 
 
+class WitnessUpdate(Strict):
+    revision: int = Field(ge=0, description="the revision last read (0: none yet)")
+    generation: int = Field(ge=0)
+    members: list[str] = Field(max_length=32)
+
+
 class DiskUpdate(Strict):
     tags: list[str] | None = Field(default=None, max_length=32)
     allow_scheduling: bool | None = None
@@ -65,7 +71,7 @@ class VolumeCreate(Strict):
     disk_tags: list[str] = Field(default_factory=list, max_length=32)
     node_tags: list[str] = Field(default_factory=list, max_length=32)
     labels: dict[str, str] = Field(default_factory=dict)
-    data_locality: Literal["disabled", "strict-local"] = "disabled"
+    data_locality: Literal["disabled", "best-effort", "strict-local"] = "disabled"
     node: str | None = Field(default=None, max_length=63,
                              description="strict-local: the node of its replica and engine "
                                          "(default: the node the request came to)")
@@ -334,6 +340,14 @@ def create_app(service: NodeService, backups: BackupService, token: str,
     @app.post("/v1/volumes/{name}/salvage", dependencies=auth, status_code=202)
     async def salvage_volume(name: str, body: VolumeSalvage | None = None) -> dict[str, Any]:
         return await service.salvage(name, body.source if body else None)
+
+    @app.get("/v1/witness/{name}", dependencies=auth)
+    async def read_witness(name: str) -> dict[str, Any]:
+        return await service.read_witness(name)
+
+    @app.put("/v1/witness/{name}", dependencies=auth)
+    async def record_witness(name: str, body: WitnessUpdate) -> dict[str, Any]:
+        return await service.record_witness(name, body.revision, body.generation, body.members)
 
     @app.get("/v1/events", dependencies=auth)
     async def list_events(volume: str | None = None, after: int = 0) -> list[dict[str, Any]]:

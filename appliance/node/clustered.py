@@ -8,7 +8,9 @@ there, and none of this runs.
   replaced replicas leave it; an engine of the volume anywhere else on this node stops;
 * the leader: replicas lost with their node are replaced on another node after the wait;
 * the volume's secret, sealed in the store with the cluster key, in this node's file;
-* the usage of this node's disks, reported in their records for placement elsewhere.
+* the usage of this node's disks, reported in their records for placement elsewhere;
+* the witness of each volume's member set, which its engine reads and changes through this
+  node's API (docs/membership.md, "The witness").
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from appliance.node.supervisor import Supervisor
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SECRET_PREFIX = "/secrets/"  # noqa: S105 - a key prefix: a volume's sealed secret
+WITNESS_PREFIX = "/witness/"  # a volume's witness: {"generation", "members"}
 SERVER_WAIT = 20.0  # seconds an engine start waits for other nodes' replica servers
 SERVER_POLL = 0.5  # seconds between looks meanwhile
 REPORT_INTERVAL = 30.0  # seconds between reports of an unchanged disk's usage
@@ -55,6 +58,7 @@ class ClusterWork:
     placement: Placement
     membership: Membership
     cluster_key: bytes | None
+    _evicting: set[str]  # the disks being evicted (read at each pass)
     _server_wait: dict[str, float]  # volume -> since when its engine start waits
     _down_since: dict[str, float]  # volume -> since when its engine's node is seen down
     _wall_clock: Callable[[], float]
@@ -110,6 +114,44 @@ class ClusterWork:
         secret = await self.thread(cluster.unseal, self.cluster_key, entry.value, key)
         await self.thread(self.supervisor.write_secret, volume, secret)
 
+    async def read_witness(self, volume: str) -> dict[str, Any]:
+        """The witness of *volume*: ``{"revision", "generation", "members"}`` (revision 0:
+        none yet)."""
+        entry = await self.store.get(WITNESS_PREFIX + volume)
+        if entry is None:
+            return {"revision": 0, "generation": 0, "members": []}
+        return {"revision": entry.revision, "generation": int(entry.value["generation"]),
+                "members": list(entry.value["members"])}
+
+    async def record_witness(self, volume: str, revision: int, generation: int,
+                             members: list[str]) -> dict[str, Any]:
+        """Replace the witness of *volume* last seen at *revision*; raises
+        :class:`~appliance.errors.Conflict` when it changed since (another engine wrote
+        it: the caller is fenced), or when the volume is now attached on another node.
+        A request sent again after its answer was lost (the witness already holds exactly
+        it: generations are unique to an engine) succeeds."""
+        entry = await self.store.get(Volume.key_of(volume))
+        if entry is None:
+            raise Conflict(f"volume {volume} does not exist any more")
+        where = Volume.from_dict(entry.value).node
+        if where and not self.mine(where):
+            raise Conflict(f"volume {volume} is attached on node {where} now")
+        key = WITNESS_PREFIX + volume
+        try:
+            new = await self.store.put(key, {"generation": generation,
+                                             "members": sorted(members)}, expect=revision)
+        except Conflict:
+            current = await self.read_witness(volume)
+            if current["generation"] == generation and \
+                    sorted(current["members"]) == sorted(members):
+                return current
+            raise Conflict(f"the witness of volume {volume} changed since revision "
+                           f"{revision}: now revision {current['revision']}, generation "
+                           f"{current['generation']}") from None
+        log.info("volume %s: the witness names %d replica(s) for generation %d", volume,
+                 len(members), generation)
+        return {"revision": new, "generation": generation, "members": sorted(members)}
+
     async def _reconcile_member(self, volume: Volume, replicas: list[ReplicaRecord]) -> None:
         """In a cluster: this node's part of *volume*: the servers of its replicas while
         the volume is attached, its engine when it is attached here (and no engine of it
@@ -121,6 +163,7 @@ class ClusterWork:
         if volume.attached and self.membership.is_leader:
             volume = await self._fail_over(volume, replicas)
             await self._replace_lost(volume, replicas)
+            await self._keep_local(volume, replicas)
         if volume.attached and self.mine(volume.node):
             await self._run_attached(volume, replicas)
             return
@@ -246,16 +289,21 @@ class ClusterWork:
             log.info("volume %s: replaced replica %s deleted", volume.name, replica.name)
 
     async def _drain(self, volume: Volume, replicas: list[ReplicaRecord]) -> Volume:
-        """The leader's part of a drain: each replica of *volume* on a draining node gets a
-        replacement elsewhere (``evicting_from`` names it), which its engine rebuilds; a
-        detached volume is attached meanwhile, without a device (``maintenance``), on this
-        node, and detached again once no replica is left on a draining node. The volume as
-        it is now."""
+        """The leader's part of a drain and of a disk eviction: each replica of *volume* on
+        a draining node or an evicted disk gets a replacement elsewhere (``evicting_from``
+        names it), which its engine rebuilds; a detached volume is attached meanwhile,
+        without a device (``maintenance``), on this node, and detached again once no
+        replica is left to move. The volume as it is now."""
         nodes, _ = await self.placement.nodes()
         draining = {name for name, node in nodes.items() if node.draining}
         replacing = {r.evicting_from for r in replicas if r.evicting_from}
-        leaving = [r for r in replicas if r.node in draining and r.name not in replacing]
-        staying = [r for r in replicas if r.node not in draining]
+
+        def leaves(replica: ReplicaRecord) -> bool:
+            return replica.node in draining or replica.disk in self._evicting
+
+        leaving = [r for r in replicas if leaves(r) and r.name not in replacing
+                   and not r.removing]
+        staying = [r for r in replicas if not leaves(r) and not r.removing]
         if not leaving and not replacing:
             if volume.maintenance:
                 log.info("volume %s: drained; detached again", volume.name)
@@ -273,15 +321,47 @@ class ClusterWork:
                 new = replace(new, evicting_from=old.name)
                 await self.store.put(new.key, new.to_dict(), expect=0)
             staying.append(new)
+            where = f"node {old.node}" if old.node in draining else \
+                f"evicted disk {old.disk} (node {old.node})"
             await self.events.record(volume.name, "replica-draining",
-                                     f"replica {old.name} leaves node {old.node}: rebuilt "
-                                     f"as {new.name} on node {new.node} first")
+                                     f"replica {old.name} leaves {where}: rebuilt as "
+                                     f"{new.name} on node {new.node} first")
         if not volume.attached:
             log.info("volume %s: attached on node %s (no device) to rebuild the replicas "
                      "leaving a drained node", volume.name, self.config.node_name)
             return await self._set_spec(volume, attached=True, maintenance=True,
                                         node=self.config.node_name)
         return volume
+
+    async def _keep_local(self, volume: Volume, replicas: list[ReplicaRecord]) -> None:
+        """The leader's part of data locality ``best-effort``: a volume attached on a node
+        without a replica of it gets one built there, in place of a replica on another
+        node (``evicting_from``), which leaves once the new one serves. When that node
+        cannot take one, the volume serves from the others (it is best effort)."""
+        if volume.data_locality != "best-effort" or not volume.node or volume.maintenance:
+            return
+        current = [r for r in replicas if not r.removing]
+        if any(r.node == volume.node or r.evicting_from for r in current):
+            return
+        remote = [r for r in current if r.node != volume.node]
+        if not remote:
+            return
+        old = remote[-1]
+        async with self.placement.lock:
+            try:
+                [new] = await self.placement.plan_replicas(
+                    volume, [r for r in current if r is not old], 1, on_node=volume.node)
+            except FailedPrecondition as exc:
+                if self._note(volume.name, "locality", str(exc)):
+                    log.info("volume %s: no replica can be kept on node %s (data locality "
+                             "best-effort): %s", volume.name, volume.node, exc)
+                return
+            new = replace(new, evicting_from=old.name)
+            await self.store.put(new.key, new.to_dict(), expect=0)
+        await self.events.record(volume.name, "replica-local",
+                                 f"replica {new.name} is built on node {volume.node}, where "
+                                 f"the volume is attached (data locality best-effort); "
+                                 f"{old.name} on node {old.node} leaves once it serves")
 
     async def _set_spec(self, volume: Volume, **changes: Any) -> Volume:
         entry = await self.store.update(volume.key, lambda value: replace(

@@ -45,6 +45,14 @@ class NodeConfig:
         return format_address((self.replica_address, self.listen[1]))
 
     @property
+    def local_api_url(self) -> str:
+        """Where processes on this node (engines) reach this node's API."""
+        host = self.listen[0]
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard is not an address
+            host = "127.0.0.1"
+        return f"http://{format_address((host, self.listen[1]))}"
+
+    @property
     def key_file(self) -> Path:
         return self.cluster_key_file or self.data_dir / "cluster.key"
 

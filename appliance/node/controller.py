@@ -40,7 +40,7 @@ from appliance.errors import (
     FailedPrecondition,
     Unavailable,
 )
-from appliance.node.clustered import SECRET_PREFIX, ClusterWork
+from appliance.node.clustered import SECRET_PREFIX, WITNESS_PREFIX, ClusterWork
 from appliance.node.config import NodeConfig
 from appliance.node.events import EventLog
 from appliance.node.eviction import Eviction
@@ -407,7 +407,7 @@ class Controller(Recovery, Eviction, ClusterWork):
         elif volume.pending_salvage and status["state"] != "faulted":
             await self._drop_salvage_request(volume, status)
         if status["state"] == "faulted":
-            await self._faulted(volume, settings)
+            await self._faulted(volume, settings, status.get("fenced"))
             return
         kept = await self._keep_branches(volume, replicas, status)
         replicas = [r for r in replicas if r.name not in kept]
@@ -608,6 +608,7 @@ class Controller(Recovery, Eviction, ClusterWork):
                              volume.name, ", ".join(sorted({r.node for r in left})))
                 return
             await self.store.delete(SECRET_PREFIX + volume.name)
+            await self.store.delete(WITNESS_PREFIX + volume.name)
         await self.store.delete(volume.key)
         log.info("volume %s deleted", volume.name)
         await self.events.record(volume.name, "deleted", "the volume and its data are gone")

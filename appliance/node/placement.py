@@ -175,15 +175,20 @@ class Placement:
     # -- placement ------------------------------------------------------------------------
 
     async def plan_replicas(self, volume: Volume, existing: list[ReplicaRecord],
-                            count: int) -> list[ReplicaRecord]:
-        """New replica objects for *count* more replicas of *volume* (not stored yet);
-        raises FailedPrecondition naming why each disk was refused. Hold ``lock``."""
+                            count: int, *, on_node: str | None = None) -> list[ReplicaRecord]:
+        """New replica objects for *count* more replicas of *volume* (not stored yet), on
+        the disks of node *on_node* only when given; raises FailedPrecondition naming why
+        each disk was refused. Hold ``lock``."""
         disks, all_replicas, volumes = await self._inventory()
         volumes[volume.name] = volume
         states = await self.disk_states(disks, all_replicas, volumes)
         if volume.data_locality == "strict-local" and volume.node:
-            states = {name: state for name, state in states.items()
-                      if state.node == volume.node}
+            on_node = volume.node
+        if on_node is not None:
+            states = {name: state for name, state in states.items() if state.node == on_node}
+            if not states:
+                raise FailedPrecondition(f"node {on_node} has no disk for a replica of volume "
+                                         f"{volume.name}")
         nodes, _ = await self.nodes() if self.config.clustered else ({}, set())
         chosen = place(volume.size, count, list(states.values()), [r.disk for r in existing],
                        volume.disk_tags, await load_settings(self.store),

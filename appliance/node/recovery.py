@@ -162,12 +162,19 @@ class Recovery:
                 parts.append(f"{what} {', '.join(str(names.name(a)) for a in started[field_name])}")
         await self.events.record(volume.name, "recovered", "; ".join(parts))
 
-    async def _faulted(self, volume: Volume, settings: Settings) -> None:
+    async def _faulted(self, volume: Volume, settings: Settings, fenced: str | None = None
+                       ) -> None:
         """Every replica of the running engine failed: restart it without salvage when
         auto_salvage is on (it serves again only when no acknowledged write can be
-        missing), or for a salvage request; otherwise wait for one."""
+        missing), or for a salvage request; otherwise wait for one. A fenced engine (in a
+        cluster: the witness refused it, or could not be reached) is always restarted:
+        its next start asks the witness again, and serves only if it may."""
         name = volume.name
-        if settings.auto_salvage or volume.pending_salvage:
+        restart = settings.auto_salvage or volume.pending_salvage or fenced
+        if fenced:
+            message = (f"its engine was fenced ({fenced}); restarting it: it serves again "
+                       "only if the volume's witness lets it")
+        elif settings.auto_salvage or volume.pending_salvage:
             message = "every replica failed; restarting its engine" + (
                 " to carry out the salvage request" if volume.pending_salvage else
                 " (without salvage: it serves again only if no acknowledged write can be "
@@ -179,9 +186,9 @@ class Recovery:
         if self._note(name, "faulted", message):
             log.log(logging.WARNING if first else logging.INFO, "volume %s: %s", name, message)
             if first:
-                await self.events.record(name, "faulted", message)
+                await self.events.record(name, "fenced" if fenced else "faulted", message)
         await self._status(name, robustness="faulted", message=message)
-        if settings.auto_salvage or volume.pending_salvage:
+        if restart:
             await self.thread(self.supervisor.stop_engine, name)
             self.poke()  # the next pass starts it again
 

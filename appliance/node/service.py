@@ -478,6 +478,14 @@ class NodeService:
                "membership"))
         return info
 
+    async def read_witness(self, name: str) -> dict[str, Any]:
+        """The witness of volume *name*'s member set (its engine's, in a cluster)."""
+        return await self.controller.read_witness(name)
+
+    async def record_witness(self, name: str, revision: int, generation: int,
+                             members: list[str]) -> dict[str, Any]:
+        return await self.controller.record_witness(name, revision, generation, members)
+
     async def list_events(self, volume: str | None, after: int = 0) -> list[dict[str, Any]]:
         """The events (of *volume*; those after sequence number *after*), oldest first."""
         return await self.controller.events.list(volume, after)

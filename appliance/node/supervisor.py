@@ -260,7 +260,9 @@ class Supervisor:
             self.secret_file(volume.name), self.nbd_socket(volume.name),
             self.control_socket(volume.name), salvage=salvage,
             salvage_from=self.address(salvage_from) if salvage_from else None,
-            timeout=self.config.replica_timeout, local_fast_path=self.config.local_fast_path)
+            timeout=self.config.replica_timeout, local_fast_path=self.config.local_fast_path,
+            witness=self.config.local_api_url if self.config.clustered else None,
+            witness_token_file=self.config.token_file if self.config.clustered else None)
         launch.start_engine(settings, foreground=False)
 
     def engine_log(self, volume: str) -> Path:

@@ -45,6 +45,7 @@ from appliance.defaults import (
 from appliance.errors import (
     AlreadyExists,
     ApplianceError,
+    Conflict,
     Corruption,
     FailedPrecondition,
     InvalidArgument,
@@ -59,6 +60,7 @@ from appliance.replication.lockorder import Locks, Rank
 from appliance.replication.member import Member, Mode
 from appliance.replication.protocol import FLAG_FUA, FLAG_REPORT_ZEROS, Op
 from appliance.replication.roster import Roster
+from appliance.replication.witness import Witness, Witnessed
 
 log = logging.getLogger(__name__)
 HISTORY_SHOWN = 10  # branches of the history that the status shows
@@ -84,6 +86,8 @@ class EngineConfig:
     flush_timeout: float = FLUSH_TIMEOUT  # flushes and FUA writes
     monitor_interval: float = MONITOR_INTERVAL  # idle pings of the replicas (0: off)
     local_fast_path: bool = False  # serve a replica on this host in-process (lent)
+    #: the volume's witness in a cluster (docs/membership.md, "The witness"); None alone
+    witness: Witness | None = field(default=None, repr=False, compare=False)
 
 
 Outcome = tuple[list[tuple[Member, bytes]], list[tuple[Member, ApplianceError]]]
@@ -106,7 +110,8 @@ class Engine:
         # serves reads (roster.targets, roster.readers) only once the record describing
         # them is durable.
         self.roster = Roster(self.volume, self.members, self._store_record,
-                             lock=self._locks.lock(Rank.ROSTER, threading.RLock()))
+                             lock=self._locks.lock(Rank.ROSTER, threading.RLock()),
+                             witness=config.witness)
         self.started: dict[str, Any] = {}  # what the start decided (engine status)
         self._lent_member: Member | None = None  # the replica lent to us (local fast path)
         self._turn = itertools.count()
@@ -117,7 +122,6 @@ class Engine:
         self._closed = threading.Event()
         # Guards the counters below and every member's "reads" and "writes" counts.
         self._stats_lock = self._locks.lock(Rank.STATS, threading.Lock())
-        self._last_io = 0.0  # time.perf_counter() of the last completed read or write
         # latency histograms: counts per bucket of LATENCY_BUCKETS (the last: above all)
         self.latency = {kind: [0] * (len(LATENCY_BUCKETS) + 1) for kind in ("read", "write")}
         self.latency_sum = {"read": 0.0, "write": 0.0}
@@ -129,7 +133,7 @@ class Engine:
             config.control_timeout, config.rebuild_bandwidth)
         self.liveness = Liveness(self.volume, config.monitor_interval,
                                  targets=lambda: self.roster.targets,
-                                 last_io=lambda: self._last_io, fail=self._fail,
+                                 fail=self._fail,
                                  closed=self._closed)
 
     def _new_member(self, address: tuple[str, int]) -> Member:
@@ -141,14 +145,29 @@ class Engine:
     def start(self) -> None:
         """Probe every replica, decide (membership.decide), take over every reachable
         replica with a new generation, make the decision durable, and start rebuilding the
-        replicas that are behind. Diverged replicas a salvage kept are left untouched."""
+        replicas that are behind. Diverged replicas a salvage kept are left untouched.
+        A clustered volume's engine reads its witness first and claims it before it takes
+        over any replica (docs/membership.md, "The witness")."""
+        witness = self.config.witness
+        seen = witness.read() if witness is not None else None
         probes = [self._probe(member) for member in self.members]
         chosen = self.config.salvage_from
         decision = membership.decide(
             self.volume, probes, salvage=self.config.salvage,
-            salvage_from=proto.format_address(chosen) if chosen else None)
+            salvage_from=proto.format_address(chosen) if chosen else None,
+            witnessed=seen.members if seen else frozenset(),
+            generation_floor=seen.generation if seen else 0)
         by_name = {member.name: member for member in self.members}
         self.generation = decision.generation
+        claimed = None
+        if witness is not None and seen is not None:
+            members = frozenset(p.replica_id for p in decision.rw)
+            try:
+                revision = witness.record(seen.revision, decision.generation, members)
+            except Conflict as exc:
+                raise Conflict(f"volume {self.volume}: another engine changed the volume's "
+                               f"witness while this one started ({exc}); start again") from exc
+            claimed = Witnessed(revision, decision.generation, members)
         for member in self.members:
             member.session(self.generation, int.from_bytes(os.urandom(8), "big"))
         # Take over every reachable replica before anything else: its server then refuses
@@ -156,7 +175,7 @@ class Engine:
         for probe in [*decision.rw, *decision.stale, *decision.diverged]:
             by_name[probe.name].connect().close()
         self.size = decision.rw[0].size
-        self.roster.start(decision)
+        self.roster.start(decision, claimed)
         if self.config.local_fast_path:
             self._borrow_local()
         self.started = {"rw": [p.name for p in decision.rw],
@@ -300,6 +319,10 @@ class Engine:
                 raise NoSpace(f"volume {self.volume}: {what} failed: every replica is full")
             for member, exc in failures:
                 self._fail(member, exc)
+        if self.roster.fenced:  # the failures could not be recorded: nothing is acknowledged
+            self._count("errors")
+            raise StorageIOError(f"volume {self.volume}: {what} failed: the engine is fenced: "
+                                 f"{self.roster.fenced}")
         if not any(m.mode == Mode.RW for m, _ in results):
             self._count("errors")
             reasons = "; ".join(str(e) for _, e in failures) or "no replica in service"
@@ -311,7 +334,7 @@ class Engine:
                  served: list[tuple[Member, bytes]]) -> None:
         """Count one completed read or write of *length* bytes begun at *started*, and
         served by the members of *served*."""
-        self._last_io = now = time.perf_counter()
+        now = time.perf_counter()
         elapsed = now - started
         bucket = bisect.bisect_left(LATENCY_BUCKETS, elapsed)
         count = SERVED[kind]
@@ -552,8 +575,11 @@ class Engine:
 
     def add_replica(self, address: tuple[str, int], *, discard: bool = False) -> None:
         """Bring a replica (new, or one that failed) in: WO, rebuilt, verified, then RW.
-        A replica holding a diverged branch that a salvage kept is only taken when
-        *discard* says its data may go."""
+        A replica holding a diverged branch (kept by a salvage, or found on a branch this
+        volume's history does not contain when it comes back) is only taken when *discard*
+        says its data may go."""
+        if not discard:
+            self._refuse_another_branch(address)
         with self.roster.lock:
             member = next((m for m in self.members if m.address == address), None)
             if member is not None and (member.mode != Mode.ERR or member.name in self._rebuilds):
@@ -571,6 +597,26 @@ class Engine:
             # Registered before the lock is released: a second call for the same replica
             # finds this rebuild and is refused.
             self._start_rebuild(member)
+
+    def _refuse_another_branch(self, address: tuple[str, int]) -> None:
+        """Refuse (and keep) a replica that holds a branch outside the volume's history:
+        one that was away when a salvage gave it up may hold acknowledged writes."""
+        member = next((m for m in self.members if m.address == address), None)
+        probe = self._probe(member or self._new_member(address))
+        if not probe.reachable or not membership.holds_another_branch(probe,
+                                                                      self.roster.history):
+            return  # new, behind, or unreachable (its rebuild finds out)
+        since = probe.describe_branch()
+        if member is not None:
+            with self.roster.lock:
+                if member.mode == Mode.ERR:
+                    member.kept = {"branch": probe.branch, "since": since}
+                    member.reason = f"diverged: holds {since}; kept, not rebuilt"
+        raise FailedPrecondition(
+            f"replica {proto.format_address(address)} holds {since}, a branch volume "
+            f"{self.volume}'s history does not contain: it may hold acknowledged writes the "
+            "volume lacks, so it is kept, not rebuilt; add it with --discard once it is no "
+            "longer needed")
 
     def remove_replica(self, address: tuple[str, int]) -> None:
         with self.roster.lock:
@@ -622,7 +668,8 @@ class Engine:
                 "epoch": roster.epoch, "branch": roster.branch,
                 "history": [b.to_dict() for b in roster.history[-HISTORY_SHOWN:]],
                 "salvage": dict(roster.salvage) if roster.salvage else None,
-                "started": dict(self.started), "state": state,
+                "started": dict(self.started),
+                "state": "faulted" if roster.fenced else state, "fenced": roster.fenced or None,
                 "replicas": [m.describe() for m in self.members], "io": stats,
                 "liveness": self.liveness.status()}
 

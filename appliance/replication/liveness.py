@@ -1,20 +1,22 @@
 """Liveness: an idle engine finds a replica that died, hung or was cut off within seconds
 (docs/engine-control.md, "Liveness").
 
-A volume that serves I/O finds a failed replica by itself: the request fails or times out,
-and the replica leaves service. An idle volume sends nothing, so without this a replica
-whose server was killed, stopped or partitioned away would stay RW, and the volume
-"healthy", until the next I/O. So while no read or write has completed for an interval,
-the engine pings every replica in service (RW and WO) over its data connection, the one the
-next write would use, once per interval; a replica that does not answer within the data
+A replica that serves I/O shows its failure by itself: the request fails or times out, and
+the replica leaves service. A replica that serves nothing (the volume is idle, or only reads,
+which go to the local replica) would stay RW, and the volume "healthy", until the next
+request it gets; and a fenced-off engine serving reads from the replica beside it would
+never learn that it lost the others (docs/membership.md, "The witness"). So every interval
+the engine pings each replica in service (RW and WO) that served nothing since the last
+look, over its data connection, the one the next write would use; a replica that does not
+answer within the data
 timeout, or answers with an error (a newer engine owns it), leaves service exactly as it
 would on a failed write: through the roster, its reason naming the ping. The node daemon
 then rebuilds it as any failed replica.
 
-* **Idle only**: nothing is sent while I/O completes; the data path pays one store of a
-  float per request, which the engine does for its statistics anyway.
+* **Only the silent**: a replica that served a read or a write since the last look is not
+  pinged; the data path pays nothing more (the counts are the engine's statistics).
 * **Bounded**: one ping waits at most the data timeout; a dead replica is out of service
-  within ``interval + timeout`` seconds of the last I/O (or of its death, if later).
+  within ``2 * interval + timeout`` seconds of its death.
 * **The same failure path as I/O**: a replica the ping fails leaves under the roster's
   lock, with the same records, branch and publication rules (docs/membership.md), so a
   ping racing a write's failure on the same replica is one failure, whichever comes first.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,18 +44,16 @@ PING_FAILED = "the liveness ping failed"
 
 class Liveness:
     """The engine's liveness thread (see the module). *targets* gives the replicas in
-    service, *last_io* the ``time.perf_counter()`` of the last completed read or write,
-    *fail* takes a replica out of service (durably, before it returns); *closed* is set
-    when the engine stops."""
+    service, *fail* takes a replica out of service (durably, before it returns); *closed* is
+    set when the engine stops."""
 
     def __init__(self, volume: str, interval: float, *,
-                 targets: Callable[[], Sequence[Member]], last_io: Callable[[], float],
+                 targets: Callable[[], Sequence[Member]],
                  fail: Callable[[Member, ApplianceError], None],
                  closed: threading.Event) -> None:
         self.volume = volume
         self.interval = interval
         self._targets = targets
-        self._last_io = last_io
         self._fail = fail
         self._closed = closed
         self.rounds = 0  # rounds of pings sent (each to every replica in service)
@@ -84,12 +83,16 @@ class Liveness:
 
     def _run(self) -> None:
         interval = self.interval
+        served: dict[int, int] = {}  # id(member) -> what it had served at the last look
         while not self._closed.wait(interval):
-            if time.perf_counter() - self._last_io() < interval:
-                continue  # I/O flows: it finds a failed replica by itself
             for member in self._targets():
                 if self._closed.is_set():
                     return
+                count = member.stats["reads"] + member.stats["writes"]
+                if served.get(id(member)) != count:
+                    served[id(member)] = count  # it answered I/O since: it is alive
+                    if count:
+                        continue
                 try:
                     self.check(member)
                 except Exception:  # a bug: said loudly, and liveness goes on

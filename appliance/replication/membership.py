@@ -169,6 +169,14 @@ def behind(probe: Probe, other: Probe) -> bool:
     return probe.branch != other.branch and probe.branch in other.lineage
 
 
+def holds_another_branch(probe: Probe, history: tuple[Branch, ...]) -> bool:
+    """True when *probe*, a replica coming back to a running engine, holds a branch outside
+    *history* (the engine's lineage): it went on, or a salvage gave it up while it was away,
+    so it may hold acknowledged writes the volume lacks. It is kept, not rebuilt, until an
+    operator discards it (docs/membership.md, "Running", rule 6)."""
+    return bool(probe.lineage) and probe.branch not in {branch.id for branch in history}
+
+
 @dataclass(frozen=True)
 class Decision:
     """What a starting engine does with each replica."""
@@ -207,9 +215,15 @@ class _Start:
 
 def decide(volume: str, probes: list[Probe], *, salvage: bool = False,
            salvage_from: str | None = None, clock: Callable[[], str] = now,
-           make_id: Callable[[], str] = new_branch_id) -> Decision:
+           make_id: Callable[[], str] = new_branch_id,
+           witnessed: frozenset[str] = frozenset(), generation_floor: int = 0) -> Decision:
     """Choose the replicas that serve (RW), those to rebuild, those to keep, and the
     lineage the engine continues (docs/membership.md, "Starting").
+
+    *witnessed*: the replica ids the volume's witness names (a clustered volume), each of
+    which holds every acknowledged write: an unreachable member of the newest record is
+    no obstacle when a reachable replica is one of them. The generation chosen is above
+    every replica's and above *generation_floor* (the witness's).
 
     Raises :class:`Unavailable` when no replica answers, :class:`Diverged` when replicas
     hold diverged branches and *salvage_from* does not choose one, and
@@ -225,7 +239,8 @@ def decide(volume: str, probes: list[Probe], *, salvage: bool = False,
         if owner not in (None, volume):
             raise FailedPrecondition(f"replica {probe.name} belongs to volume {owner!r}, "
                                      f"not {volume!r}")
-    start = _Start(volume, reachable, max(p.generation for p in probes) + 1, clock, make_id)
+    start = _Start(volume, reachable,
+                   max(generation_floor, *(p.generation for p in probes)) + 1, clock, make_id)
     epoch = max(p.epoch for p in reachable)
     if salvage_from is not None:
         decision = _salvage_from(start, _chosen(volume, probes, salvage_from))
@@ -233,7 +248,7 @@ def decide(volume: str, probes: list[Probe], *, salvage: bool = False,
         decision = Decision(list(reachable), history=start.branch((), "created"),
                             branched=True)
     else:
-        decision = _continue(start, salvage=salvage)
+        decision = _continue(start, salvage=salvage, witnessed=witnessed)
     return replace(decision, unreachable=unreachable, epoch=epoch,
                    generation=start.generation)
 
@@ -271,8 +286,10 @@ def _newest(volume: str, on_branch: list[Probe]) -> Record | None:
     return next(r for r in records if r.epoch == top)
 
 
-def _continue(start: _Start, *, salvage: bool) -> Decision:
-    """A start without a chosen replica: one branch, the members of its newest record."""
+def _continue(start: _Start, *, salvage: bool,
+              witnessed: frozenset[str] = frozenset()) -> Decision:
+    """A start without a chosen replica: one branch, the members of its newest record
+    (those the witness names, when some member cannot be reached)."""
     volume, reachable = start.volume, start.reachable
     live = [p for p in reachable if not p.pristine]
     heads = _heads(live)
@@ -284,6 +301,16 @@ def _continue(start: _Start, *, salvage: bool) -> Decision:
     members = set(newest.members) if newest else {p.replica_id for p in on_branch}
     candidates = [p for p in on_branch if p.replica_id in members]
     missing = sorted(members - {p.replica_id for p in reachable})
+    vouched = [p for p in candidates if p.replica_id in witnessed]
+    if missing and vouched:
+        # Each replica the witness names holds every acknowledged write: the unreachable
+        # members hold nothing more. A new branch leaves them behind.
+        cause = f"started without unreachable {_where(newest, missing)}; the witness " \
+                f"names {', '.join(p.name for p in vouched)}"
+        best = max(vouched, key=lambda p: p.revision)
+        return Decision([best], [p for p in reachable if p is not best],
+                        history=start.branch(newest.history if newest else (), cause),
+                        branched=True, previous_salvage=newest.salvage if newest else None)
     if missing and not salvage:
         raise FailedPrecondition(
             f"volume {volume}: replica(s) {_where(newest, missing)} of the newest membership "

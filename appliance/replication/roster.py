@@ -18,7 +18,11 @@ The rules it keeps:
 * who takes writes (:attr:`Roster.targets`) and serves reads (:attr:`Roster.readers`) is
   published only after the record describing it is durable, so a write sent to the new set
   is never acknowledged before that; writes still aimed at a replica that left fail on it
-  and wait for this lock.
+  and wait for this lock;
+* with a witness (a clustered volume: docs/membership.md, "The witness"), the record of a
+  smaller RW set is written only once the witness names it; when it refuses or cannot be
+  reached the engine is **fenced**: nothing is written, no replica serves, every request
+  fails. A larger set (a promotion) that the witness does not take leaves the replica WO.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from appliance.errors import ApplianceError, Unavailable
+from appliance.errors import ApplianceError, Conflict, Unavailable
 from appliance.replication import membership
 from appliance.replication.lockorder import Lock
 from appliance.replication.member import Mode
 from appliance.replication.membership import Branch, Decision, Record
+from appliance.replication.witness import Witness, Witnessed
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ class Roster:
     def __init__(self, volume: str, seats: list[Any], store: Store, *,
                  clock: Callable[[], str] = membership.now,
                  make_id: Callable[[], str] = membership.new_branch_id,
-                 lock: Lock | None = None) -> None:
+                 lock: Lock | None = None, witness: Witness | None = None) -> None:
         self.volume = volume
         self.seats = seats  # shared with the engine, which adds and removes replicas
         self.store = store
@@ -77,6 +82,9 @@ class Roster:
         self.salvage: Mapping[str, Any] | None = None
         self.closing = False
         self._clean = False
+        self.witness = witness
+        self.witnessed = Witnessed(0)  # what the witness last durably named (with a witness)
+        self.fenced = ""  # why the engine serves no more (with a witness): see _fence
 
     @property
     def branch(self) -> str:
@@ -96,16 +104,22 @@ class Roster:
 
     def _publish(self) -> None:
         """Publish the targets and readers of the current modes (the record describing
-        them is durable, or no record can be written)."""
+        them is durable, or no record can be written); none once fenced."""
+        if self.fenced:
+            self.targets, self.readers = (), ()
+            return
         self.targets = tuple(self.in_service())
         self.readers = tuple(sorted(self.serving(), key=lambda s: not s.local))
 
     # -- start and stop ---------------------------------------------------------------------
 
-    def start(self, decision: Decision) -> None:
-        """Take the modes *decision* chose and make them durable on the RW replicas."""
+    def start(self, decision: Decision, witnessed: Witnessed | None = None) -> None:
+        """Take the modes *decision* chose and make them durable on the RW replicas
+        (*witnessed*: what the engine claimed the witness with, naming those replicas)."""
         by_name = {seat.name: seat for seat in self.seats}
         with self.lock:
+            if witnessed is not None:
+                self.witnessed = witnessed
             self.generation, self.epoch = decision.generation, decision.epoch
             self.history = decision.history
             self.salvage = decision.salvage or decision.previous_salvage
@@ -154,9 +168,9 @@ class Roster:
         when it could not take the record (it is out of service again) or the engine is
         stopping."""
         with self.lock:
-            if seat.mode == Mode.WO:
-                return not self.closing  # a retried rebuild: it still takes every write
-            if self.closing or seat.mode != Mode.ERR or not self.serving():
+            if seat.mode == Mode.WO:  # a retried rebuild: it still takes every write
+                return not (self.closing or self.fenced)
+            if self.closing or self.fenced or seat.mode != Mode.ERR or not self.serving():
                 return False
             seat.mode, seat.reason, seat.kept = Mode.WO, "", None
             self._commit()
@@ -166,7 +180,7 @@ class Roster:
         """Make WO *seat* (proven equal) RW: every RW replica durably names it a member
         before it is one. False when that could not be done (it stays WO, or left)."""
         with self.lock:
-            if self.closing or seat.mode != Mode.WO:
+            if self.closing or self.fenced or seat.mode != Mode.WO:
                 return False
             self._commit(promoting=seat)
             return bool(seat.mode == Mode.RW)
@@ -187,6 +201,12 @@ class Roster:
                 self._publish()
                 return False
             members = [*rw, promoting] if promoting is not None else rw
+            if not self._witness(members, promoting):
+                if self.fenced:
+                    self._publish()
+                    return False
+                promoting = None  # it left: the record is written without it
+                continue
             self.epoch += 1
             document = self.record(members).to_dict()
             left = self._write(rw, document)
@@ -201,6 +221,38 @@ class Roster:
                 promoting.mode = Mode.RW
             self._publish()
             return True
+
+    def _witness(self, members: list[Any], promoting: Any) -> bool:
+        """Have the witness (if any) name *members* before a record does. False when it
+        did not: the engine is fenced (the set was not larger, or the witness named another
+        engine), or *promoting*, which only the larger set would name, leaves service (to
+        be rebuilt again later)."""
+        if self.witness is None or self.fenced:
+            return not self.fenced
+        ids = frozenset(s.replica_id for s in members)
+        if ids == self.witnessed.members:
+            return True
+        try:
+            revision = self.witness.record(self.witnessed.revision, self.generation, ids)
+        except Conflict as exc:  # another engine wrote it: this one is stale
+            self._fence(exc)
+            return False
+        except ApplianceError as exc:
+            if promoting is not None and ids > self.witnessed.members:
+                self._leave(promoting, Unavailable(f"the witness could not name it ({exc}); "
+                                                   "it is rebuilt again later"))
+            else:
+                self._fence(exc)
+            return False
+        self.witnessed = Witnessed(revision, self.generation, ids)
+        return True
+
+    def _fence(self, exc: ApplianceError) -> None:
+        self.fenced = (f"the witness did not take the new member set ({exc}): another "
+                       "engine may own the volume")
+        log.error("volume %s: fenced: %s; every request fails from now on", self.volume,
+                  self.fenced)
+        self._publish()
 
     def _write(self, seats: list[Any], document: dict[str, Any]) -> Any:
         """Store *document* on each of *seats*; the first RW one that fails leaves and is

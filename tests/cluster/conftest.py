@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import Cluster, Etcd
+from tests.cluster.harness import Cluster
+from tests.etcd import Etcd
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
-"""Clusters for tests: an etcd cluster of real members, and node daemons on their own
-loopback addresses (127.0.0.N: each binds only its own), started as an operator would."""
+"""Clusters for tests: an etcd cluster of real members, and node daemons started as an
+operator would, either on their own loopback addresses (127.0.0.N: each binds only its
+own) or each in a network namespace of its own with one etcd member beside it
+(tests/netns.py), where cutting a node off cuts its etcd member off too."""
 
 from __future__ import annotations
 
@@ -7,82 +9,37 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from tests.harness import Node, alive, free_port, wait_for
+from appliance.frontend import attach as frontend
+from tests.etcd import Etcd
+from tests.harness import Node, alive, wait_for
+from tests.netns import Host
 
 LEASE_TTL = 3  # seconds: a killed node is down this soon
 
 
-class Etcd:
-    """*size* etcd members on 127.0.0.1, one process each."""
-
-    def __init__(self, root: Path, size: int = 1) -> None:
-        self.root = root
-        self.names = [f"e{index}" for index in range(size)]
-        self.clients = {name: free_port() for name in self.names}
-        self.peers = {name: free_port() for name in self.names}
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-
-    @property
-    def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{self.clients[name]}" for name in self.names]
-
-    @property
-    def cluster_flag(self) -> str:
-        return ",".join(f"etcd://127.0.0.1:{self.clients[name]}" for name in self.names)
-
-    def start(self, name: str | None = None) -> None:
-        initial = ",".join(f"{n}=http://127.0.0.1:{self.peers[n]}" for n in self.names)
-        for member in [name] if name else self.names:
-            client = f"http://127.0.0.1:{self.clients[member]}"
-            peer = f"http://127.0.0.1:{self.peers[member]}"
-            with open(self.root / f"{member}.log", "ab") as log:
-                self.processes[member] = subprocess.Popen(
-                    ["etcd", "--name", member, "--data-dir", str(self.root / member),
-                     "--listen-client-urls", client, "--advertise-client-urls", client,
-                     "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                     "--initial-cluster", initial, "--initial-cluster-state", "new",
-                     "--heartbeat-interval", "100", "--election-timeout", "1000"],
-                    stdout=log, stderr=log, start_new_session=True)
-        wait_for(self.healthy, 60, "etcd to have a leader")
-
-    def healthy(self) -> bool:
-        for url in self.urls:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).json().get("health") == "true":
-                    return True
-        return False
-
-    def kill(self, name: str) -> None:
-        process = self.processes.pop(name)
-        process.kill()
-        process.wait(timeout=30)
-
-    def stop(self) -> None:
-        for name in list(self.processes):
-            self.kill(name)
-
-
 class ClusterNode(Node):
-    """A node daemon of a cluster, on loopback address 127.0.0.*index*."""
+    """A node daemon of a cluster, on loopback address 127.0.0.*index*, or in the network
+    namespace of *netns* (beside etcd member *index* - 1)."""
 
     def __init__(self, root: Path, index: int, etcd: Etcd, key_file: Path,
-                 config: Path) -> None:
+                 config: Path, netns: Host | None = None) -> None:
         root.mkdir(exist_ok=True)
-        super().__init__(root, host=f"127.0.0.{index}")
+        super().__init__(root, host=netns.address if netns else f"127.0.0.{index}",
+                         launcher=netns.launcher if netns else ())
         self.name = f"n{index}"
+        self.index = index
+        self.netns = netns
         self.etcd = etcd
         self.key_file = key_file
         self.config = config
 
     def start(self, *extra: str | Path, wait: bool = True) -> None:
-        super().start("--cluster", self.etcd.cluster_flag, "--node-name", self.name,
+        flag = self.etcd.flag_from(self.index - 1) if self.netns else self.etcd.cluster_flag
+        super().start("--cluster", flag, "--node-name", self.name,
                       "--advertise", self.host, "--cluster-key-file", self.key_file,
                       "--config", self.config, *extra, wait=wait)
 
@@ -96,6 +53,17 @@ class ClusterNode(Node):
             with contextlib.suppress(OSError, ValueError):
                 pids.append(int(pid_file.read_text()))
         return [pid for pid in pids if alive(pid)]
+
+    def cleanup(self) -> None:
+        """Everything this node started gone, fast: devices detached, then every process
+        killed (a graceful engine stop may wait out replicas other nodes' cleanups took)."""
+        self.stop(signal.SIGKILL)
+        run_dir = self.data / "run"
+        for state in sorted(run_dir.glob("*/ctl.sock.attach")) if run_dir.exists() else []:
+            with contextlib.suppress(Exception):
+                frontend.detach(state)
+        self.die()
+        super().cleanup()
 
     def die(self) -> None:
         """Every process of the node killed with SIGKILL (its daemon, engines, servers)."""
@@ -112,7 +80,8 @@ def _dead(pid: int) -> bool:
 
 
 class Cluster:
-    def __init__(self, root: Path, size: int, etcd: Etcd, **config: Any) -> None:
+    def __init__(self, root: Path, size: int, etcd: Etcd, netns: list[Host] | None = None,
+                 **config: Any) -> None:
         self.root = root
         self.etcd = etcd
         self.key_file = root / "cluster.key"
@@ -120,7 +89,8 @@ class Cluster:
         self.config = root / "node.toml"
         self.config.write_text("".join(f"{key} = {json.dumps(value)}\n"
                                        for key, value in settings.items()))
-        self.nodes = [ClusterNode(root / f"n{index}", index, etcd, self.key_file, self.config)
+        self.nodes = [ClusterNode(root / f"n{index}", index, etcd, self.key_file, self.config,
+                                  netns[index - 1] if netns else None)
                       for index in range(1, size + 1)]
 
     def start(self) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.cluster.harness import Cluster, ClusterNode, Etcd
+from tests.cluster.harness import Cluster, ClusterNode
+from tests.etcd import Etcd
 from tests.harness import wait_for
 
 

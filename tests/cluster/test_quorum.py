@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import Cluster, Etcd
+from tests.cluster.harness import Cluster
+from tests.etcd import Etcd
 from tests.harness import VERIFY, engine_writes, fio_errors, wait_for
 
 WRITES = 200

@@ -508,9 +508,12 @@ def test_row9_engine_crash_under_a_filesystem(tmp_path: Path, volumes: Volumes) 
     (mountpoint / "kept").write_bytes(kept)
     subprocess.run(["sync"], check=True)
     before = volume.writes()
-    # direct I/O: the writer's data goes to the engine now, not at the next writeback
-    writer = subprocess.Popen(["dd", "if=/dev/urandom", f"of={mountpoint / 'busy'}",
-                               "bs=1M", "count=100", "oflag=direct"], stderr=subprocess.DEVNULL)
+    # direct I/O: the writer's data goes to the engine now, not at the next writeback. It
+    # writes until a write fails (the crash), so it cannot finish before the crash lands.
+    writer = subprocess.Popen(
+        ["sh", "-c", f"while dd if=/dev/urandom of={mountpoint / 'busy'} bs=1M count=64 "
+         "oflag=direct conv=notrunc status=none; do :; done; exit 1"],
+        stderr=subprocess.DEVNULL)
     wait_for(lambda: volume.writes() >= before + 16, 60, "the writer's data at the engine",
              interval=0)
     volume.crash_engine()

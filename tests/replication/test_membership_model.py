@@ -150,6 +150,14 @@ class SimEngine:
             self.roster.fail(seat, Unavailable(f"{seat.name} is down"))
         return any(s.mode == Mode.RW for s in succeeded)
 
+    def check_returning(self, seat: Seat) -> None:
+        """As Engine.add_replica: a replica back on a branch outside the engine's history
+        is kept (refused unless discarded)."""
+        replica = self.replica(seat)
+        if seat.kept is None and replica.up and membership.holds_another_branch(
+                replica.probe(), self.roster.history):
+            seat.kept = {"branch": replica.probe().branch}
+
     def begin_rebuild(self, seat: Seat, *, discard: bool) -> None:
         if seat.kept is not None and not discard:
             return  # Engine.add_replica refuses
@@ -353,6 +361,7 @@ class MembershipModel(RuleBasedStateMachine):
         seat = next((s for s in engine.seats if s.name == f"r{index}"), None)
         if seat is None or seat.mode != Mode.ERR:
             return
+        engine.check_returning(seat)
         if seat.kept is not None and discard:
             self.kept.pop(seat.name, None)  # the operator discards the kept branch
             data = self.world.replicas[seat.name].data
@@ -489,3 +498,30 @@ EXAMPLES = int(os.environ.get("MEMBERSHIP_EXAMPLES", "300"))
 MembershipModel.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=30,
                                              deadline=None)
 TestMembershipModel = MembershipModel.TestCase
+
+
+def test_a_replica_given_up_by_a_salvage_is_kept_when_it_returns() -> None:
+    """Found by the model: r2 serves alone (salvage) and takes a write; while r2 is away
+    the volume is salvaged from r0. When r2 returns to that engine, its branch is not in
+    the engine's history: it may hold acknowledged writes (it does), so it is kept, not
+    rebuilt over, and its record stays its own."""
+    world = World(3)
+
+    def started(names: list[str], *, salvage: bool) -> SimEngine:
+        engine = SimEngine(world, names, salvage=salvage, salvage_from=None)
+        engine.start(engine.decide())
+        return engine
+
+    started(["r0", "r1", "r2"], salvage=False)  # then it crashes: dropped
+    alone = started(["r2"], salvage=True)
+    assert alone.write(0, 99)  # acknowledged, on r2 only
+    world.replicas["r2"].up = False
+    engine = started(["r0", "r2"], salvage=True)
+    world.replicas["r2"].up = True
+    seat = next(s for s in engine.seats if s.name == "r2")
+    record_before = world.replicas["r2"].record
+    engine.check_returning(seat)
+    assert seat.kept is not None
+    engine.begin_rebuild(seat, discard=False)
+    assert seat.mode == Mode.ERR and world.replicas["r2"].record == record_before
+    assert world.replicas["r2"].data == {0: 99}

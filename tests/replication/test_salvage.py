@@ -252,3 +252,40 @@ def test_a_start_that_cannot_reach_any_replica_is_unavailable(tmp_path: Path,
         cluster.engine(addresses=(address,))
     with pytest.raises(ApplianceError):
         cluster.engine(addresses=(address,), salvage_from=address)
+
+
+def test_a_replica_given_up_while_away_is_kept_when_it_comes_back(
+        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """C serves alone (salvaged) and acknowledges a write; while C is away the volume is
+    salvaged from A. When C comes back to that engine, its branch is not in the volume's
+    history: adding it is refused (it may hold acknowledged writes, and it does) and it is
+    kept, untouched, until an operator discards it (found by the membership model)."""
+    for _ in range(3):
+        cluster.add()
+    c = cluster.addresses()[2]
+    engine = cluster.engine()
+    engine.write(mv(b"1" * BS), 0)
+    engine.close()
+    cluster.crash(0)
+    cluster.crash(1)
+    alone = cluster.engine(salvage=True)  # C alone
+    alone.write(mv(b"C" * BS), BS)  # acknowledged on C only
+    alone.close()
+    cluster.crash(2)
+    cluster.restart(0)
+    cluster.restart(1)
+    salvaged = cluster.engine(salvage=True)  # A and B; C is given up
+    assert salvaged.status()["salvage"]["given_up"]
+    cluster.restart(2)
+    c_head = cluster.servers[2].replica.read(0, 2 * BS)
+    assert c_head == b"1" * BS + b"C" * BS
+    with pytest.raises(FailedPrecondition, match=r"history does not contain.*--discard"):
+        salvaged.add_replica(c)
+    replica_c = salvaged.status()["replicas"][2]
+    assert replica_c["mode"] == "ERR" and "diverged" in replica_c
+    assert cluster.servers[2].replica.read(0, 2 * BS) == c_head
+    salvaged.add_replica(c, discard=True)  # the operator lets C's branch go
+    assert salvaged.wait_rebuilds(60)
+    assert modes(salvaged) == ["RW", "RW", "RW"]
+    salvaged.close()
+    expect_log(caplog, r"engine: volume vol salvaged from .*unreachable member")
