@@ -8,9 +8,8 @@ with 100 volumes of 2 replicas (``NodeService.list_volumes``: the volumes and th
 listed, decoded and joined). Reported as medians and p99 per store and the ratio
 etcd/SQLite of the medians (with its range over the rounds).
 
-The daemon runs on SQLite only until it can be started on etcd (the ``--cluster`` flag);
-its HTTP figure on etcd awaits that flag (``node_bench.py`` measures the HTTP path on
-SQLite).
+The daemon's HTTP figure on etcd beside SQLite (``GET /v1/volumes`` through a cluster
+node) is measured by ``cluster_bench.py``.
 """
 
 from __future__ import annotations
