@@ -25,8 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +35,8 @@ from typing import Any
 
 import httpx
 
-from bench.fio_bench import WORKLOADS, fio, prefill
+from bench.fio_bench import WORKLOADS, Workload, measure, prefill
+from bench.node_bench import latency
 from tests.cluster.harness import Cluster, ClusterNode
 from tests.etcd import Etcd
 from tests.harness import Node, wait_for
@@ -46,28 +45,9 @@ from tests.netns import Host, hosts
 MiB = 1 << 20
 
 
-def kill_everything_in(host: Host) -> None:
-    listed = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
-                            text=True, check=False).stdout.split()
-    for pid in listed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
 def client(node: Node) -> httpx.Client:
     return httpx.Client(base_url=node.url, timeout=60, headers={
         "Authorization": f"Bearer {node.token_file.read_text().strip()}"})
-
-
-def latency(http: httpx.Client, path: str, repeat: int) -> dict[str, float]:
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        http.get(path).raise_for_status()
-        samples.append(time.perf_counter() - started)
-    samples.sort()
-    return {"p50_ms": 1000 * statistics.median(samples),
-            "p99_ms": 1000 * samples[min(len(samples) - 1, int(len(samples) * 0.99))]}
 
 
 def create_volumes(node: Node, count: int) -> None:
@@ -84,8 +64,10 @@ def api_latency(cluster_node: Node, single: Node, repeat: int) -> dict[str, Any]
     result: dict[str, Any] = {}
     for label, node in (("etcd", cluster_node), ("sqlite", single)):
         with client(node) as http:
-            result[label] = {"healthz": latency(http, "/healthz", repeat),
-                             "volume_list": latency(http, "/v1/volumes", repeat)}
+            result[label] = {
+                "healthz": latency(lambda: http.get("/healthz").raise_for_status(), repeat),
+                "volume_list": latency(lambda: http.get("/v1/volumes").raise_for_status(),
+                                       repeat)}
     result["ratio_etcd_sqlite"] = (result["etcd"]["volume_list"]["p50_ms"] /
                                    result["sqlite"]["volume_list"]["p50_ms"])
     return result
@@ -95,18 +77,9 @@ def nbd_uri(node: Node, volume: str) -> str:
     return f"nbd+unix:///?socket={node.data / 'run' / volume / 'nbd.sock'}"
 
 
-def fio_set(uri: str, size: int, runtime: int, workloads: list[Any]) -> dict[str, float]:
+def fio_set(uri: str, size: int, runtime: int, workloads: list[Workload]) -> dict[str, float]:
     prefill(uri, size)
-    figures = {}
-    for workload in workloads:
-        report = fio(uri, f"--rw={workload.rw}", f"--bs={workload.bs}",
-                     f"--iodepth={workload.iodepth}", f"--size={size}", "--time_based",
-                     f"--runtime={runtime}", "--randseed=42")
-        side = report["jobs"][0]["read" if "read" in workload.rw else "write"]
-        figures[workload.name] = (float(side["iops"]) if workload.metric == "iops" else
-                                  float(side["bw"]) / 1024 if workload.metric == "mibs" else
-                                  float(side["lat_ns"]["mean"]) / 1000)
-    return figures
+    return {w.name: measure(uri, w, size, runtime) for w in workloads}
 
 
 class Writer:
@@ -210,7 +183,7 @@ def node_death(cluster: Cluster, namespaces: list[Host], size: int,
         # a dead machine answers nothing: cut off first, then every process killed
         namespaces[2].partition(both_ways=True)
         killed = time.monotonic()
-        kill_everything_in(namespaces[2])
+        namespaces[2].kill_everything()
         stall = writer.stall_after(killed)
         wait_for(lambda: whole(n1, "k", 3), 900, "the volume whole again")
         rebuilt = time.monotonic() - killed
@@ -307,7 +280,7 @@ def run(root: Path, quick: bool) -> dict[str, Any]:
                 cluster.cleanup()
                 etcd.stop()
                 for host in namespaces:
-                    kill_everything_in(host)
+                    host.kill_everything()
     finally:
         single.cleanup()
     return result

@@ -183,12 +183,15 @@ def stop_project(target: Target) -> None:
             time.sleep(0.05)
 
 
-def measure(target: Target, workload: Workload, size: int, runtime: int,
-            raw: Path) -> float:
-    report = fio(target.uri, f"--rw={workload.rw}", f"--bs={workload.bs}",
+def measure(uri: str, workload: Workload, size: int, runtime: int,
+            raw: Path | None = None) -> float:
+    """*workload*'s figure on the NBD export at *uri*; the raw fio JSON goes to *raw* when
+    given."""
+    report = fio(uri, f"--rw={workload.rw}", f"--bs={workload.bs}",
                  f"--iodepth={workload.iodepth}", f"--size={size}", "--time_based",
                  f"--runtime={runtime}", "--randseed=42")
-    raw.write_text(json.dumps(report))
+    if raw is not None:
+        raw.write_text(json.dumps(report))
     side = report["jobs"][0]["read" if "read" in workload.rw else "write"]
     if workload.metric == "iops":
         return float(side["iops"])
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                     raw = args.results / f"{run}-{workload.name}-{target.name}.json" \
                         .replace(" ", "_").replace("/", "")
                     samples[workload.name][target.name].append(
-                        measure(target, workload, size, args.runtime, raw))
+                        measure(target.uri, workload, size, args.runtime, raw))
     finally:
         for target in targets:
             if target.pids:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -43,6 +44,14 @@ class Host:
                   f"    iifname eth0 {rule}\n  }}\n{output}}}\n")
         subprocess.run(["ip", "netns", "exec", self.name, "nft", "-f", "-"], input=script,
                        text=True, check=True)
+
+    def kill_everything(self) -> None:
+        """SIGKILL every process in this host's network namespace (a node that dies)."""
+        listed = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
+                                text=True, check=False).stdout.split()
+        for pid in listed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
     def heal(self) -> None:
         subprocess.run(["ip", "netns", "exec", self.name, "nft", "delete", "table", "inet",

@@ -7,10 +7,7 @@ knows exactly which writes were acknowledged."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,14 +29,6 @@ def uri(node: ClusterNode, volume: str) -> str:
     return f"nbd+unix:///?socket={node.data / 'run' / volume / 'nbd.sock'}"
 
 
-def kill_everything_in(host: Host) -> None:
-    listed = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
-                            text=True, check=False).stdout.split()
-    for pid in listed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
 @pytest.fixture
 def netns_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, list[Host]]]:
     """Three nodes, each in its own network namespace beside one of three etcd members."""
@@ -57,7 +46,7 @@ def netns_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, list[Host]]]:
             nodes.cleanup()
             etcd.stop()
             for host in namespaces:
-                kill_everything_in(host)
+                host.kill_everything()
 
 
 def progress(workload: AckWorkload) -> dict[str, int]:

@@ -40,6 +40,7 @@ from appliance.replication.membership import Probe, Record
 from appliance.replication.roster import Roster
 from appliance.replication.witness import Witnessed
 from tests.logcheck import expect_log
+from tests.replication.test_membership_model import Seat
 
 BLOCKS = 2
 REPLICAS = ("r0", "r1", "r2")
@@ -54,19 +55,6 @@ class SimReplica:
     revision: int = 0
     generation: int = 0  # of the newest engine that took it over
     record: dict[str, Any] | None = None
-
-
-@dataclass
-class Seat:
-    name: str
-    replica_id: str = ""
-    mode: Mode = Mode.ERR
-    reason: str = ""
-    kept: Any = None
-    local: bool = False
-
-    def leave(self) -> None:
-        pass
 
 
 class World:
