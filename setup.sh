@@ -72,6 +72,9 @@ if [ ! -e "$stamp" ]; then
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
+# the CSI plugin's gRPC stubs, generated from the CSI spec's csi.proto (CSI_PROTO, default
+# ../shared/reference/csi-spec-v1.12.0/csi.proto); nothing is done when they are current
+.venv/bin/python -m appliance.csi.protogen
 echo "setup.sh: ready (.venv/bin/appliance)"
 
 if [ "$demo" = 1 ]; then

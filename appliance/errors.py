@@ -59,6 +59,13 @@ class NotFound(UsageError):
     code = "not-found"
 
 
+class OutOfRange(InvalidArgument):
+    """A size or range is outside what the object allows."""
+
+    grpc_status = "OUT_OF_RANGE"
+    code = "out-of-range"
+
+
 class AlreadyExists(UsageError):
     """An object with that name already exists."""
 
@@ -163,6 +170,13 @@ class StaleSession(FailedPrecondition):
 
     errno = _errno.ESTALE
     code = "stale-session"
+
+
+class Pending(FailedPrecondition):
+    """Another operation on the same object is in progress: try again when it ended."""
+
+    grpc_status = "ABORTED"
+    code = "pending"
 
 
 class AddressInUse(FailedPrecondition):

@@ -87,8 +87,16 @@ def module_imports(source: str, module: str, is_package: bool,
     return edges
 
 
+GENERATED = PACKAGE / "csi" / "proto"  # protoc's output (appliance.csi.protogen)
+
+
+def source_files(package: Path = PACKAGE) -> list[Path]:
+    """The package's own modules (not the generated gRPC stubs)."""
+    return [path for path in sorted(package.rglob("*.py")) if GENERATED not in path.parents]
+
+
 def import_graph(package: Path = PACKAGE) -> dict[str, dict[str, int]]:
-    paths = {module_name(path, package): path for path in sorted(package.rglob("*.py"))}
+    paths = {module_name(path, package): path for path in source_files(package)}
     known = set(paths)
     return {name: module_imports(path.read_text(), name, path.name == "__init__.py", known)
             for name, path in paths.items()}
@@ -175,7 +183,7 @@ def test_the_cycle_check_sees_lazy_and_type_checking_imports() -> None:
 
 def modules_outside(allowed: tuple[str, ...]) -> list[Path]:
     root = PACKAGE.parent
-    return [path for path in sorted(PACKAGE.rglob("*.py"))
+    return [path for path in source_files()
             if not str(path.relative_to(root)).startswith(allowed)]
 
 
@@ -185,6 +193,23 @@ def test_trio_only_in_the_daemon_and_the_sqlite_store() -> None:
              for path in modules_outside(TRIO_ALLOWED) for name in imported_modules(path)
              if name.split(".")[0] == "trio"]
     assert not found, found
+
+
+GRPC_ALLOWED = ("appliance/csi/",)
+
+
+def test_grpc_and_protobuf_only_in_the_csi_plugin() -> None:
+    """The CSI plugin is an edge: gRPC stays in it, and it reaches the rest of the product
+    through the node daemon's API client only (not the daemon, the engine or the stores)."""
+    found = [f"{path.relative_to(PACKAGE.parent)} imports {name}"
+             for path in modules_outside(GRPC_ALLOWED) for name in imported_modules(path)
+             if name.split(".")[0] in ("grpc", "google", "grpc_tools")]
+    assert not found, found
+    reach = [f"{path.relative_to(PACKAGE.parent)} imports {name}"
+             for path in source_files(PACKAGE / "csi") for name in imported_modules(path)
+             if name.startswith(("appliance.node", "appliance.nbd", "appliance.control.store",
+                                 "appliance.replication", "appliance.cli"))]
+    assert not reach, reach
 
 
 def starts_nbdkit(text: str) -> bool:

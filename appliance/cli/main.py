@@ -29,6 +29,7 @@ COMMANDS = {
     "node": "appliance.cli.admin:node",
     "version": "appliance.cli.admin:version",
     "completion": "appliance.cli.admin:completion",
+    "csi": "appliance.cli.csi:csi",
 }
 
 

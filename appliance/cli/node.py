@@ -12,11 +12,12 @@ from urllib.parse import quote
 
 import click
 
-from appliance.cli.client import ApiClient, RemoteNotFound, api, client_options
+from appliance import apiclient
+from appliance.cli.client import ApiClient, api, client_options
 from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL, SIZE
 from appliance.defaults import API_LISTEN
-from appliance.errors import FailedPrecondition, Unavailable, error_class
+from appliance.errors import FailedPrecondition
 from appliance.units import format_size, format_size_exact
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]),
@@ -170,7 +171,6 @@ def _volume_rows(items: list[dict[str, Any]]) -> str:
 
 # Error codes (errors.py) of a reconcile pass that another pass will not cure by itself:
 # waiting on stops with the error (the daemon keeps trying; the operator has to act).
-TRANSIENT = frozenset({"unavailable", "conflict", "busy", "stale-session", "io-error"})
 
 
 def wait_options(function: Any) -> Any:
@@ -183,7 +183,7 @@ def wait_options(function: Any) -> Any:
                         )(function)
 
 
-class Progress:
+class Progress(apiclient.VolumeObserver):
     """What a wait shows at a terminal: the state, and a bar for copies."""
 
     def __init__(self, what: str) -> None:
@@ -216,59 +216,20 @@ class Progress:
             click.echo("", err=True)
             self.bar = False
 
+    def end(self, complete: bool) -> None:
+        self.end_bar(complete)
+
 
 def wait_for_volume(client: ApiClient, name: str, done: Any, what: str, *,
                     timeout: float = WAIT_TIMEOUT) -> dict[str, Any] | None:
-    """Poll volume *name* until done(volume) (None when it is gone); progress on stderr.
-    Stops early with the daemon's error when a pass failed in a way that the next pass will
-    not cure by itself (a refused placement, a name that cannot work, a failed copy)."""
-    deadline = time.monotonic() + timeout
-    progress = Progress(what)
-    said = ""
-    while True:
-        try:
-            info: dict[str, Any] | None = client.call("GET", f"/v1/volumes/{name}")
-        except RemoteNotFound:
-            info = None  # gone: what delete waits for
-        if done(info):
-            progress.end_bar(complete=True)
-            return info
-        state = info["state"] if info else "gone"
-        progress.state(state)
-        copied = info.get("progress") if info else None
-        if copied and copied["total_bytes"]:
-            progress.fraction(copied["done_bytes"] / copied["total_bytes"])
-        if info and info.get("message") and info["message"] != said:
-            said = info["message"]
-            progress.say(said)
-        if info and info.get("error") and info["error"] not in TRANSIENT:
-            progress.end_bar()
-            cls = error_class(info["error"])
-            raise cls(f"volume {name} is {state}: {info['message']} (the daemon keeps trying; "
-                      "act on the cause, or undo the request)")
-        if time.monotonic() > deadline:
-            progress.end_bar()
-            raise Unavailable(f"volume {name} did not finish ({what}) in {timeout:.0f} s; "
-                              f"it is {state}" + (f": {said}" if said else "")
-                              + " (the daemon goes on)")
-        time.sleep(0.2)
+    """Poll volume *name* until done(volume) (None when it is gone); progress on stderr."""
+    return apiclient.wait_for_volume(client, name, done, what, timeout=timeout,
+                                     observer=Progress(what))
 
 
 def wait_for_copy(client: ApiClient, name: str, what: str, timeout: float) -> None:
-    """Wait until new volume *name*, being filled by a clone or a restore, is usable; a
-    copy that failed removes the volume: its reason (kept in the events) is raised."""
-    info = wait_for_volume(client, name, lambda v: v is None or v["state"] != "creating",
-                           what, timeout=timeout)
-    if info is not None and info["state"] != "failed" and not info["deleting"]:
-        return
-    message = info["message"] if info else ""
-    if not message:
-        for event in reversed(client.call("GET", f"/v1/events?volume={quote(name, safe='')}")):
-            if event["kind"] == "state" and "-> failed" in event["message"]:
-                message = event["message"].split("-> failed", 1)[1].lstrip(": ")
-                break
-    raise FailedPrecondition(f"volume {name}: {message or what + ' failed'}; what it had "
-                             "copied is removed")
+    """Wait until new volume *name*, being filled by a clone or a restore, is usable."""
+    apiclient.wait_for_copy(client, name, what, timeout=timeout, observer=Progress(what))
 
 
 @volume.command("create")

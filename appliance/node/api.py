@@ -86,6 +86,10 @@ class VolumeClone(Strict):
     name: str = Field(min_length=1, max_length=128)
     snapshot: str | None = Field(default=None, min_length=1, max_length=128)
     replicas: int | None = Field(default=None, ge=1, le=8)
+    labels: dict[str, str] | None = Field(default=None,
+                                          description="the clone's (default: the source's)")
+    disk_tags: list[str] | None = Field(default=None, max_length=32,
+                                        description="the clone's (default: the source's)")
 
 
 class VolumeExpand(Strict):
@@ -126,6 +130,8 @@ class BackupCreate(Strict):
 class BackupRestore(Strict):
     name: str = Field(min_length=1, max_length=128)
     replicas: int | None = Field(default=None, ge=1, le=8)
+    labels: dict[str, str] = Field(default_factory=dict)
+    disk_tags: list[str] = Field(default_factory=list, max_length=32)
 
 
 class BackupVerify(Strict):
@@ -330,7 +336,8 @@ def create_app(service: NodeService, backups: BackupService, token: str,
 
     @app.post("/v1/volumes/{name}/clone", dependencies=auth, status_code=201)
     async def clone_volume(name: str, body: VolumeClone) -> dict[str, Any]:
-        return await service.clone_volume(name, body.name, body.snapshot, body.replicas)
+        return await service.clone_volume(name, body.name, body.snapshot, body.replicas,
+                                          labels=body.labels, disk_tags=body.disk_tags)
 
     @app.post("/v1/volumes/{name}/expand", dependencies=auth)
     async def expand_volume(name: str, body: VolumeExpand) -> dict[str, Any]:
@@ -385,7 +392,8 @@ def create_app(service: NodeService, backups: BackupService, token: str,
 
     @app.post("/v1/backups/{backup_id}/restore", dependencies=auth, status_code=201)
     async def restore_backup(backup_id: str, body: BackupRestore) -> dict[str, Any]:
-        return await backups.restore(backup_id, body.name, body.replicas)
+        return await backups.restore(backup_id, body.name, body.replicas,
+                                     labels=body.labels, disk_tags=body.disk_tags)
 
     @app.post("/v1/backups/{backup_id}/verify", dependencies=auth)
     async def verify_backup(backup_id: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class Job:
     manifest: fmt.Manifest | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     own_snapshot: bool = False  # the backup took its snapshot itself (not kept in the store)
+    labels: dict[str, str] = field(default_factory=dict)  # the manifest's, once written
 
     def record(self) -> BackupJob:
         return BackupJob(self.id, self.volume, self.snapshot, self.started, self.finished,

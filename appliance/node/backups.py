@@ -247,7 +247,8 @@ class BackupService:
                            for s in await self.service.list_snapshots(volume)):
                     raise NotFound(f"snapshot {snapshot!r} of volume {volume!r} does not "
                                    "exist")
-            job = Job(fmt.new_backup_id(), volume, snapshot, time.time(), own_snapshot=own)
+            job = Job(fmt.new_backup_id(), volume, snapshot, time.time(), own_snapshot=own,
+                      labels=dict(labels))
             await self.jobs.start(job)
         assert self._nursery is not None
         self._nursery.start_soon(self._run_backup, job, target, labels, info)
@@ -353,7 +354,7 @@ class BackupService:
         return {"id": job.id, "volume": job.volume, "snapshot": job.snapshot,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.started)),
                 "size": None, "data_bytes": None, "uploaded_bytes": None,
-                "state": job.state, "error": job.error or None,
+                "state": job.state, "error": job.error or None, "labels": job.labels,
                 "progress": job.done / job.total if job.total else 0.0}
 
     async def list_backups(self, volume: str | None) -> dict[str, Any]:
@@ -457,8 +458,9 @@ class BackupService:
 
         return await trio.to_thread.run_sync(blocking)
 
-    async def restore(self, backup_id: str, name: str,
-                      replicas: int | None) -> dict[str, Any]:
+    async def restore(self, backup_id: str, name: str, replicas: int | None, *,
+                      labels: dict[str, str] | None = None,
+                      disk_tags: list[str] | None = None) -> dict[str, Any]:
         manifest_info = await self.show(backup_id)
         if manifest_info["state"] != "complete":
             raise FailedPrecondition(f"backup {backup_id} is {manifest_info['state']}")
@@ -471,6 +473,6 @@ class BackupService:
                     if manifest_info["key_id"] else
                     f"backup {backup_id} is not encrypted; the target has a key ({have})")
             created: dict[str, Any] = await self.service.create_volume(
-                name, manifest_info["size"], replicas or 2, [], {},
+                name, manifest_info["size"], replicas or 2, disk_tags or [], labels or {},
                 {"backup": backup_id})
         return created

@@ -275,10 +275,14 @@ class NodeService:
         return await self.show_volume(name)
 
     async def clone_volume(self, source: str, name: str, snapshot: str | None,
-                           replicas: int | None) -> dict[str, Any]:
+                           replicas: int | None, *, labels: dict[str, str] | None = None,
+                           disk_tags: list[str] | None = None) -> dict[str, Any]:
         """A new volume holding snapshot *snapshot* of volume *source* (a snapshot is taken
-        now when none is named); the copy runs in the background (state ``creating``)."""
+        now when none is named); the copy runs in the background (state ``creating``).
+        Its labels and disk tags are the source's unless given."""
         original, _ = await self._volume(source)
+        labels = dict(original.labels) if labels is None else labels
+        disk_tags = original.disk_tags if disk_tags is None else disk_tags
         check_name(name, "volume name")
         if await self.store.get(Volume.key_of(name)) is not None:
             raise AlreadyExists(f"volume {name!r} already exists")
@@ -288,7 +292,7 @@ class NodeService:
             if layer is None:
                 raise NotFound(f"snapshot {snapshot!r} of volume {source!r} does not exist")
             return await self.create_volume(name, layer["size"], replicas or original.replicas,
-                                            original.disk_tags, dict(original.labels),
+                                            disk_tags, labels,
                                             {"volume": source, "snapshot": snapshot})
         # a snapshot taken for the clone, once its replicas are placed (a clone that cannot
         # be placed leaves no snapshot behind)
@@ -304,7 +308,7 @@ class NodeService:
 
         try:
             return await self.create_volume(name, original.size, replicas or original.replicas,
-                                            original.disk_tags, dict(original.labels),
+                                            disk_tags, labels,
                                             {"volume": source, "snapshot": taken}, first=take)
         except ApplianceError:
             if made:

@@ -9,6 +9,8 @@ import contextlib
 import json
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from appliance.frontend import attach as frontend
 from tests.etcd import Etcd
 from tests.harness import Node, alive, wait_for
-from tests.netns import Host
+from tests.netns import Host, hosts
 
 LEASE_TTL = 3  # seconds: a killed node is down this soon
 
@@ -109,3 +111,24 @@ class Cluster:
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.cleanup()
+
+
+@contextmanager
+def netns_cluster(root: Path, size: int = 3) -> Iterator[tuple[Cluster, list[Host]]]:
+    """*size* nodes, each in its own network namespace beside one of *size* etcd members;
+    everything stopped afterwards (partitions healed first)."""
+    with hosts(size) as namespaces:
+        (root / "etcd").mkdir(parents=True)
+        etcd = Etcd(root / "etcd", size, hosts=namespaces)
+        nodes = Cluster(root, size, etcd, netns=namespaces)
+        try:
+            etcd.start()
+            nodes.start()
+            yield nodes, namespaces
+        finally:
+            for host in namespaces:
+                host.heal()
+            nodes.cleanup()
+            etcd.stop()
+            for host in namespaces:
+                host.kill_everything()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.ackcheck import AckWorkload, verify_acknowledged
+from tests.cluster import harness
 from tests.cluster.harness import Cluster, ClusterNode
 from tests.cluster.test_volumes import exports_equal
-from tests.etcd import Etcd
 from tests.harness import alive, wait_for
-from tests.netns import Host, hosts
+from tests.netns import Host
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -32,21 +32,8 @@ def uri(node: ClusterNode, volume: str) -> str:
 @pytest.fixture
 def netns_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, list[Host]]]:
     """Three nodes, each in its own network namespace beside one of three etcd members."""
-    with hosts(3) as namespaces:
-        (tmp_path / "etcd").mkdir()
-        etcd = Etcd(tmp_path / "etcd", 3, hosts=namespaces)
-        nodes = Cluster(tmp_path, 3, etcd, netns=namespaces)
-        try:
-            etcd.start()
-            nodes.start()
-            yield nodes, namespaces
-        finally:
-            for host in namespaces:
-                host.heal()
-            nodes.cleanup()
-            etcd.stop()
-            for host in namespaces:
-                host.kill_everything()
+    with harness.netns_cluster(tmp_path, 3) as running:
+        yield running
 
 
 def progress(workload: AckWorkload) -> dict[str, int]:

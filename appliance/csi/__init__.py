@@ -1,0 +1,1 @@
+"""The CSI plugin: Identity, Controller and Node services over the node daemon's API."""

@@ -1,0 +1,136 @@
+"""Mounts on the node, as the CSI Node service makes them: a file system of a volume's
+device at its staging path, bind mounts of it (or of the device itself, for raw block
+volumes) at a pod's target path. Every call is idempotent: it looks before it acts."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+
+from appliance.errors import AlreadyExists, ApplianceError, FailedPrecondition, StorageIOError
+from appliance.frontend import filesystem
+
+
+def _unescape(field: str) -> str:
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def _mountinfo() -> list[list[str]]:
+    with open("/proc/self/mountinfo") as table:
+        return [line.split() for line in table]
+
+
+def mount_points() -> list[str]:
+    """Every mount point of this mount namespace, in mount order."""
+    return [_unescape(fields[4]) for fields in _mountinfo()]
+
+
+def uses_of(device: str) -> set[str]:
+    """Where *device* is mounted or bound: its file system's mounts and bind mounts (each
+    shows the device's major:minor), and bind mounts of the device file itself (a devtmpfs
+    mount whose root is the device's name)."""
+    rdev = Path(device).stat().st_rdev
+    number = f"{os.major(rdev)}:{os.minor(rdev)}"
+    name = "/" + os.path.relpath(os.path.realpath(device), "/dev")
+    found = set()
+    for fields in _mountinfo():
+        dash = fields.index("-")
+        fs_type = fields[dash + 1]
+        if fields[2] == number or (fs_type == "devtmpfs" and _unescape(fields[3]) == name):
+            found.add(_unescape(fields[4]))
+    return found
+
+
+def is_mount_point(path: str) -> bool:
+    return os.path.realpath(path) in mount_points()
+
+
+def _run(*command: str, error: type[ApplianceError] = StorageIOError) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise error(f"{shlex.join(command)} failed: "
+                    f"{(result.stderr or result.stdout).strip()[-500:]}")
+
+
+def _same_device(path: str, device: str) -> bool:
+    """Whether the file system mounted at *path* is on *device*."""
+    return Path(path).stat().st_dev == Path(device).stat().st_rdev
+
+
+def _bound_device(path: str, device: str) -> bool:
+    """Whether *path* is *device* itself (a bind mount of the device file)."""
+    info = Path(path).stat()
+    return stat.S_ISBLK(info.st_mode) and info.st_rdev == Path(device).stat().st_rdev
+
+
+def stage(device: str, path: str, fs_type: str, mkfs_params: str,
+          options: list[str]) -> None:
+    """Mount the file system on *device* at *path*, made first when the device is blank."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    if is_mount_point(path):
+        if _same_device(path, device):
+            return
+        raise AlreadyExists(f"staging path {path} holds another file system; unstage it first")
+    found = filesystem.fs_type(device)
+    if not found:
+        # a failed mkfs fails again when retried (a device too small, bad mkfsParams)
+        _run(f"mkfs.{fs_type}", *shlex.split(mkfs_params), device, error=FailedPrecondition)
+    elif found != fs_type:
+        raise FailedPrecondition(f"device {device} holds a {found} file system, not {fs_type}: "
+                                 f"it is mounted as it is only when the volume asks for {found}")
+    _run("mount", "-t", fs_type, *(["-o", ",".join(options)] if options else []), device, path)
+
+
+def bind(source: str, target: str, *, block_device: str | None, read_only: bool,
+         options: list[str]) -> None:
+    """Bind *source* (a staged file system, or a device file) at *target*."""
+    if block_device is not None:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        if not Path(target).exists():
+            Path(target).touch()
+    else:
+        Path(target).mkdir(parents=True, exist_ok=True)
+    if is_mount_point(target):
+        same = _bound_device(target, block_device) if block_device else \
+            Path(target).stat().st_dev == Path(source).stat().st_dev
+        if same:
+            return
+        raise AlreadyExists(f"target path {target} holds another mount; unpublish it first")
+    _run("mount", "--bind", source, target)
+    if read_only or options:
+        flags = ["remount", "bind", *options, *(["ro"] if read_only else [])]
+        _run("mount", "-o", ",".join(flags), target)
+
+
+def unmount(path: str, *, remove: bool) -> None:
+    """Unmount whatever is mounted at *path* (stacked mounts too); remove it if asked."""
+    while os.path.lexists(path) and is_mount_point(path):
+        _run("umount", path)
+    where = Path(path)
+    if remove and os.path.lexists(path):
+        if where.is_dir() and not where.is_symlink():
+            where.rmdir()
+        else:
+            where.unlink()
+
+
+def device_of(path: str) -> str | None:
+    """The source device of the mount at *path* (a staged file system), or None."""
+    result = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "--mountpoint",
+                             os.path.realpath(path)], capture_output=True, text=True,
+                            check=False)
+    source = result.stdout.strip().splitlines()
+    return source[-1] if source and source[-1].startswith("/dev/") else None
+
+
+def block_size(device: str) -> int:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)

@@ -1,0 +1,84 @@
+"""The plugin in a cluster whose nodes are network namespaces (tests/netns.py): a volume
+published to node n1 is written there, moves to node n2 with kubelet's flow, and keeps its
+files; while it is published to n1 it cannot be published to n2 (ReadWriteOnce)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from appliance.csi.proto import csi_pb2 as csi
+from tests.cluster.harness import Cluster, netns_cluster
+from tests.csi.harness import Plugin, error_of, mount_capability, mounts_under, unmount_all
+from tests.csi.test_flow import read_files, write_files
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path) -> Iterator[tuple[Cluster, list[Plugin]]]:
+    """Two namespace nodes, each with a plugin in its namespace (the one on n1 also serves
+    the Controller service, as the controller Deployment would)."""
+    with netns_cluster(tmp_path / "cluster", 2) as (cluster, _):
+        plugins = [Plugin(tmp_path / f"csi-{node.name}", node, node.name,
+                          mode="all" if node.index == 1 else "node", launcher=node.launcher)
+                   for node in cluster.nodes]
+        try:
+            for plugin in plugins:
+                plugin.start()
+            yield cluster, plugins
+        finally:
+            for plugin in plugins:
+                plugin.stop()
+            unmount_all(tmp_path / "kubelet")
+
+
+def test_a_volume_moves_between_nodes_with_its_files(two_nodes: tuple[Cluster, list[Plugin]],
+                                                     tmp_path: Path) -> None:
+    cluster, (first, second) = two_nodes
+    capability = mount_capability("ext4")
+    volume = first.create("pvc-moves", capability=capability).volume_id
+    kubelet = tmp_path / "kubelet"
+    stage1, pod1 = kubelet / "n1" / "stage", kubelet / "n1" / "pod"
+    first.publish(volume, capability, stage1, pod1, node_id="n1")
+    digests = write_files(pod1)
+
+    refused = error_of(first.controller.ControllerPublishVolume,
+                       csi.ControllerPublishVolumeRequest(volume_id=volume, node_id="n2",
+                                                          volume_capability=capability))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "published on node n1" in str(refused.details())
+    listed = first.controller.ListVolumes(csi.ListVolumesRequest()).entries
+    assert [list(e.status.published_node_ids) for e in listed] == [["n1"]]
+
+    first.unpublish(volume, stage1, pod1, node_id="n1")
+    assert mounts_under(kubelet) == []
+    stage2, pod2 = kubelet / "n2" / "stage", kubelet / "n2" / "pod"
+    # the controller publishes to n2; n2's own node plugin stages and publishes there
+    first.controller.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+        volume_id=volume, node_id="n2", volume_capability=capability))
+    assert cluster.nodes[1].volume(volume)["node"] == "n2"
+    wrong_node = error_of(first.node_service.NodeStageVolume, csi.NodeStageVolumeRequest(
+        volume_id=volume, staging_target_path=str(stage1), volume_capability=capability))
+    assert wrong_node.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not attached on node n1" in str(wrong_node.details())
+    second.node_service.NodeStageVolume(csi.NodeStageVolumeRequest(
+        volume_id=volume, staging_target_path=str(stage2), volume_capability=capability))
+    second.node_service.NodePublishVolume(csi.NodePublishVolumeRequest(
+        volume_id=volume, staging_target_path=str(stage2), target_path=str(pod2),
+        volume_capability=capability))
+    assert read_files(pod2, list(digests)) == digests
+    unimplemented = error_of(second.controller.ControllerUnpublishVolume,
+                             csi.ControllerUnpublishVolumeRequest(volume_id=volume))
+    assert unimplemented.code() == grpc.StatusCode.UNIMPLEMENTED  # a node plugin only
+    second.node_service.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(
+        volume_id=volume, target_path=str(pod2)))
+    second.node_service.NodeUnstageVolume(csi.NodeUnstageVolumeRequest(
+        volume_id=volume, staging_target_path=str(stage2)))
+    first.controller.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+        volume_id=volume, node_id="n2"))
+    assert cluster.nodes[0].volume(volume)["state"] == "detached"
