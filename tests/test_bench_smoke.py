@@ -87,3 +87,15 @@ def test_cluster_bench_quick(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "GET /v1/volumes" in result.stdout and "forced attach" in result.stdout
     assert (tmp_path / "out.json").exists()
+
+
+@pytest.mark.slow  # a quarter minute: the CSI flows run again beside the CLI's
+def test_csi_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.csi_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "ready for a pod, a mounted ext4" in result.stdout
+    assert "NodeGetVolumeStats" in result.stdout
+    assert (tmp_path / "out.json").exists()

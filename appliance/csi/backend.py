@@ -32,12 +32,13 @@ class Appliance:
         node: Info = self.call("GET", "/v1/node")
         return node
 
-    def node_exists(self, name: str) -> bool:
+    def node_state(self, name: str) -> str | None:
+        """Node *name*'s state (``ready``, ``down``, ``cordoned``), None when unknown."""
         try:
-            self.call("GET", f"/v1/nodes/{_q(name)}")
+            info: Info = self.call("GET", f"/v1/nodes/{_q(name)}")
         except RemoteNotFound:
-            return False
-        return True
+            return None
+        return str(info["state"])
 
     def disks(self) -> list[Info]:
         disks: list[Info] = self.call("GET", "/v1/disks")
@@ -82,9 +83,11 @@ class Appliance:
         apiclient.wait_for_volume(self.client, name, lambda v: v is None, "deleting",
                                   timeout=timeout)
 
-    def attach(self, name: str, node: str, timeout: float) -> Info:
-        """Attach volume *name* on *node*; its description once its device is there."""
-        self.call("POST", f"/v1/volumes/{_q(name)}/attach?node={_q(node)}")
+    def attach(self, name: str, node: str, timeout: float, *, force: bool = False) -> Info:
+        """Attach volume *name* on *node* (*force*: moved from the node it is attached on,
+        whose engine is fenced); its description once its device is there."""
+        self.call("POST", f"/v1/volumes/{_q(name)}/attach?node={_q(node)}"
+                  + ("&force=true" if force else ""))
         info = apiclient.wait_for_volume(
             self.client, name, lambda v: v is None or bool(
                 (v["state"] == "attached" and v["device"]) or v["refusal"]),

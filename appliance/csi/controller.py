@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from appliance.errors import (
     OutOfRange,
 )
 
+log = logging.getLogger("appliance.csi")
 RPC = csi.ControllerServiceCapability.RPC
 CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.LIST_VOLUMES,
                 RPC.GET_CAPACITY, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS,
@@ -266,6 +268,9 @@ class Controller(csi_grpc.ControllerServicer):
 
     def DeleteVolume(self, request: csi.DeleteVolumeRequest,
                      context: grpc.ServicerContext) -> csi.DeleteVolumeResponse:
+        """Delete the volume. One still attached (left on a node that was down when it was
+        unpublished) goes too, unless its device is mounted or open there: the daemon
+        refuses that, naming the mount (FAILED_PRECONDITION)."""
         if not request.volume_id:
             raise InvalidArgument("the request has no volume_id")
         name = request.volume_id
@@ -273,10 +278,6 @@ class Controller(csi_grpc.ControllerServicer):
             info = self.appliance.volume(name) if _plausible(name) else None
             if info is None:
                 return csi.DeleteVolumeResponse()  # already gone: success
-            node = published_on(info)
-            if node:
-                raise FailedPrecondition(f"volume {name} is published on node {node}: "
-                                         "unpublish it first")
             kept = [s["name"] for s in self.appliance.snapshots(name)
                     if NAME_LABEL in (s.get("labels") or {})]
             if kept:
@@ -298,13 +299,17 @@ class Controller(csi_grpc.ControllerServicer):
             info = self.appliance.volume(name)
             if info is None:
                 raise NotFound(f"volume {name!r} does not exist")
-            if not self.appliance.node_exists(request.node_id):
+            if self.appliance.node_state(request.node_id) is None:
                 raise NotFound(f"node {request.node_id!r} does not exist")
             node = published_on(info)
-            if node and node != request.node_id:
+            moved = bool(node) and node != request.node_id
+            if moved and self.appliance.node_state(node) != "down":
                 raise FailedPrecondition(f"volume {name} is published on node {node}; it "
                                          "is attached to one node at a time")
-            attached = self.appliance.attach(name, request.node_id, self.config.wait)
+            # its node is down (it was unpublished from there without an answer): the
+            # engine started on the new node fences the old one, which writes no more
+            attached = self.appliance.attach(name, request.node_id, self.config.wait,
+                                             force=moved)
         return csi.ControllerPublishVolumeResponse(
             publish_context={"device": str(attached["device"])})
 
@@ -319,7 +324,12 @@ class Controller(csi_grpc.ControllerServicer):
             info = self.appliance.volume(name) if _plausible(name) else None
             node = published_on(info) if info else ""
             if node and (not request.node_id or node == request.node_id):
-                self.appliance.detach(name, self.config.wait)
+                if self.appliance.node_state(node) == "down":
+                    # nothing can be detached on a node that is down (the force-detach
+                    # after a node failure); a publish elsewhere fences its engine
+                    log.info("volume %s stays attached on node %s, which is down", name, node)
+                else:
+                    self.appliance.detach(name, self.config.wait)
         return csi.ControllerUnpublishVolumeResponse()
 
     def ValidateVolumeCapabilities(self,

@@ -173,6 +173,14 @@ class Node(csi_grpc.NodeServicer):
 
     def NodeGetInfo(self, request: csi.NodeGetInfoRequest,
                     context: grpc.ServicerContext) -> csi.NodeGetInfoResponse:
+        """This node, once its daemon confirms the name (kubelet registers the plugin with
+        it: a wrong --node-id fails here, not at every NodeStage)."""
+        daemon = str(self.appliance.node()["name"])
+        if daemon != self.config.node_id:
+            raise FailedPrecondition(
+                f"--node-id {self.config.node_id} is not the node of the daemon at "
+                f"{self.appliance.client.url}, which is {daemon}: give the appliance node's "
+                "name (in Kubernetes, the node's name must be the appliance node's)")
         return csi.NodeGetInfoResponse(
             node_id=self.config.node_id,
             accessible_topology=csi.Topology(segments={TOPOLOGY_KEY: self.config.node_id}))

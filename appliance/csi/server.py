@@ -130,12 +130,13 @@ def serve(appliance: Appliance, config: PluginConfig, endpoint: str, mode: str,
     path = socket_path(endpoint)
     _claim(path)
     server = build(appliance, config, mode)
-    server.add_insecure_port(f"unix://{path}")  # a unix socket: its mode guards it
-    old = os.umask(0o077)
+    old = os.umask(0o077)  # the socket is its owner's (root's): its mode guards it
     try:
+        server.add_insecure_port(f"unix://{path}")
         server.start()
     finally:
         os.umask(old)
+    path.chmod(0o600)  # whenever gRPC made it
     log.info("CSI plugin (%s) serving node %s on %s", mode, config.node_id, path)
     try:
         stop.wait()

@@ -15,6 +15,7 @@ from appliance.csi.proto import csi_pb2 as csi
 from tests.cluster.harness import Cluster, netns_cluster
 from tests.csi.harness import Plugin, error_of, mount_capability, mounts_under, unmount_all
 from tests.csi.test_flow import read_files, write_files
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -82,3 +83,42 @@ def test_a_volume_moves_between_nodes_with_its_files(two_nodes: tuple[Cluster, l
     first.controller.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
         volume_id=volume, node_id="n2"))
     assert cluster.nodes[0].volume(volume)["state"] == "detached"
+
+
+def test_a_volume_moves_off_a_dead_node(two_nodes: tuple[Cluster, list[Plugin]],
+                                        tmp_path: Path) -> None:
+    """n1 dies with the volume published there (its daemon, engine and replica server
+    killed). Kubernetes force-detaches after its timeout (ControllerUnpublish to n1, which
+    cannot answer) and publishes to n2: the engine started there fences n1's, and every
+    file written on n1 before it died is there."""
+    cluster, (first, second) = two_nodes
+    capability = mount_capability("ext4")
+    volume = first.create("pvc-failover", capability=capability).volume_id
+    kubelet = tmp_path / "kubelet"
+    first.publish(volume, capability, kubelet / "n1" / "stage", kubelet / "n1" / "pod",
+                  node_id="n1")
+    digests = write_files(kubelet / "n1" / "pod")
+    survivor = cluster.nodes[1]
+    cluster.nodes[0].die()
+    wait_for(lambda: any(n["name"] == "n1" and n["state"] == "down"
+                         for n in survivor.json("node", "list")), 60, "n1 to be down")
+    # the controller Deployment is rescheduled on n2
+    controller = Plugin(tmp_path / "csi-controller-n2", survivor, "n2", mode="controller",
+                        launcher=survivor.launcher)
+    controller.start()
+    try:
+        controller.controller.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+            volume_id=volume, node_id="n1"))
+        controller.controller.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+            volume_id=volume, node_id="n2", volume_capability=capability))
+        events = [e["kind"] for e in survivor.json("events", "--volume", volume)]
+        assert "forced-attach" in events
+        stage, pod = kubelet / "n2" / "stage", kubelet / "n2" / "pod"
+        second.node_service.NodeStageVolume(csi.NodeStageVolumeRequest(
+            volume_id=volume, staging_target_path=str(stage), volume_capability=capability))
+        second.node_service.NodePublishVolume(csi.NodePublishVolumeRequest(
+            volume_id=volume, staging_target_path=str(stage), target_path=str(pod),
+            volume_capability=capability))
+        assert read_files(pod, list(digests)) == digests
+    finally:
+        controller.stop()

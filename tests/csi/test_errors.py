@@ -12,7 +12,7 @@ import grpc
 
 from appliance.csi.proto import csi_pb2 as csi
 from tests.csi.harness import Plugin, error_of, mount_capability
-from tests.harness import Node
+from tests.harness import Node, run
 
 Code = grpc.StatusCode
 Mode = csi.VolumeCapability.AccessMode
@@ -172,3 +172,49 @@ def test_unknown_ids_are_already_gone_for_deletes(plugin: Plugin) -> None:
     plugin.controller.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id="other-driver"))
     plugin.controller.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
         volume_id="no-such-volume", node_id="x"))
+
+
+def test_the_socket_is_the_owners_and_a_second_plugin_is_refused(plugin: Plugin,
+                                                                  tmp_path: Path) -> None:
+    assert plugin.socket.stat().st_mode & 0o077 == 0
+    second = run("csi", "--endpoint", plugin.endpoint, "--node-id", plugin.node_id,
+                 "--url", plugin.node.url, "--token-file", plugin.node.token_file,
+                 check=False, timeout=60)  # the same endpoint: refused
+    assert second.returncode == 1
+    assert f"another process serves {plugin.socket}" in second.stderr
+    assert plugin.identity.GetPluginInfo(csi.GetPluginInfoRequest()).name == \
+        "driver.appliance.io"
+
+
+def test_a_node_id_that_is_not_the_daemons_node_is_refused(plugin: Plugin) -> None:
+    """kubelet registers the node plugin with NodeGetInfo: a node id that names another
+    node than the daemon's fails there, loudly, instead of at every NodeStage."""
+    wrong = Plugin(plugin.root.parent / "wrong", plugin.node, "not-this-node", mode="node")
+    wrong.start()
+    try:
+        refused = error_of(wrong.node_service.NodeGetInfo, csi.NodeGetInfoRequest())
+        assert refused.code() == Code.FAILED_PRECONDITION
+        assert "not-this-node" in str(refused.details())
+        assert plugin.node_id in str(refused.details())
+        info = plugin.node_service.NodeGetInfo(csi.NodeGetInfoRequest())
+        assert info.node_id == plugin.node_id
+        assert dict(info.accessible_topology.segments) == {
+            "topology.appliance.io/node": plugin.node_id}
+    finally:
+        wrong.stop()
+
+
+def test_delete_of_a_volume_in_use_is_refused_and_changes_nothing(plugin: Plugin,
+                                                                  tmp_path: Path) -> None:
+    capability = mount_capability("ext4")
+    volume = plugin.create("pvc-in-use", capability=capability).volume_id
+    stage, pod = tmp_path / "stage", tmp_path / "pod"
+    plugin.publish(volume, capability, stage, pod)
+    (pod / "kept").write_text("data")
+    refused = error_of(plugin.controller.DeleteVolume, csi.DeleteVolumeRequest(
+        volume_id=volume))
+    assert refused.code() == Code.FAILED_PRECONDITION
+    assert "in use" in str(refused.details()) and str(stage) in str(refused.details())
+    assert (pod / "kept").read_text() == "data"
+    plugin.unpublish(volume, stage, pod)
+    plugin.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume))
