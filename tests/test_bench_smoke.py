@@ -22,6 +22,7 @@ def test_chain_bench_quick(tmp_path: Path) -> None:
     assert (tmp_path / "out.json").exists()
 
 
+@pytest.mark.slow  # a third of a minute: a daemon with volumes, attach and idle CPU
 def test_node_bench_quick(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench.node_bench", "--quick", "--dir", str(tmp_path / "b"),
@@ -44,6 +45,7 @@ def test_store_bench_quick(tmp_path: Path) -> None:
     assert (tmp_path / "out.json").exists()
 
 
+@pytest.mark.slow  # backups and restores of three kinds of data
 def test_backup_bench_quick(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench.backup_bench", "--quick", "--dir", str(tmp_path / "b"),

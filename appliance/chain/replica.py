@@ -108,6 +108,15 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _cut_short(names: set[str]) -> bool:
+    """Whether *names*, a directory's entries, are what a :meth:`Replica.create` that
+    stopped before its last step leaves: no metadata (written last, it marks a complete
+    replica), only the files creation makes before it."""
+    made_first = {fmt.STATE_FILE, fmt.layer_file_name(1), fmt.METADATA_FILE + fmt.TEMP_SUFFIX,
+                  ".probe" + fmt.TEMP_SUFFIX}
+    return fmt.METADATA_FILE not in names and names <= made_first
+
+
 class Replica:
     """An open replica. Create one with :meth:`create` or :meth:`open`; close it after use."""
 
@@ -127,7 +136,8 @@ class Replica:
 
     @classmethod
     def create(cls, path: str | Path, size: int, *, replica_id: str | None = None) -> Replica:
-        """Create a replica of *size* bytes in *path* (absent, or an empty directory)."""
+        """Create a replica of *size* bytes in *path* (absent, an empty directory, or what a
+        creation cut short by a crash left: its first files, without the metadata)."""
         path = Path(path)
         fmt.check_size(size)
         made = False
@@ -138,10 +148,12 @@ class Replica:
             if not path.is_dir():
                 raise InvalidArgument(f"{path} exists and is not a directory") from None
             with os.scandir(path) as entries:
-                occupied = next(entries, None) is not None
-            if occupied:
+                names = {entry.name for entry in entries}
+            if names and not _cut_short(names):
                 raise AlreadyExists(f"{path} is not empty; a replica needs a new or empty "
                                     "directory") from None
+            for name in names:  # a creation cut short (a crash): it held no data yet
+                (path / name).unlink()
         except FileNotFoundError:
             raise NotFound(f"the parent directory of {path} does not exist") from None
         dir_fd = lock_directory(path, exclusive=True)

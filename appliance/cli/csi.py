@@ -29,7 +29,7 @@ def csi(endpoint: str, node_id: str, mode: str, wait: float, url: str,
     """Serve the CSI plugin (Identity, Controller, Node) for the node daemon at --url."""
     from appliance.csi import server  # noqa: PLC0415 - gRPC only for this command
     from appliance.csi.backend import Appliance  # noqa: PLC0415
-    from appliance.csi.controller import PluginConfig  # noqa: PLC0415
+    from appliance.csi.config import PluginConfig  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from appliance import apiclient
 from appliance.apiclient import ApiClient, RemoteNotFound
-from appliance.errors import FailedPrecondition
+from appliance.errors import AlreadyExists, AuthenticationFailed, FailedPrecondition
 
 Info = dict[str, Any]
 
@@ -24,7 +24,14 @@ class Appliance:
         self.client = client
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        return self.client.call(method, path, body)
+        try:
+            return self.client.call(method, path, body)
+        except AuthenticationFailed as exc:
+            # the plugin's token, not the call's secrets (UNAUTHENTICATED would tell the CO
+            # to fix those): the plugin is not ready
+            raise FailedPrecondition(f"the node daemon refused the CSI plugin's API token: "
+                                     f"{exc.message}; give the daemon's token "
+                                     "(--token-file, the Secret appliance-api)") from exc
 
     # -- this node, the nodes, disks --------------------------------------------------------
 
@@ -72,14 +79,24 @@ class Appliance:
         self.call("POST", f"/v1/backups/{_q(backup_id)}/restore", body)
 
     def wait_copied(self, name: str, timeout: float) -> None:
-        """Wait until volume *name*, being filled by a clone or a restore, is usable."""
-        apiclient.wait_for_copy(self.client, name, "copying", timeout=timeout)
+        """Wait until volume *name*, being made (and filled by a clone or a restore), is
+        usable. A pass of the daemon that failed for good is its error, except that an
+        object the daemon found in its way is no "volume already exists" to the caller."""
+        try:
+            apiclient.wait_for_copy(self.client, name, "making", timeout=timeout)
+        except AlreadyExists as exc:
+            raise FailedPrecondition(exc.message) from exc
 
     def delete_volume(self, name: str, timeout: float) -> None:
-        try:
-            self.call("DELETE", f"/v1/volumes/{_q(name)}")
-        except RemoteNotFound:
+        """Delete volume *name* (already being deleted: a retry) and wait until it is gone."""
+        info = self.volume(name)
+        if info is None:
             return
+        if not info["deleting"]:
+            try:
+                self.call("DELETE", f"/v1/volumes/{_q(name)}")
+            except RemoteNotFound:
+                return
         apiclient.wait_for_volume(self.client, name, lambda v: v is None, "deleting",
                                   timeout=timeout)
 
@@ -113,12 +130,16 @@ class Appliance:
 
     # -- snapshots --------------------------------------------------------------------------
 
-    def snapshots(self, volume: str) -> list[Info]:
-        """The live snapshots of *volume* (none when it does not exist)."""
+    def snapshots(self, volume: str) -> list[Info] | None:
+        """The live snapshots of *volume* (none when it does not exist); None when they
+        cannot be listed now (a volume being made, moved or deleted; a detached one in a
+        cluster, whose replicas are on other nodes)."""
         try:
             layers: list[Info] = self.call("GET", f"/v1/volumes/{_q(volume)}/snapshots")
         except RemoteNotFound:
             return []
+        except FailedPrecondition:
+            return None
         return [layer for layer in layers if not layer["removed"]]
 
     def create_snapshot(self, volume: str, name: str, labels: dict[str, str]) -> None:
@@ -149,6 +170,14 @@ class Appliance:
     def create_backup(self, volume: str, labels: dict[str, str]) -> Info:
         job: Info = self.call("POST", "/v1/backups", {"volume": volume, "labels": labels})
         return job
+
+    def backup_target_set(self) -> bool:
+        return bool(self.call("GET", "/v1/backup-target").get("url"))
+
+    def request_detach(self, name: str) -> None:
+        """Ask for volume *name* to be detached, without waiting (its node carries it out
+        when it can: one that is down, when it is back)."""
+        self.call("POST", f"/v1/volumes/{_q(name)}/detach")
 
     def delete_backup(self, backup_id: str) -> None:
         try:

@@ -10,7 +10,6 @@ import calendar
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,8 +18,16 @@ from google.protobuf.wrappers_pb2 import Int64Value
 
 from appliance.csi import capability, params
 from appliance.csi.backend import Appliance, Info
+from appliance.csi.config import PluginConfig
 from appliance.csi.inflight import InFlight
-from appliance.csi.params import NAME_LABEL, PARAMETERS_LABEL, SOURCE_LABEL, TOPOLOGY_KEY
+from appliance.csi.params import (
+    FS_LABEL,
+    MKFS_LABEL,
+    NAME_LABEL,
+    PARAMETERS_LABEL,
+    SOURCE_LABEL,
+    TOPOLOGY_KEY,
+)
 from appliance.csi.proto import csi_pb2 as csi
 from appliance.csi.proto import csi_pb2_grpc as csi_grpc
 from appliance.errors import (
@@ -38,16 +45,6 @@ CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.LIST
                 RPC.CLONE_VOLUME, RPC.EXPAND_VOLUME, RPC.LIST_VOLUMES_PUBLISHED_NODES,
                 RPC.VOLUME_CONDITION, RPC.GET_VOLUME, RPC.SINGLE_NODE_MULTI_WRITER,
                 RPC.GET_SNAPSHOT)
-FS_LABEL = "csi.fsType"
-MKFS_LABEL = "csi.mkfsParams"
-
-
-@dataclass(frozen=True)
-class PluginConfig:
-    """What ``appliance csi`` was started with."""
-
-    node_id: str
-    wait: float = 120.0  # the longest a call waits on the daemon (attach, copy, delete)
 
 
 def _timestamp(text: str | None) -> Timestamp:
@@ -120,7 +117,10 @@ class Controller(csi_grpc.ControllerServicer):
         source = self._source(request)
         required, limit = request.capacity_range.required_bytes, \
             request.capacity_range.limit_bytes
-        with self.inflight.hold(name):
+        source_volume = _source_volume(source)
+        with self.inflight.hold(name), contextlib.ExitStack() as held:
+            if source_volume and source_volume != name:  # not deleted while it is copied
+                held.enter_context(self.inflight.hold(source_volume))
             info = self.appliance.volume(name)
             if info is None:
                 info = self._create(request, name, wanted, source, required, limit)
@@ -176,15 +176,15 @@ class Controller(csi_grpc.ControllerServicer):
                 "disk_tags": list(wanted.disk_selector)}
         kind, _, value = source.partition("=")
         if kind == "snapshot":
-            source_size = self._from_snapshot(value, copy)
+            source_size = self._from_snapshot(value, copy, limit)
         elif kind == "volume":
             original = self.appliance.volume(value)
             if original is None:
                 raise NotFound(f"source volume {value!r} does not exist")
-            source_size = int(original["size"])
+            source_size = _fits_limit(int(original["size"]), limit)
             self.appliance.clone(value, copy)
         elif wanted.from_backup:
-            source_size = self._restore(wanted.from_backup, copy)
+            source_size = self._restore(wanted.from_backup, copy, limit)
         else:
             size = params.capacity(required, limit)
             body: dict[str, Any] = {"name": name, "size": size, "replicas": wanted.replicas,
@@ -197,33 +197,31 @@ class Controller(csi_grpc.ControllerServicer):
             return self._ready(name)
         return self._filled(name, source_size, required, limit)
 
-    def _from_snapshot(self, snapshot_id: str, copy: dict[str, Any]) -> int:
+    def _from_snapshot(self, snapshot_id: str, copy: dict[str, Any], limit: int) -> int:
         """Start filling the new volume from a snapshot; the snapshot's size."""
         ref = params.parse_snapshot_id(snapshot_id)
         if ref.kind == "bak":
-            return self._restore(ref.name, copy)
+            return self._restore(ref.name, copy, limit)
         layer = self._snapshot(ref) if ref.kind == "snap" else None
         if layer is None:
             raise NotFound(f"source snapshot {snapshot_id!r} does not exist")
+        size = _fits_limit(int(layer["size"]), limit)
         self.appliance.clone(ref.volume, {**copy, "snapshot": ref.name})
-        return int(layer["size"])
+        return size
 
-    def _restore(self, backup_id: str, copy: dict[str, Any]) -> int:
+    def _restore(self, backup_id: str, copy: dict[str, Any], limit: int) -> int:
         backup = self.appliance.backup(backup_id)
         if backup is None:
             raise NotFound(f"backup {backup_id!r} does not exist on the backup target")
         if backup["state"] != "complete":
             raise FailedPrecondition(f"backup {backup_id} is {backup['state']}, not complete")
+        size = _fits_limit(int(backup["size"]), limit)
         self.appliance.restore(backup_id, copy)
-        return int(backup["size"])
+        return size
 
     def _filled(self, name: str, source_size: int, required: int, limit: int) -> Info:
         """Wait for a clone or restore into *name*; grow it to the range asked for."""
         self._ready(name)
-        if limit and source_size > limit:
-            self.appliance.delete_volume(name, self.config.wait)
-            raise OutOfRange(f"the source holds {source_size} bytes, more than limit_bytes "
-                             f"{limit}")
         if required > source_size:
             self.appliance.expand(name, params.capacity(required, limit))
         info = self.appliance.volume(name)
@@ -278,8 +276,9 @@ class Controller(csi_grpc.ControllerServicer):
             info = self.appliance.volume(name) if _plausible(name) else None
             if info is None:
                 return csi.DeleteVolumeResponse()  # already gone: success
-            kept = [s["name"] for s in self.appliance.snapshots(name)
-                    if NAME_LABEL in (s.get("labels") or {})]
+            layers = [] if info["deleting"] else self.appliance.snapshots(name)
+            # (None: they cannot be listed now; docs/kubernetes.md "Limits")
+            kept = [s["name"] for s in layers or [] if NAME_LABEL in (s.get("labels") or {})]
             if kept:
                 raise FailedPrecondition(
                     f"volume {name} has snapshots {', '.join(kept[:5])}: its snapshots live "
@@ -325,9 +324,11 @@ class Controller(csi_grpc.ControllerServicer):
             node = published_on(info) if info else ""
             if node and (not request.node_id or node == request.node_id):
                 if self.appliance.node_state(node) == "down":
-                    # nothing can be detached on a node that is down (the force-detach
-                    # after a node failure); a publish elsewhere fences its engine
-                    log.info("volume %s stays attached on node %s, which is down", name, node)
+                    # (Kubernetes' force-detach after a node failure) the detach is asked
+                    # for and carried out when the node is back; a publish elsewhere first
+                    # fences the engine there
+                    self.appliance.request_detach(name)
+                    log.info("volume %s: detach from node %s (down) asked for", name, node)
                 else:
                     self.appliance.detach(name, self.config.wait)
         return csi.ControllerUnpublishVolumeResponse()
@@ -446,7 +447,7 @@ class Controller(csi_grpc.ControllerServicer):
     def _snapshot(self, ref: params.SnapshotRef) -> Info | None:
         if not ref.volume or not ref.name or not _plausible(ref.volume):
             return None
-        return next((s for s in self.appliance.snapshots(ref.volume)
+        return next((s for s in self.appliance.snapshots(ref.volume) or []
                      if s["name"] == ref.name), None)
 
     def _snap_reply(self, volume: str, layer: Info) -> csi.Snapshot:
@@ -468,7 +469,7 @@ class Controller(csi_grpc.ControllerServicer):
             raise InvalidArgument("CreateSnapshot needs a name")
         volume = params.check_volume_id(request.source_volume_id)
         kind = params.snapshot_type(request.parameters)
-        with self.inflight.hold(f"snapshot {request.name}"):
+        with self.inflight.hold(volume), self.inflight.hold(f"snapshot {request.name}"):
             if kind == "bak":
                 return csi.CreateSnapshotResponse(snapshot=self._backup_for(request, volume))
             return csi.CreateSnapshotResponse(snapshot=self._snap_for(request, volume))
@@ -476,7 +477,7 @@ class Controller(csi_grpc.ControllerServicer):
     def _made_as(self, name: str) -> tuple[str, Info] | None:
         """The snapshot made by CreateSnapshot *name*, on whichever volume."""
         for info in self.appliance.volumes():
-            for layer in self.appliance.snapshots(info["name"]):
+            for layer in self.appliance.snapshots(info["name"]) or []:
                 if (layer.get("labels") or {}).get(NAME_LABEL) == name[:256]:
                     return info["name"], layer
         return None
@@ -485,7 +486,12 @@ class Controller(csi_grpc.ControllerServicer):
         if self.appliance.volume(volume) is None:
             raise NotFound(f"source volume {volume!r} does not exist")
         snapshot = params.snapshot_name(request.name, volume)
-        layers = {s["name"]: s for s in self.appliance.snapshots(volume)}
+        listed = self.appliance.snapshots(volume)
+        if listed is None:
+            raise FailedPrecondition(f"the snapshots of volume {volume} cannot be listed now "
+                                     "(it is being made, moved or deleted, or it is detached "
+                                     "in a cluster); try again when it is attached")
+        layers = {s["name"]: s for s in listed}
         layer = layers.get(snapshot)
         if layer is not None and (layer.get("labels") or {}).get(NAME_LABEL) == \
                 request.name[:256]:
@@ -498,8 +504,8 @@ class Controller(csi_grpc.ControllerServicer):
             raise AlreadyExists(f"volume {volume} has a snapshot {snapshot!r} that "
                                 f"CreateSnapshot {request.name!r} did not make")
         self.appliance.create_snapshot(volume, snapshot, {NAME_LABEL: request.name[:256]})
-        layer = next((s for s in self.appliance.snapshots(volume) if s["name"] == snapshot),
-                     None)
+        layer = next((s for s in self.appliance.snapshots(volume) or []
+                      if s["name"] == snapshot), None)
         if layer is None:
             raise NotFound(f"snapshot {snapshot} of volume {volume} vanished as it was made")
         return self._snap_reply(volume, layer)
@@ -524,7 +530,7 @@ class Controller(csi_grpc.ControllerServicer):
     def DeleteSnapshot(self, request: csi.DeleteSnapshotRequest,
                        context: grpc.ServicerContext) -> csi.DeleteSnapshotResponse:
         ref = params.parse_snapshot_id(request.snapshot_id)
-        with self.inflight.hold(f"snapshot {request.snapshot_id}"):
+        with self.inflight.hold(ref.volume or f"backup {ref.name}"):
             if ref.kind == "snap" and self._snapshot(ref) is not None:
                 self.appliance.delete_snapshot(ref.volume, ref.name)
             elif ref.kind == "bak" and ref.name:
@@ -535,14 +541,12 @@ class Controller(csi_grpc.ControllerServicer):
         found = []
         names = [volume] if volume else [v["name"] for v in self.appliance.volumes()]
         for name in names:
-            found += [self._snap_reply(name, layer) for layer in self.appliance.snapshots(name)]
-        if self._target_set():
+            found += [self._snap_reply(name, layer)
+                      for layer in self.appliance.snapshots(name) or []]
+        if self.appliance.backup_target_set():
             found += [self._bak_reply(b) for b in self.appliance.backups(volume or None)
                       if b["state"] not in ("failed", "cancelled")]
         return sorted(found, key=lambda s: s.snapshot_id)
-
-    def _target_set(self) -> bool:
-        return bool(self.appliance.call("GET", "/v1/backup-target").get("url"))
 
     def ListSnapshots(self, request: csi.ListSnapshotsRequest,
                       context: grpc.ServicerContext) -> csi.ListSnapshotsResponse:
@@ -568,7 +572,7 @@ class Controller(csi_grpc.ControllerServicer):
             layer = self._snapshot(ref)
             return self._snap_reply(ref.volume, layer) if layer is not None else None
         if ref.kind == "bak" and ref.name:
-            backup = self.appliance.backup(ref.name) if self._target_set() else None
+            backup = self.appliance.backup(ref.name) if self.appliance.backup_target_set() else None
             if backup is not None and backup["state"] not in ("failed", "cancelled"):
                 return self._bak_reply(backup)
         return None
@@ -579,6 +583,23 @@ class Controller(csi_grpc.ControllerServicer):
         if found is None:
             raise NotFound(f"snapshot {request.snapshot_id!r} does not exist")
         return csi.GetSnapshotResponse(snapshot=found)
+
+
+def _source_volume(source: str) -> str:
+    """The volume a content source (``snapshot=ID``, ``volume=ID``) copies from, or ''."""
+    kind, _, value = source.partition("=")
+    if kind == "volume":
+        return value
+    ref = params.parse_snapshot_id(value) if kind == "snapshot" else None
+    return ref.volume if ref is not None and ref.kind == "snap" else ""
+
+
+def _fits_limit(size: int, limit: int) -> int:
+    """*size*, a source's, if a volume of it fits under *limit*; checked before a copy."""
+    if limit and size > limit:
+        raise OutOfRange(f"the source holds {size} bytes, more than limit_bytes {limit}: "
+                         "a volume is at least as large as its source")
+    return size
 
 
 def _plausible(volume_id: str) -> bool:

@@ -17,9 +17,8 @@ Expansion = csi.PluginCapability.VolumeExpansion
 
 
 class Identity(csi_grpc.IdentityServicer):
-    def __init__(self, appliance: Appliance, controller: bool) -> None:
+    def __init__(self, appliance: Appliance) -> None:
         self.appliance = appliance
-        self.controller = controller
 
     def GetPluginInfo(self, request: csi.GetPluginInfoRequest,
                       context: grpc.ServicerContext) -> csi.GetPluginInfoResponse:

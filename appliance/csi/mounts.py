@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 from appliance.errors import AlreadyExists, ApplianceError, FailedPrecondition, StorageIOError
-from appliance.frontend import filesystem
 
 
 def _unescape(field: str) -> str:
@@ -46,6 +45,16 @@ def uses_of(device: str) -> set[str]:
     return found
 
 
+def mount_options(path: str) -> set[str]:
+    """The per-mount options (``ro``/``rw``, ...) of the top mount at *path*."""
+    real = os.path.realpath(path)
+    found: set[str] = set()
+    for fields in _mountinfo():
+        if _unescape(fields[4]) == real:
+            found = set(fields[5].split(","))  # the last one is on top
+    return found
+
+
 def is_mount_point(path: str) -> bool:
     return os.path.realpath(path) in mount_points()
 
@@ -68,21 +77,52 @@ def _bound_device(path: str, device: str) -> bool:
     return stat.S_ISBLK(info.st_mode) and info.st_rdev == Path(device).stat().st_rdev
 
 
-def stage(device: str, path: str, fs_type: str, mkfs_params: str,
-          options: list[str]) -> None:
-    """Mount the file system on *device* at *path*, made first when the device is blank."""
+def probe(device: str) -> dict[str, str]:
+    """What blkid finds on *device* (``TYPE`` of a file system, ``PTTYPE`` of a partition
+    table); empty only when blkid is sure it holds nothing (its status 2). Any other
+    failure is an error: a device is never taken for blank because it could not be read."""
+    result = subprocess.run(["blkid", "-p", "-o", "export", "-s", "TYPE", "-s", "PTTYPE",
+                             device], capture_output=True, text=True, check=False)
+    if result.returncode == 2:
+        return {}
+    if result.returncode != 0:
+        raise StorageIOError(f"blkid could not tell what {device} holds (status "
+                             f"{result.returncode}): {result.stderr.strip()}; nothing was "
+                             "formatted")
+    return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+
+
+def stage(device: str, path: str, fs_type: str, mkfs_params: str, options: list[str],
+          *, read_only: bool) -> None:
+    """Mount the file system on *device* at *path*, made first when the device is blank
+    (never for a read-only volume: it is mounted read-only, as it is)."""
     Path(path).mkdir(parents=True, exist_ok=True)
+    options = [*options, "ro"] if read_only else options
     if is_mount_point(path):
-        if _same_device(path, device):
-            return
-        raise AlreadyExists(f"staging path {path} holds another file system; unstage it first")
-    found = filesystem.fs_type(device)
+        if not _same_device(path, device):
+            raise AlreadyExists(f"staging path {path} holds another file system; unstage "
+                                "it first")
+        if ("ro" in mount_options(path)) != read_only:
+            raise AlreadyExists(f"staging path {path} is mounted "
+                                f"{'read-write' if read_only else 'read-only'}; unstage it "
+                                "first")
+        return
+    found = probe(device)
+    if "PTTYPE" in found and "TYPE" not in found:
+        raise FailedPrecondition(f"device {device} holds a {found['PTTYPE']} partition table "
+                                 "and no file system: it is not formatted (publish it as a "
+                                 "block volume, or clear it)")
     if not found:
+        if read_only:
+            raise FailedPrecondition(f"device {device} holds no file system and the volume "
+                                     "is read-only: nothing to mount")
         # a failed mkfs fails again when retried (a device too small, bad mkfsParams)
         _run(f"mkfs.{fs_type}", *shlex.split(mkfs_params), device, error=FailedPrecondition)
-    elif found != fs_type:
-        raise FailedPrecondition(f"device {device} holds a {found} file system, not {fs_type}: "
-                                 f"it is mounted as it is only when the volume asks for {found}")
+    elif found["TYPE"] != fs_type:
+        found_type = found["TYPE"]
+        raise FailedPrecondition(f"device {device} holds a {found_type} file system, not "
+                                 f"{fs_type}: it is mounted as it is only when the volume "
+                                 f"asks for {found_type}")
     _run("mount", "-t", fs_type, *(["-o", ",".join(options)] if options else []), device, path)
 
 
@@ -98,13 +138,22 @@ def bind(source: str, target: str, *, block_device: str | None, read_only: bool,
     if is_mount_point(target):
         same = _bound_device(target, block_device) if block_device else \
             Path(target).stat().st_dev == Path(source).stat().st_dev
-        if same:
-            return
-        raise AlreadyExists(f"target path {target} holds another mount; unpublish it first")
+        if not same:
+            raise AlreadyExists(f"target path {target} holds another mount; unpublish it "
+                                "first")
+        if ("ro" in mount_options(target)) != read_only:
+            raise AlreadyExists(f"target path {target} is published "
+                                f"{'read-write' if read_only else 'read-only'}; unpublish it "
+                                "first")
+        return
     _run("mount", "--bind", source, target)
     if read_only or options:
         flags = ["remount", "bind", *options, *(["ro"] if read_only else [])]
-        _run("mount", "-o", ",".join(flags), target)
+        try:
+            _run("mount", "-o", ",".join(flags), target)
+        except StorageIOError:
+            _run("umount", target)  # never left bound without the options asked for
+            raise
 
 
 def unmount(path: str, *, remove: bool) -> None:
@@ -117,15 +166,6 @@ def unmount(path: str, *, remove: bool) -> None:
             where.rmdir()
         else:
             where.unlink()
-
-
-def device_of(path: str) -> str | None:
-    """The source device of the mount at *path* (a staged file system), or None."""
-    result = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "--mountpoint",
-                             os.path.realpath(path)], capture_output=True, text=True,
-                            check=False)
-    source = result.stdout.strip().splitlines()
-    return source[-1] if source and source[-1].startswith("/dev/") else None
 
 
 def block_size(device: str) -> int:

@@ -17,9 +17,10 @@ import grpc
 
 from appliance.csi import capability, mounts, params
 from appliance.csi.backend import Appliance, Info
-from appliance.csi.controller import FS_LABEL, MKFS_LABEL, PluginConfig, condition
+from appliance.csi.config import PluginConfig
+from appliance.csi.controller import condition
 from appliance.csi.inflight import InFlight
-from appliance.csi.params import TOPOLOGY_KEY
+from appliance.csi.params import FS_LABEL, MKFS_LABEL, TOPOLOGY_KEY
 from appliance.csi.proto import csi_pb2 as csi
 from appliance.csi.proto import csi_pb2_grpc as csi_grpc
 from appliance.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
@@ -72,7 +73,8 @@ class Node(csi_grpc.NodeServicer):
                 wanted.mount.fs_type or request.volume_context.get("fsType")
                 or labels.get(FS_LABEL) or "ext4")
             mkfs = request.volume_context.get("mkfsParams", labels.get(MKFS_LABEL, ""))
-            mounts.stage(device, path, fs_type, mkfs, list(wanted.mount.mount_flags))
+            mounts.stage(device, path, fs_type, mkfs, list(wanted.mount.mount_flags),
+                         read_only=capability.read_only(wanted))
         return csi.NodeStageVolumeResponse()
 
     def NodeUnstageVolume(self, request: csi.NodeUnstageVolumeRequest,
@@ -160,10 +162,15 @@ class Node(csi_grpc.NodeServicer):
                                  f"{required} asked for: ControllerExpandVolume comes first")
             block = request.HasField("volume_capability") and \
                 capability.is_block(request.volume_capability)
-            if not block and not stat.S_ISBLK(Path(path).stat().st_mode):
-                if mounts.device_of(path) is None:
+            try:
+                mode = Path(path).stat().st_mode
+            except FileNotFoundError:
+                raise NotFound(f"volume path {path} does not exist") from None
+            if not block and not stat.S_ISBLK(mode):
+                if not mounts.is_mount_point(path):
                     raise NotFound(f"volume {name} is not mounted at {path}")
-                filesystem.grow(device)
+                filesystem.grow(device, f"NodeExpandVolume of volume {name}",
+                                "run the node plugin privileged (the DaemonSet does)")
         return csi.NodeExpandVolumeResponse(capacity_bytes=size)
 
     def NodeGetCapabilities(self, request: csi.NodeGetCapabilitiesRequest,

@@ -41,8 +41,9 @@ KUBERNETES_LABELS = {"csi.storage.k8s.io/pvc/name": "k8s.pvc.name",
                      "csi.storage.k8s.io/volumesnapshot/name": "k8s.snapshot.name",
                      "csi.storage.k8s.io/volumesnapshot/namespace": "k8s.snapshot.namespace",
                      "csi.storage.k8s.io/volumesnapshotcontent/name": "k8s.content.name"}
-LOCALITY = {"disabled": "disabled", "best-effort": "best-effort",
-            "strict-local": "strict-local"}
+FS_LABEL = "csi.fsType"  # what NodeStage makes on a blank device
+MKFS_LABEL = "csi.mkfsParams"
+LOCALITY = ("disabled", "best-effort", "strict-local")
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,6 @@ class VolumeParameters:
         fields = asdict(self)
         del fields["labels"]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
-
-    def context(self) -> dict[str, str]:
-        """The volume context the node side gets back in NodeStage."""
-        return {"fsType": self.fs_type, "mkfsParams": self.mkfs_params,
-                "numberOfReplicas": str(self.replicas), "dataLocality": self.data_locality}
 
 
 def _integer(key: str, value: str, low: int, high: int) -> int:

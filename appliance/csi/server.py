@@ -18,7 +18,8 @@ from typing import Any
 import grpc
 
 from appliance.csi.backend import Appliance
-from appliance.csi.controller import Controller, PluginConfig
+from appliance.csi.config import PluginConfig
+from appliance.csi.controller import Controller
 from appliance.csi.identity import Identity
 from appliance.csi.inflight import InFlight
 from appliance.csi.node import Node
@@ -114,7 +115,7 @@ def build(appliance: Appliance, config: PluginConfig, mode: str,
                          interceptors=[Errors()])
     inflight = InFlight()  # shared: a volume's controller and node calls exclude each other
     csi_grpc.add_IdentityServicer_to_server(  # type: ignore[no-untyped-call]
-        Identity(appliance, mode != "node"), server)
+        Identity(appliance), server)
     if mode in ("controller", "all"):
         csi_grpc.add_ControllerServicer_to_server(  # type: ignore[no-untyped-call]
             Controller(appliance, config, inflight), server)

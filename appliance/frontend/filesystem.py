@@ -43,18 +43,23 @@ def _capable(capability: int) -> bool:
     return False
 
 
-def check_growable(device: str) -> str:
-    """The file system type on *device*, if this process can grow it as it is now."""
+ONLINE_EXT4 = ("unmount it and expand with --resize-fs again (or run resize2fs where the "
+               "capability exists)")
+
+
+def check_growable(device: str, what: str = "--resize-fs",
+                   remedy: str = ONLINE_EXT4) -> str:
+    """The file system type on *device*, if this process can grow it as it is now; the
+    errors start with *what* asked, and a mounted ext4 without the capability says *remedy*."""
     kind = fs_type(device)
     if kind not in GROWABLE:
-        raise InvalidArgument(f"--resize-fs: the device holds {kind or 'no file system'}; "
+        raise InvalidArgument(f"{what}: the device holds {kind or 'no file system'}; "
                               f"only {', '.join(GROWABLE)} can be grown")
     if kind != "xfs" and mountpoint(device) and not _capable(CAP_SYS_RESOURCE):
         # the kernel refuses an online ext4 resize without it (containers often drop it)
         raise FailedPrecondition(
-            f"--resize-fs: growing the mounted {kind} file system on {device} needs "
-            "CAP_SYS_RESOURCE, which the daemon lacks here; unmount it and expand with "
-            "--resize-fs again (or run resize2fs where the capability exists)")
+            f"{what}: growing the mounted {kind} file system on {device} needs "
+            f"CAP_SYS_RESOURCE, which this process lacks here; {remedy}")
     return kind
 
 
@@ -74,10 +79,10 @@ def mountpoint(device: str) -> str | None:
     return lines[0] if lines else None
 
 
-def grow(device: str) -> str:
+def grow(device: str, what: str = "--resize-fs", remedy: str = ONLINE_EXT4) -> str:
     """Grow the file system on *device* to the device's size, mounted (online) or not;
-    return its type."""
-    kind = check_growable(device)
+    return its type (errors as :func:`check_growable` words them)."""
+    kind = check_growable(device, what, remedy)
     mounted = mountpoint(device)
     if kind == "xfs":  # xfs grows only while mounted
         if mounted:

@@ -60,6 +60,12 @@ def _cases(existing: str, tmp: Path) -> list[tuple[str, str, Any, Code, str]]:
             volume_content_source=csi.VolumeContentSource(
                 volume=csi.VolumeContentSource.VolumeSource(volume_id="missing"))),
          Code.NOT_FOUND, "source volume 'missing' does not exist"),
+        ("controller", "CreateVolume", create(
+            name="pvc-x", volume_capabilities=[MOUNT],
+            capacity_range=csi.CapacityRange(limit_bytes=32 * MIB),
+            volume_content_source=csi.VolumeContentSource(
+                volume=csi.VolumeContentSource.VolumeSource(volume_id=existing))),
+         Code.OUT_OF_RANGE, "more than limit_bytes"),
         ("controller", "DeleteVolume", csi.DeleteVolumeRequest(), Code.INVALID_ARGUMENT,
          "no volume_id"),
         ("controller", "ControllerPublishVolume", csi.ControllerPublishVolumeRequest(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -269,3 +270,65 @@ def test_storage_class_parameters_reach_the_volume(plugin: Plugin, node: Node) -
     assert dict(volume.volume_context) == {"fsType": "xfs", "mkfsParams": "-m reflink=0",
                                            "numberOfReplicas": "1",
                                            "dataLocality": "best-effort"}
+
+
+def _mbr(size: int) -> bytes:
+    """A DOS partition table with one Linux partition from 1 MiB to the end."""
+    entry = bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") + \
+        (size // 512 - 2048).to_bytes(4, "little")
+    return bytes(440) + os.urandom(4) + bytes(2) + entry + bytes(48) + b"\x55\xaa"
+
+
+def test_a_device_is_formatted_only_when_blkid_finds_it_blank(plugin: Plugin,
+                                                              tmp_path: Path) -> None:
+    """A volume used as a raw disk with a partition table, then asked for as a file system:
+    NodeStage refuses and the table stays. A read-only volume is never formatted."""
+    block = block_capability()
+    volume = plugin.create("pvc-disk", size=32 * MIB, capability=block).volume_id
+    stage, target = tmp_path / "stage", tmp_path / "pods" / "vm" / "disk"
+    plugin.publish(volume, block, stage, target)
+    table = _mbr(32 * MIB)
+    with open(target, "r+b") as disk:
+        disk.write(table)
+        os.fsync(disk.fileno())
+    plugin.node_service.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(
+        volume_id=volume, target_path=str(target)))
+    mount = mount_capability("ext4")
+    refused = error_of(plugin.node_service.NodeStageVolume, csi.NodeStageVolumeRequest(
+        volume_id=volume, staging_target_path=str(stage), volume_capability=mount))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "dos partition table" in str(refused.details())
+    plugin.publish(volume, block, stage, target)
+    with open(target, "rb") as disk:
+        assert disk.read(512) == table
+    plugin.unpublish(volume, stage, target)
+
+    blank = plugin.create("pvc-blank", capability=mount).volume_id
+    reader = mount_capability("ext4", mode=csi.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY)
+    plugin.controller.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+        volume_id=blank, node_id=plugin.node_id, volume_capability=reader))
+    refused = error_of(plugin.node_service.NodeStageVolume, csi.NodeStageVolumeRequest(
+        volume_id=blank, staging_target_path=str(stage), volume_capability=reader))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "holds no file system and the volume is read-only" in str(refused.details())
+    assert subprocess.run(["blkid", "-p", plugin.node.volume(blank)["device"]],
+                          capture_output=True, check=False).returncode == 2  # still blank
+
+
+def test_a_second_publish_with_other_arguments_is_already_exists(plugin: Plugin,
+                                                                 tmp_path: Path) -> None:
+    capability = mount_capability("ext4")
+    volume = plugin.create("pvc-twice", capability=capability).volume_id
+    stage, target = tmp_path / "stage", tmp_path / "pod"
+    plugin.publish(volume, capability, stage, target)
+    same = csi.NodePublishVolumeRequest(volume_id=volume, staging_target_path=str(stage),
+                                        target_path=str(target), volume_capability=capability)
+    plugin.node_service.NodePublishVolume(same)  # the same again: success
+    other = csi.NodePublishVolumeRequest(volume_id=volume, staging_target_path=str(stage),
+                                         target_path=str(target),
+                                         volume_capability=capability, readonly=True)
+    refused = error_of(plugin.node_service.NodePublishVolume, other)
+    assert refused.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "read-write" in str(refused.details())
+    (target / "still-writable").write_text("yes")
+    plugin.unpublish(volume, stage, target)
