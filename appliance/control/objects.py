@@ -183,9 +183,6 @@ class ReplicaRecord(Record):
     node: str = ""  # the node of its disk ("": the one node of a single-node store)
     host: str = ""  # that node's address, where its server listens ("": this node's)
     removing: bool = False  # replaced: its node deletes it (and then its record)
-    # set by the node of its volume's engine once the engine let it go (or none runs): only
-    # then may its own node delete it (else the engine loses a member it still counts)
-    dropped: bool = False
 
     def address(self, local_host: str) -> str:
         """``HOST:PORT`` of its server; *local_host* is this node's replica address."""

@@ -278,14 +278,11 @@ class ClusterWork:
             replicas = [*others, new]
 
     async def _remove_replaced(self, volume: Volume) -> None:
-        """Delete this node's replicas of *volume* that were replaced, once their engine
-        has dropped them (or none runs), and then their records."""
-        engine_runs = volume.attached or volume.state != "detached"
+        """Delete this node's replicas of *volume* that were replaced (their engine has
+        dropped them), and then their records."""
         for replica in await self.replicas_of(volume.name, removing=True):
             if not replica.removing or not self.mine(replica.node):
                 continue
-            if engine_runs and not replica.dropped:
-                continue  # its engine's node takes it out of the engine first
             await self.thread(self.supervisor.stop_replica, replica)
             await self.thread(self.supervisor.delete_replica_dir, replica)
             await self.store.delete(replica.key)
@@ -394,18 +391,13 @@ class ClusterWork:
                              status: dict[str, Any]) -> None:
         """Take replicas that were replaced (marked removing) out of the engine."""
         current = {r.address(self.config.replica_address) for r in replicas}
-        reported = {r["address"] for r in status["replicas"]}
-        for replica in await self.replicas_of(volume.name, removing=True):
-            address = replica.address(self.config.replica_address)
-            if not replica.removing or replica.dropped or address in current:
-                continue
-            if address in reported:
+        gone = {r.address(self.config.replica_address)
+                for r in await self.replicas_of(volume.name, removing=True) if r.removing}
+        for reported in status["replicas"]:
+            address = reported["address"]
+            if address in gone and address not in current:
                 log.info("volume %s: dropping replaced replica %s from its engine",
                          volume.name, address)
-                try:
+                with contextlib.suppress(ApplianceError):
                     await self.thread(partial(self.supervisor.engine_call, volume.name,
                                               "remove-replica", address=address))
-                except ApplianceError:
-                    continue  # tried again at the next pass
-            # out of the engine: its node may delete it now
-            await self._put_replica(replace(replica, dropped=True))
