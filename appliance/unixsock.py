@@ -41,3 +41,16 @@ def bind(sock: socket.socket, path: str | Path) -> None:
 def connect(sock: socket.socket, path: str | Path) -> None:
     with short_path(path) as address:
         sock.connect(address)
+
+
+def listening(path: str | Path) -> bool:
+    """Whether a process accepts connections on the socket at *path* (a socket file that
+    a dead process left is no listener)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connect(probe, path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

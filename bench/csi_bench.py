@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from appliance import unixsock
 from appliance.csi.proto import csi_pb2 as csi
 from appliance.csi.proto import csi_pb2_grpc as csi_grpc
 from bench.node_bench import APPLIANCE, Daemon, latency
@@ -41,7 +42,7 @@ class Plugin:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(root / "plugin.log", "ab"), start_new_session=True)  # noqa: SIM115
         deadline = time.monotonic() + 30
-        while not self._listening():
+        while not unixsock.listening(self.socket):
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise SystemExit("the CSI plugin did not start")
             time.sleep(0.05)
@@ -50,16 +51,6 @@ class Plugin:
         self.controller = csi_grpc.ControllerStub(self.channel)
         self.node = csi_grpc.NodeStub(self.channel)
         self.node_id = node_id
-
-    def _listening(self) -> bool:
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(str(self.socket))
-        except OSError:
-            return False
-        finally:
-            probe.close()
-        return True
 
     def stop(self) -> None:
         self.channel.close()

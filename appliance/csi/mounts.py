@@ -92,6 +92,16 @@ def probe(device: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
 
 
+def _check_done(path: str, same: bool, read_only: bool, what: str, undo: str) -> None:
+    """A call repeated on a *path* already mounted succeeds when the mount is the one
+    asked for (the same source, the same read-only mode); ALREADY_EXISTS otherwise."""
+    if not same:
+        raise AlreadyExists(f"{what} path {path} holds another mount; {undo} it first")
+    if ("ro" in mount_options(path)) != read_only:
+        raise AlreadyExists(f"{what} path {path} is mounted "
+                            f"{'read-write' if read_only else 'read-only'}; {undo} it first")
+
+
 def stage(device: str, path: str, fs_type: str, mkfs_params: str, options: list[str],
           *, read_only: bool) -> None:
     """Mount the file system on *device* at *path*, made first when the device is blank
@@ -99,13 +109,7 @@ def stage(device: str, path: str, fs_type: str, mkfs_params: str, options: list[
     Path(path).mkdir(parents=True, exist_ok=True)
     options = [*options, "ro"] if read_only else options
     if is_mount_point(path):
-        if not _same_device(path, device):
-            raise AlreadyExists(f"staging path {path} holds another file system; unstage "
-                                "it first")
-        if ("ro" in mount_options(path)) != read_only:
-            raise AlreadyExists(f"staging path {path} is mounted "
-                                f"{'read-write' if read_only else 'read-only'}; unstage it "
-                                "first")
+        _check_done(path, _same_device(path, device), read_only, "staging", "unstage")
         return
     found = probe(device)
     if "PTTYPE" in found and "TYPE" not in found:
@@ -138,13 +142,7 @@ def bind(source: str, target: str, *, block_device: str | None, read_only: bool,
     if is_mount_point(target):
         same = _bound_device(target, block_device) if block_device else \
             Path(target).stat().st_dev == Path(source).stat().st_dev
-        if not same:
-            raise AlreadyExists(f"target path {target} holds another mount; unpublish it "
-                                "first")
-        if ("ro" in mount_options(target)) != read_only:
-            raise AlreadyExists(f"target path {target} is published "
-                                f"{'read-write' if read_only else 'read-only'}; unpublish it "
-                                "first")
+        _check_done(target, same, read_only, "target", "unpublish")
         return
     _run("mount", "--bind", source, target)
     if read_only or options:

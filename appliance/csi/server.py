@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import stat
 import threading
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from appliance import unixsock
 from appliance.csi.backend import Appliance
 from appliance.csi.config import PluginConfig
 from appliance.csi.controller import Controller
@@ -52,16 +52,10 @@ def _claim(path: Path) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise AddressInUse(f"{path} exists and is not a socket: give another endpoint")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # nobody listens: left by a plugin that died
-    else:
+    if unixsock.listening(path):
         raise AddressInUse(f"another process serves {path}: stop it, or give another "
                            "endpoint")
-    finally:
-        probe.close()
+    path.unlink()  # nobody listens: left by a plugin that died
 
 
 def _ids(request: Any) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from appliance import unixsock
 from appliance.csi.proto import csi_pb2 as csi
 from appliance.csi.proto import csi_pb2_grpc as csi_grpc
 from tests.harness import APPLIANCE, Node, wait_for
@@ -78,14 +78,7 @@ class Plugin:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError("the CSI plugin exited:\n" + self.log.read_text()[-3000:])
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.socket))  # listening (not a socket a killed plugin left)
-        except OSError:
-            return False
-        finally:
-            probe.close()
-        return True
+        return unixsock.listening(self.socket)  # not a socket a killed plugin left
 
     def stop(self) -> None:
         if self.channel is not None:
