@@ -30,6 +30,7 @@ COMMANDS = {
     "version": "appliance.cli.admin:version",
     "completion": "appliance.cli.admin:completion",
     "csi": "appliance.cli.csi:csi",
+    "check": "appliance.cli.check:check",
 }
 
 
