@@ -29,6 +29,7 @@ packages=(
     gcc                                            # builds the tests' FUSE file system (hungfs)
     prometheus                                     # promtool checks the metrics exposition
     etcd-server etcd-client                        # the cluster's state store (and its tests)
+    lintian shellcheck openssh-server              # the .deb's and the scripts' checks; SSH into test hosts
 )
 
 missing=()
@@ -61,7 +62,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
     rm -rf .venv
     "$python" -m venv .venv
 fi
-stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(sha256sum <pyproject.toml | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
     echo "setup.sh: installing the Python packages into .venv"
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 \

@@ -10,15 +10,17 @@ work=${DEMO_DIR:-$(mktemp -d /var/tmp/appliance-volume-demo.XXXXXX)}
 mkdir -p "$work"
 started=$(date +%s.%N)
 step() { printf '\n== %s\n' "$*"; }
-ports=($(.venv/bin/python -c 'import socket
+mapfile -t ports < <(.venv/bin/python -c 'import socket
 for _ in range(3):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'))
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
 control="$work/ctl.sock"
 cleanup() {
-    mountpoint -q "$work/mnt" 2>/dev/null && umount "$work/mnt" || true
+    if mountpoint -q "$work/mnt" 2>/dev/null; then umount "$work/mnt" || true; fi
     $appliance engine stop --control "$control" >/dev/null 2>&1 || true
     for index in 0 1 2; do
-        [ -f "$work/r$index/server.pid" ] && kill "$(cat "$work/r$index/server.pid")" 2>/dev/null || true
+        if [ -f "$work/r$index/server.pid" ]; then
+            kill "$(cat "$work/r$index/server.pid")" 2>/dev/null || true
+        fi
     done
 }
 trap cleanup EXIT
