@@ -29,7 +29,9 @@ def _report(work: Path) -> tuple[int, list[str], list[str]]:
     return len(cases), failed, skipped
 
 
-@pytest.mark.parametrize("access_type", ["mount", "block"])
+# block volumes' conformance run is slow-only: the default suite's block paths are the
+# kubelet-like flows of test_flow.py (the suite's time budget)
+@pytest.mark.parametrize("access_type", ["mount", pytest.param("block", marks=pytest.mark.slow)])
 def test_csi_sanity(plugin: Plugin, sanity: Path, tmp_path: Path, access_type: str) -> None:
     # ext4 grows online only with CAP_SYS_RESOURCE (a container may lack it: then the
     # mounted-volume suite runs on xfs, which grows online without it)
