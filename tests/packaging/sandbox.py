@@ -21,9 +21,10 @@ from pathlib import Path
 
 from tests.netns import Host
 
-# the paths of a node's own: configuration, data, runtime files, logs (etcd's too)
-PRIVATE = ("/etc/appliance", "/var/lib/appliance", "/run/appliance", "/var/log/appliance",
-           "/etc/default", "/var/lib/etcd", "/run/sshd")
+# the paths of a node's own: configuration, data, runtime files (pid files: etcd's is
+# /run/etcd.pid), logs, etcd's data
+PRIVATE = ("/etc/appliance", "/var/lib/appliance", "/run", "/var/log/appliance",
+           "/etc/default", "/var/lib/etcd")
 
 
 class Sandbox:
@@ -57,11 +58,15 @@ class Sandbox:
             time.sleep(0.02)
         for real in self.private:
             source = self.path(real)
-            if real == "/etc/default":  # keep what the machine has there, privately
-                subprocess.run(["cp", "-a", "/etc/default/.", str(source)], check=False)
             source.mkdir(parents=True, exist_ok=True)
             target = Path(real)
-            if not target.exists():
+            if real == "/etc/default":  # keep what the machine has there, privately
+                subprocess.run(["cp", "-a", "/etc/default/.", str(source)], check=True)
+            if target.exists():  # the owner and mode a package gave it (etcd's: etcd, 0700)
+                status = target.stat()
+                os.chown(source, status.st_uid, status.st_gid)
+                source.chmod(status.st_mode & 0o7777)
+            else:
                 target.mkdir(parents=True)
                 self.created.append(target)
             self.run(["mount", "--bind", str(source), real], check=True)
@@ -124,3 +129,28 @@ def sandboxes(hosts: Sequence[Host], root: Path) -> Iterator[list[Sandbox]]:
     finally:
         for sandbox in made:
             sandbox.stop()
+
+
+def start_sshd(box: Sandbox, authorized_key: str) -> subprocess.Popen[bytes]:
+    """An SSH server for root on the sandbox's address, port 22, that lets in the holder of
+    *authorized_key* (a public key line) only; stopped with the sandbox."""
+    home = box.root / "sshd"
+    home.mkdir(parents=True, exist_ok=True)
+    key = home / "ssh_host_ed25519_key"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+    (home / "authorized_keys").write_text(authorized_key.strip() + "\n")
+    (home / "sshd_config").write_text(
+        f"ListenAddress {box.address}\nPort 22\nHostKey {key}\nPidFile {home}/sshd.pid\n"
+        f"AuthorizedKeysFile {home}/authorized_keys\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        "StrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n")
+    box.run(["mkdir", "-p", "-m", "0755", "/run/sshd"], check=True)  # its privilege separation
+    server = box.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(home / "sshd_config")])
+    deadline = time.monotonic() + 20
+    while box.run(["bash", "-c", f"exec 3<>/dev/tcp/{box.address}/22"]).returncode != 0:
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise RuntimeError(f"sshd on {box.address} did not start")
+        time.sleep(0.1)
+    return server
