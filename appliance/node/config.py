@@ -108,9 +108,7 @@ def load_config(data_dir: Path | None, listen: str | None, config_file: Path | N
     port_range = tuple(values.get("port_range", (10100, 10999)))
     if len(port_range) != 2 or not 1024 <= port_range[0] <= port_range[1] <= 65535:
         raise InvalidArgument(f"invalid port_range {values.get('port_range')!r}")
-    cluster = values.get("cluster", ())
-    if isinstance(cluster, str):
-        cluster = tuple(_etcd_url(part) for part in cluster.split(",") if part.strip())
+    cluster = _etcd_urls(values.get("cluster", ()))
     try:
         listen_address = parse_address(str(values["listen"]))
         node_name = str(values.get("node_name", socket.gethostname().lower()))
@@ -160,18 +158,36 @@ def _read_file(config_file: Path) -> dict[str, Any]:
     return values
 
 
-def _etcd_url(text: str) -> str:
-    """``etcd://H:P`` (or plain ``H:P``) is http; ``etcds://H:P`` is https (TLS)."""
-    text = text.strip()
+def _etcd_urls(given: Any) -> tuple[str, ...]:
+    """The etcd members' client URLs from ``etcd://A:P,B:P`` (or a TOML list): a scheme
+    holds for the members after it until another is given, so that ``etcds://A:P,B:P``
+    is TLS to both."""
+    if isinstance(given, str):
+        parts = given.split(",")
+    elif isinstance(given, list | tuple) and all(isinstance(part, str) for part in given):
+        parts = list(given)
+    else:
+        raise InvalidArgument(f"invalid cluster {given!r}: etcd://HOST:PORT[,HOST:PORT...]")
+    urls, prefix = [], "http://"
+    for part in (part.strip() for part in parts):
+        if part:
+            url, prefix = _etcd_url(part, prefix)
+            urls.append(url)
+    return tuple(urls)
+
+
+def _etcd_url(text: str, default: str) -> tuple[str, str]:
+    """``etcd://H:P`` is http, ``etcds://H:P`` https (TLS); plain ``H:P`` takes *default*
+    (the scheme before it). Returns the URL and its scheme."""
     for scheme, real in (("etcd://", "http://"), ("etcds://", "https://"),
                          ("http://", "http://"), ("https://", "https://")):
         if text.startswith(scheme):
             text, prefix = text[len(scheme):], real
             break
     else:
-        prefix = "http://"
+        prefix = default
     parse_address(text.rstrip("/"))  # HOST:PORT, or a clear error
-    return prefix + text.rstrip("/")
+    return prefix + text.rstrip("/"), prefix
 
 
 def _path(value: Any) -> Path | None:

@@ -47,3 +47,19 @@ def test_port_range_is_inclusive(tmp_path: Path) -> None:
     config.write_text("port_range = [10100, 10102]\n")
     ports = load_config(tmp_path / "data", "127.0.0.1:7003", config).replica_ports
     assert list(ports) == [10100, 10101, 10102]  # the last port is used too
+
+
+@pytest.mark.parametrize(("given", "urls"), [
+    ("etcds://a:2379,b:2379,c:2379", ("https://a:2379", "https://b:2379", "https://c:2379")),
+    ("a:2379,etcds://b:2379,c:2379", ("http://a:2379", "https://b:2379", "https://c:2379")),
+    ("etcd://a:2379, b:2379", ("http://a:2379", "http://b:2379")),
+    (["etcds://a:2379", "b:2379"], ("https://a:2379", "https://b:2379")),
+])
+def test_an_etcd_scheme_holds_for_the_members_after_it(given: object,
+                                                       urls: tuple[str, ...]) -> None:
+    assert load_config(None, "127.0.0.1:7000", None, cluster=given).cluster == urls  # type: ignore[arg-type]
+
+
+def test_a_cluster_that_is_not_addresses_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="invalid cluster"):
+        load_config(None, "127.0.0.1:7000", None, cluster=5)  # type: ignore[arg-type]
