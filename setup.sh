@@ -30,6 +30,7 @@ packages=(
     prometheus                                     # promtool checks the metrics exposition
     etcd-server etcd-client                        # the cluster's state store (and its tests)
     lintian shellcheck openssh-server              # the .deb's and the scripts' checks; SSH into test hosts
+    kmod nbd-client python3-cryptography           # what the Ansible roles install (their tests are offline)
 )
 
 missing=()

@@ -99,7 +99,10 @@ def _check(status: int, output: str, expected: int, command: list[str]) -> None:
         assert bars[-1][1] == "100", (command, output)  # a drawn bar ends full
 
 
-@pytest.mark.parametrize("terminal", [True, False], ids=["pty", "pipes"])
+# through pipes with -m slow (the suite's time budget): every command's output to a pipe
+# is also checked by the CLI's own tests
+@pytest.mark.parametrize("terminal", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["pty", "pipes"])
 def test_cli_walk(node: Node, tmp_path: Path, terminal: bool) -> None:
     suffix = "t" if terminal else "p"
     backup_id = ""

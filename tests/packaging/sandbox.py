@@ -21,10 +21,11 @@ from pathlib import Path
 
 from tests.netns import Host
 
-# the paths of a node's own: configuration, data, runtime files (pid files: etcd's is
-# /run/etcd.pid), logs, etcd's data
-PRIVATE = ("/etc/appliance", "/var/lib/appliance", "/run", "/var/log/appliance",
-           "/etc/default", "/var/lib/etcd")
+# the paths of a node's own: configuration (what the machine has under /etc is copied in),
+# data, runtime files (pid files: etcd's is /run/etcd.pid), logs, caches
+PRIVATE = ("/etc/appliance", "/etc/default", "/etc/etcd", "/etc/sysctl.d", "/etc/modprobe.d",
+           "/etc/modules-load.d", "/var/lib/appliance", "/var/lib/etcd", "/var/log/appliance",
+           "/var/cache/appliance", "/run")
 
 
 class Sandbox:
@@ -34,6 +35,7 @@ class Sandbox:
         self.private = tuple(private)
         self.holder: subprocess.Popen[bytes] | None = None
         self.created: list[Path] = []  # real directories made only as mount points
+        self.processes: list[subprocess.Popen[bytes]] = []  # started by popen()
 
     @property
     def address(self) -> str:
@@ -60,8 +62,8 @@ class Sandbox:
             source = self.path(real)
             source.mkdir(parents=True, exist_ok=True)
             target = Path(real)
-            if real == "/etc/default":  # keep what the machine has there, privately
-                subprocess.run(["cp", "-a", "/etc/default/.", str(source)], check=True)
+            if real.startswith("/etc/") and target.is_dir():  # the machine's, privately
+                subprocess.run(["cp", "-a", f"{real}/.", str(source)], check=True)
             if target.exists():  # the owner and mode a package gave it (etcd's: etcd, 0700)
                 status = target.stat()
                 os.chown(source, status.st_uid, status.st_gid)
@@ -82,8 +84,11 @@ class Sandbox:
                               timeout=timeout, env=env, input=input)
 
     def popen(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.command(argv), start_new_session=True,
-                                stdin=subprocess.DEVNULL)
+        """A process in the sandbox; killed and reaped by stop() if it still runs then."""
+        process = subprocess.Popen(self.command(argv), start_new_session=True,
+                                   stdin=subprocess.DEVNULL)
+        self.processes.append(process)
+        return process
 
     def stop(self) -> None:
         """Kill everything the sandbox runs, then its namespace; remove the mount points it
@@ -91,6 +96,10 @@ class Sandbox:
         if self.holder is not None:
             self.release_loop_devices()
         self.host.kill_everything()
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(timeout=10)
         if self.holder is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.holder.pid, signal.SIGKILL)

@@ -114,6 +114,7 @@ def test_install_upgrade_remove_purge(debs: Debs, sandbox: Sandbox) -> None:
     assert sandbox.path("/etc/appliance/node.toml").is_file()
     assert Path("/usr/bin/appliance").resolve() == Path("/opt/appliance/venv/bin/appliance")
     assert "appliance-volume-attach.1.gz" in {p.name for p in Path("/usr/share/man/man1").iterdir()}
+    assert Path("/usr/share/appliance/kubernetes/04-node.yaml").is_file()
     verify = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True,
                             text=True, check=False)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr

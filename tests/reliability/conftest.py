@@ -3,8 +3,9 @@ each on an idle machine and under CPU load. The default suite runs one corner of
 square per test, alternating in the order the tests are defined: the first with every
 replica behind its server under CPU load, the next with the local fast path on an idle
 machine, and so on (each code path on half the rows, the server path under the harsher
-timing). The other corners run with the slow tests (``-m slow``), to keep the suite in its
-budget; run them before calling a change to the data path done."""
+timing); a test of one path runs under load. The other corners run with the slow tests
+(``-m slow``), to keep the suite in its budget; run them before calling a change to the
+data path done."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     order: dict[str, int] = {}
     for item in items:
         params = getattr(item, "callspec", None)
-        if params is None or "volumes" not in params.params:
+        if params is None:
+            continue
+        if "volumes" not in params.params:  # one path only: under load by default
+            if params.params.get("load") == "idle":
+                item.add_marker(pytest.mark.slow)
             continue
         name = getattr(item, "originalname", item.name)
         index = order.setdefault(name, len(order))
