@@ -101,3 +101,15 @@ def test_csi_bench_quick(tmp_path: Path) -> None:
     assert "ready for a pod, a mounted ext4" in result.stdout
     assert "NodeGetVolumeStats" in result.stdout
     assert (tmp_path / "out.json").exists()
+
+
+@pytest.mark.slow  # minutes: a package is built and a node converged twice
+def test_provision_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.provision_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1500, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "converge of one node from nothing" in result.stdout
+    assert "idempotent re-run" in result.stdout
+    assert (tmp_path / "out.json").exists()
