@@ -57,19 +57,21 @@ def round_trip(root: Path, deb: Path, index: int) -> dict[str, float]:
     inventory = local_inventory(root / "local.yml", deb)
     (root / "facts.yml").write_text(FACTS)
     for what in ("by_hand", "converge"):
-        purge()
         with hosts(1) as made, sandboxes(made, root / f"{what}-{index}") as (box,):
-            if what == "by_hand":
-                figures["by_hand_seconds"] = timed(lambda: by_hand(box, deb))
-            else:
-                figures["converge_seconds"] = timed(
-                    lambda: playbook(["-i", str(inventory)], env, box))
-                figures["rerun_seconds"] = timed(
-                    lambda: playbook(["-i", str(inventory)], env, box))
-                figures["facts_only_seconds"] = timed(
-                    lambda: playbook(["-i", str(inventory)], env, box,
-                                     playbook_file=str(root / "facts.yml")))
-        purge()
+            purge(box)
+            try:
+                if what == "by_hand":
+                    figures["by_hand_seconds"] = timed(lambda: by_hand(box, deb))
+                else:
+                    figures["converge_seconds"] = timed(
+                        lambda: playbook(["-i", str(inventory)], env, box))
+                    figures["rerun_seconds"] = timed(
+                        lambda: playbook(["-i", str(inventory)], env, box))
+                    figures["facts_only_seconds"] = timed(
+                        lambda: playbook(["-i", str(inventory)], env, box,
+                                         playbook_file=str(root / "facts.yml")))
+            finally:
+                purge(box)
     return figures
 
 

@@ -69,9 +69,14 @@ pip_quietly --python "$stage$target/bin/python" install -q --no-compile \
     -c "$build/constraints.txt" "$wheel"
 find "$stage$target" -name __pycache__ -type d -prune -exec rm -rf {} +
 find "$stage$target" -name direct_url.json -delete
-grep -rlF "$stage" "$stage$target" | while read -r file; do
+# the build paths in the virtualenv's text files (scripts' interpreter lines, pyvenv.cfg)
+grep -rlIF "$stage" "$stage$target" | while read -r file; do
     sed -i "s|$stage||g" "$file"
 done
+if grep -rqF "$build" "$stage"; then
+    echo "build.sh: the build path is left in: $(grep -rlF "$build" "$stage" | head -3)" >&2
+    exit 1
+fi
 rm -f "$stage$target"/bin/Activate.ps1
 # modes as Debian ships them: programs in bin/ executable, everything else (shared objects
 # included) not. Shared objects are left as the wheels have them: stripping the libraries

@@ -43,23 +43,23 @@ def installed_version() -> str | None:
     return words[-1] if result.returncode == 0 and "installed" in words[:3] else None
 
 
-def purge() -> None:
-    """No appliance package on the machine (one left by an interrupted run is purged)."""
+def purge(box: Sandbox) -> None:
+    """No appliance package on the machine: one left by an interrupted run is purged, from
+    inside *box* so that its scripts touch the sandbox's /run and /var/log, not the
+    machine's."""
     listed = subprocess.run(["dpkg-query", "-W", "appliance"], capture_output=True,
                             check=False)
     if listed.returncode == 0:
-        subprocess.run(["dpkg", "--purge", "--force-remove-reinstreq", "appliance"],
-                       capture_output=True, check=False,
-                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                            "APPLIANCE_FORCE_REMOVE": "1"})
+        box.run(["dpkg", "--purge", "--force-remove-reinstreq", "appliance"],
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "APPLIANCE_FORCE_REMOVE": "1"})
 
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     """One machine to install on; no appliance package installed before or after."""
-    purge()
-    try:
-        with hosts(1) as made, sandboxes(made, tmp_path / "hosts") as (box,):
+    with hosts(1) as made, sandboxes(made, tmp_path / "hosts") as (box,):
+        purge(box)
+        try:
             yield box
-    finally:
-        purge()
+        finally:
+            purge(box)

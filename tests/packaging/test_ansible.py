@@ -25,7 +25,7 @@ import pytest
 
 from tests.harness import wait_for
 from tests.netns import hosts
-from tests.packaging.conftest import Debs
+from tests.packaging.conftest import Debs, purge
 from tests.packaging.converge import (
     ANSIBLE,
     OFFLINE_APT,
@@ -75,51 +75,59 @@ def test_converge_three_nodes_over_ssh_into_one_cluster(debs: Debs, tmp_path: Pa
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     with hosts(3) as made, sandboxes(made, tmp_path / "hosts") as boxes:
-        for box in boxes:
-            start_sshd(box, (tmp_path / "id_ed25519.pub").read_text())
-        names = {f"node{number + 1}": box for number, box in enumerate(boxes)}
-        members = {name: {"ansible_host": box.address, "appliance_etcd_address": box.address,
-                          "appliance_node_address": box.address}
-                   for name, box in names.items()}
-        inventory = write_inventory(tmp_path / "hosts.yml", {"all": {
-            "children": {"appliance_etcd": {"hosts": members},
-                         "appliance_nodes": {"hosts": {name: {} for name in members}}},
-            "vars": {**OFFLINE_APT, "ansible_user": "root",
-                     "ansible_ssh_private_key_file": str(key),
-                     "ansible_python_interpreter": "/usr/bin/python3",
-                     "ansible_ssh_common_args": "-o UserKnownHostsFile=/dev/null",
-                     "appliance_node_deb": str(debs.first),
-                     "appliance_prereqs_packages": PREREQS,
-                     "appliance_etcd_ca_dir": str(tmp_path / "pki"),
-                     "appliance_etcd_extra_env": {
-                         "ETCD_LOGGER": "zap",
-                         "ETCD_LOG_OUTPUTS": "/var/lib/etcd/etcd.log"}}}})
-        summary = playbook(["-i", str(inventory)], ansible_env(tmp_path / "home"))
-        assert set(summary) >= set(names), summary
+        purge(boxes[0])
+        try:
+            converge_three(boxes, key, debs, tmp_path)
+        finally:
+            purge(boxes[0])
 
-        first = names["node1"]
 
-        def ready() -> list[str]:
-            listed = json.loads(first.run(["appliance", "node", "list", "-o", "json"]).stdout)
-            return sorted(node["name"] for node in listed if node["state"] == "ready")
+def converge_three(boxes: list[Sandbox], key: Path, debs: Debs, tmp_path: Path) -> None:
+    for box in boxes:
+        start_sshd(box, (tmp_path / "id_ed25519.pub").read_text())
+    names = {f"node{number + 1}": box for number, box in enumerate(boxes)}
+    members = {name: {"ansible_host": box.address, "appliance_etcd_address": box.address,
+                      "appliance_node_address": box.address}
+               for name, box in names.items()}
+    inventory = write_inventory(tmp_path / "hosts.yml", {"all": {
+        "children": {"appliance_etcd": {"hosts": members},
+                     "appliance_nodes": {"hosts": {name: {} for name in members}}},
+        "vars": {**OFFLINE_APT, "ansible_user": "root",
+                 "ansible_ssh_private_key_file": str(key),
+                 "ansible_python_interpreter": "/usr/bin/python3",
+                 "ansible_ssh_common_args": "-o UserKnownHostsFile=/dev/null",
+                 "appliance_node_deb": str(debs.first),
+                 "appliance_prereqs_packages": PREREQS,
+                 "appliance_etcd_ca_dir": str(tmp_path / "pki"),
+                 "appliance_etcd_extra_env": {
+                     "ETCD_LOGGER": "zap",
+                     "ETCD_LOG_OUTPUTS": "/var/lib/etcd/etcd.log"}}}})
+    summary = playbook(["-i", str(inventory)], ansible_env(tmp_path / "home"))
+    assert set(summary) >= set(names), summary
 
-        wait_for(lambda: ready() == sorted(names), 60, "three ready nodes")
-        for box in boxes:  # one token for the cluster, derived from the one cluster key
-            assert box.path("/var/lib/appliance/token").read_text() == \
-                first.path("/var/lib/appliance/token").read_text()
-            assert box.path("/var/lib/appliance/cluster.key").stat().st_mode & 0o777 == 0o600
-        health = first.run(["etcdctl", f"--endpoints=https://{first.address}:2379",
-                            "--cacert=/etc/appliance/etcd/ca.crt",
-                            "--cert=/etc/appliance/etcd/client.crt",
-                            "--key=/etc/appliance/etcd/client.key", "endpoint", "health",
-                            "--cluster"], env={**os.environ, "ETCDCTL_API": "3"})
-        said = health.stdout + health.stderr  # etcdctl 3.4 reports health on stderr
-        assert health.returncode == 0 and said.count("is healthy") == 3, said
+    first = names["node1"]
 
-        created = first.run(["appliance", "volume", "create", "trio", "--size", "64M",
-                             "--replicas", "3"])
-        assert created.returncode == 0, created.stdout + created.stderr
-        shown = json.loads(first.run(["appliance", "volume", "show", "trio", "-o",
-                                      "json"]).stdout)
-        placed = sorted(str(replica["node"]) for replica in shown["replica_list"])
-        assert placed == sorted(names), shown
+    def ready() -> list[str]:
+        listed = json.loads(first.run(["appliance", "node", "list", "-o", "json"]).stdout)
+        return sorted(node["name"] for node in listed if node["state"] == "ready")
+
+    wait_for(lambda: ready() == sorted(names), 60, "three ready nodes")
+    for box in boxes:  # one token for the cluster, derived from the one cluster key
+        assert box.path("/var/lib/appliance/token").read_text() == \
+            first.path("/var/lib/appliance/token").read_text()
+        assert box.path("/var/lib/appliance/cluster.key").stat().st_mode & 0o777 == 0o600
+    health = first.run(["etcdctl", f"--endpoints=https://{first.address}:2379",
+                        "--cacert=/etc/appliance/etcd/ca.crt",
+                        "--cert=/etc/appliance/etcd/client.crt",
+                        "--key=/etc/appliance/etcd/client.key", "endpoint", "health",
+                        "--cluster"], env={**os.environ, "ETCDCTL_API": "3"})
+    said = health.stdout + health.stderr  # etcdctl 3.4 reports health on stderr
+    assert health.returncode == 0 and said.count("is healthy") == 3, said
+
+    created = first.run(["appliance", "volume", "create", "trio", "--size", "64M",
+                         "--replicas", "3"])
+    assert created.returncode == 0, created.stdout + created.stderr
+    shown = json.loads(first.run(["appliance", "volume", "show", "trio", "-o",
+                                  "json"]).stdout)
+    placed = sorted(str(replica["node"]) for replica in shown["replica_list"])
+    assert placed == sorted(names), shown
