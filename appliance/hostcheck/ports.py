@@ -30,7 +30,7 @@ def address_problem(host: str) -> str:
 def appliance_holders(port: int) -> dict[int, str]:
     """The appliance's processes listening on *port*, each with its role."""
     found = {}
-    for pid in processes.listeners([port]).get(port, set()):
+    for pid in ports.listeners([port]).get(port, set()):
         role = processes.appliance_role(pid)
         if role:
             found[pid] = role
@@ -69,14 +69,14 @@ def check_replica_ports(settings: Settings) -> list[Result]:
         return [fail(name, f"replica servers listen on {span}: {problem}",
                      "set replica_address (or --advertise) to an address of this machine")]
     held = [port for port in candidates if not ports.bindable(host, port)]
-    owners = processes.listeners(held)
+    owners = ports.listeners(held)
     ours, others = 0, []
     for port in held:
         pids = owners.get(port, set())
         if any(processes.appliance_role(pid) for pid in pids):
             ours += 1
         else:
-            who = ", ".join(map(processes.describe, sorted(pids))) or "a program not seen"
+            who = ", ".join(map(ports.describe, sorted(pids))) or "a program not seen"
             others.append(f"{port} ({who})")
     free = len(candidates) - len(held)
     detail = (f"{span}: {free} of {len(candidates)} free, {ours} held by the appliance's "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance import ports
 from appliance.hostcheck import disks, kernel, multipath, processes
 from appliance.hostcheck.interpreter import version_problem
 from appliance.hostcheck.result import Result, Settings, load_settings, ok
@@ -174,10 +175,11 @@ def test_listeners_and_roles_of_processes() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert processes.listeners([port, 1]) == {port: {os.getpid()}}
-    assert processes.listeners([port]) == {}
+        assert ports.listeners([port, 1]) == {port: {os.getpid()}}
+        assert ports.holder(port) == ports.describe(os.getpid())
+    assert ports.listeners([port]) == {}
     assert processes.appliance_role(os.getpid()) is None
-    assert processes.describe(os.getpid()).startswith(f"process {os.getpid()} (")
+    assert ports.describe(os.getpid()).startswith(f"process {os.getpid()} (")
 
 
 @pytest.mark.parametrize(("argv", "role"), [
