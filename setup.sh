@@ -31,6 +31,8 @@ packages=(
     etcd-server etcd-client                        # the cluster's state store (and its tests)
     lintian shellcheck openssh-server              # the .deb's and the scripts' checks; SSH into test hosts
     kmod nbd-client python3-cryptography           # what the Ansible roles install (their tests are offline)
+    tgt libiscsi-bin libiscsi-dev qemu-block-extra # the iSCSI frontend, its initiators and its load generator
+    nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind   # RWX shares over NFS and their clients
 )
 
 missing=()

@@ -304,6 +304,12 @@ class Node:
         """Stop everything the daemon started, whatever state it is in."""
         self.stop(signal.SIGKILL)
         run_dir = self.data / "run"
+        tgtd = run_dir / "tgtd" / "tgtd.pid"  # its iSCSI target (before the devices go)
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(tgtd.read_text())
+            if alive(pid) and Path(f"/proc/{pid}/comm").read_text().strip() == "tgtd":
+                os.kill(pid, signal.SIGKILL)
+                wait_for(partial(_dead, pid), 30, "tgtd to stop")
         for control in sorted(run_dir.glob("*/ctl.sock")) if run_dir.exists() else []:
             with contextlib.suppress(Exception):
                 frontend.detach(control.with_name("ctl.sock.attach"))

@@ -113,3 +113,25 @@ def test_provision_bench_quick(tmp_path: Path) -> None:
     assert "converge of one node from nothing" in result.stdout
     assert "idempotent re-run" in result.stdout
     assert (tmp_path / "out.json").exists()
+
+
+@pytest.mark.slow  # a third of a minute: a daemon, a target, tgt on a file beside it
+def test_iscsi_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.iscsi_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4K random write QD32" in result.stdout and "1 replica(s)" in result.stdout
+    assert (tmp_path / "out.json").exists()
+
+
+@pytest.mark.slow  # a third of a minute: a daemon, two shares, ganesha on a directory
+def test_nfs_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.nfs_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sequential read MiB/s" in result.stdout and "1 replica(s)" in result.stdout
+    assert (tmp_path / "out.json").exists()

@@ -17,7 +17,8 @@ from appliance.cli.client import ApiClient, api, client_options
 from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL, SIZE
 from appliance.defaults import API_LISTEN
-from appliance.errors import FailedPrecondition
+from appliance.errors import FailedPrecondition, InvalidArgument
+from appliance.secrets import read_private_file, write_secret_file
 from appliance.units import format_size, format_size_exact
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]),
@@ -245,11 +246,15 @@ def wait_for_copy(client: ApiClient, name: str, what: str, timeout: float) -> No
               help="best-effort: keep a replica on the node it is attached on (one is "
                    "built there in place of another); strict-local: its one replica on the "
                    "node of its engine (the node the API runs on).")
+@click.option("--access-mode", type=click.Choice(["rwo", "rwx"]), default="rwo",
+              show_default=True,
+              help="rwx: shared read-write by many clients over NFS (its file system made "
+                   "and exported at once; 'volume share' sets who may mount it).")
 @wait_options
 @client_options
 def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...],
-                  node_tags: tuple[str, ...], data_locality: str, timeout: float,
-                  no_wait: bool, url: str, token_file: Path) -> None:
+                  node_tags: tuple[str, ...], data_locality: str, access_mode: str,
+                  timeout: float, no_wait: bool, url: str, token_file: Path) -> None:
     """Create volume NAME."""
     client = api(url, token_file)
     body: dict[str, Any] = {"name": name, "size": size, "replicas": replicas,
@@ -258,13 +263,52 @@ def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...
         body["node_tags"] = list(node_tags)
     if data_locality != "disabled":
         body["data_locality"] = data_locality
+    if access_mode != "rwo":
+        body["access_mode"] = access_mode
     client.call("POST", "/v1/volumes", body)
     if no_wait:
         click.echo(f"volume {name} requested")
         return
+    if access_mode == "rwx":
+        info = wait_for_volume(client, name, lambda v: v and (v["share"] or v["refusal"]),
+                               "sharing", timeout=timeout)
+        assert info is not None
+        if info["refusal"]:
+            raise FailedPrecondition(info["refusal"])
+        click.echo(f"volume {name} created ({format_size_exact(size)}, {replicas} replicas), "
+                   f"shared at {_share_text(info['share'])}")
+        return
     wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "creating",
                     timeout=timeout)
     click.echo(f"volume {name} created ({format_size_exact(size)}, {replicas} replicas)")
+
+
+def _share_text(share: dict[str, Any]) -> str:
+    host = f"[{share['address']}]" if ":" in share["address"] else share["address"]
+    return f"{host}:{share['path']} (NFS port {share['port']}: mount -t nfs4 -o " \
+           f"port={share['port']} {host}:{share['path']} DIR)"
+
+
+@volume.command("share")
+@click.argument("name")
+@click.option("--allow", "allow", multiple=True, metavar="CIDR",
+              help="A client address or CIDR allowed to mount it (repeatable; none: any).")
+@click.option("--read-only/--read-write", default=False, show_default=True,
+              help="Clients may only read.")
+@click.option("--squash", type=click.Choice(["root", "none", "all"]), default="root",
+              show_default=True,
+              help="root: clients' root is nobody; all: everyone is nobody; none: ids kept.")
+@client_options
+def volume_share(name: str, allow: tuple[str, ...], read_only: bool, squash: str, url: str,
+                 token_file: Path) -> None:
+    """Set the NFS export options of RWX volume NAME (applied at once, to connected
+    clients too)."""
+    info = api(url, token_file).call("POST", f"/v1/volumes/{name}/share",
+                                     {"allow": list(allow), "read_only": read_only,
+                                      "squash": squash})
+    click.echo(f"volume {name}: {', '.join(allow) or 'any client'}, "
+               f"{'read-only' if read_only else 'read-write'}, squash {squash}"
+               + (f"; shared at {_share_text(info['share'])}" if info.get("share") else ""))
 
 
 @volume.command("list")
@@ -325,15 +369,31 @@ def volume_show(name: str, output: str, url: str, token_file: Path) -> None:
 
 
 def _served_or_refused(info: dict[str, Any] | None) -> bool:
-    return bool(info and ((info["state"] == "attached" and info["device"]) or info["refusal"]))
+    return bool(info and ((info["state"] == "attached" and (
+        info["device"] or info["frontend"].get("iqn"))) or info["refusal"]))
 
 
 def _device(info: dict[str, Any] | None) -> str:
-    """The device of a volume whose engine serves; its refusal as an error otherwise."""
+    """The device of a volume whose engine serves (its target's URL for the iscsi
+    frontend); its refusal as an error otherwise."""
     assert info is not None
     if info["refusal"]:
         raise FailedPrecondition(info["refusal"])
+    served = info["frontend"]
+    if served.get("iqn"):
+        return f"iscsi://{served['portal']}/{served['iqn']}/{served['lun']}"
     return str(info["device"])
+
+
+def _chap_secret(path: Path | None, option: str) -> str | None:
+    """A CHAP secret from a 0600 file (a final newline dropped), never from arguments."""
+    if path is None:
+        return None
+    secret = read_private_file(path, 4097).removesuffix(b"\n")
+    try:
+        return secret.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{option} {path}: the secret must be ASCII") from None
 
 
 @volume.command("attach")
@@ -343,24 +403,118 @@ def _device(info: dict[str, Any] | None) -> str:
 @click.option("--force", is_flag=True,
               help="Attached on another node (down, or cut off): move it here anyway; the "
                    "engine there is fenced and can write no more.")
+@click.option("--frontend", type=click.Choice(["blockdev", "iscsi"]), default="blockdev",
+              show_default=True,
+              help="blockdev: a local block device; iscsi: an iSCSI target on the node's "
+                   "portal (CHAP required).")
+@click.option("--chap-user", metavar="USER",
+              help="iscsi: the volume's own CHAP user (default: the node's credentials; "
+                   "'volume iscsi' shows them).")
+@click.option("--chap-secret-file", type=click.Path(path_type=Path), metavar="FILE",
+              help="iscsi: a 0600 file holding the CHAP secret (12 to 255 characters).")
+@click.option("--mutual-chap-user", metavar="USER",
+              help="iscsi: mutual CHAP: the user the target answers as.")
+@click.option("--mutual-chap-secret-file", type=click.Path(path_type=Path), metavar="FILE",
+              help="iscsi: mutual CHAP: a 0600 file holding the target's secret.")
+@click.option("--initiator", "initiators", multiple=True, metavar="IQN",
+              help="iscsi: an initiator allowed to log in (repeatable; default: any that "
+                   "passes CHAP).")
 @wait_options
 @client_options
-def volume_attach(name: str, node: str | None, force: bool, timeout: float, no_wait: bool,
+def volume_attach(name: str, node: str | None, force: bool, frontend: str,
+                  chap_user: str | None, chap_secret_file: Path | None,
+                  mutual_chap_user: str | None, mutual_chap_secret_file: Path | None,
+                  initiators: tuple[str, ...], timeout: float, no_wait: bool,
                   url: str, token_file: Path) -> None:
-    """Attach volume NAME as a block device on this node (or --node); print the device.
+    """Attach volume NAME as a block device on this node (or --node); print the device
+    (with --frontend iscsi: export it as an iSCSI target; print its URL).
 
     When its engine refuses to start (it cannot prove that every acknowledged write is
     there), the refusal is printed and the volume stays attached-but-faulted: the start is
     tried again by itself, and 'volume salvage' lets an operator choose."""
+    if (chap_user is None) != (chap_secret_file is None):
+        raise InvalidArgument("--chap-user and --chap-secret-file go together")
+    if (mutual_chap_user is None) != (mutual_chap_secret_file is None):
+        raise InvalidArgument("--mutual-chap-user and --mutual-chap-secret-file go together")
+    if mutual_chap_user and not chap_user:
+        raise InvalidArgument("mutual CHAP needs --chap-user and --chap-secret-file too")
+    body: dict[str, Any] = {"frontend": frontend, "initiators": list(initiators)}
+    if chap_user is not None:
+        body["chap"] = {"user": chap_user,
+                        "secret": _chap_secret(chap_secret_file, "--chap-secret-file"),
+                        "mutual_user": mutual_chap_user or "",
+                        "mutual_secret": _chap_secret(mutual_chap_secret_file,
+                                                      "--mutual-chap-secret-file") or ""}
     client = api(url, token_file)
     query = "&".join(([f"node={quote(node, safe='')}"] if node else [])
                      + (["force=true"] if force else []))
-    client.call("POST", f"/v1/volumes/{name}/attach" + (f"?{query}" if query else ""))
+    client.call("POST", f"/v1/volumes/{name}/attach" + (f"?{query}" if query else ""), body)
     if no_wait:
         click.echo(f"volume {name} attaching ('volume show {name}' gives its device)")
         return
     click.echo(_device(wait_for_volume(client, name, _served_or_refused, "attaching",
                                        timeout=timeout)))
+
+
+@volume.command("iscsi")
+@click.argument("name")
+@click.option("--secret-file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Write the CHAP secret to FILE (made 0600; an existing file is not "
+                   "replaced) and use it in the commands.")
+@OUTPUT
+@client_options
+def volume_iscsi(name: str, secret_file: Path | None, output: str, url: str,
+                 token_file: Path) -> None:
+    """Print the open-iscsi (iscsiadm) commands that discover volume NAME's target and log
+    in to it from a client machine."""
+    client = api(url, token_file)
+    info = client.call("GET", f"/v1/volumes/{name}/iscsi"
+                       + ("?secret=true" if secret_file else ""))
+    if secret_file is not None:
+        try:
+            write_secret_file(secret_file, str(info.pop("secret")).encode() + b"\n")
+        except FileExistsError:
+            raise FailedPrecondition(f"--secret-file {secret_file} exists; name a new file"
+                                     ) from None
+        mutual = info.pop("mutual_secret", "")
+        if mutual:
+            mutual_file = secret_file.with_name(secret_file.name + ".mutual")
+            try:
+                write_secret_file(mutual_file, str(mutual).encode() + b"\n")
+            except FileExistsError:
+                raise FailedPrecondition(f"{mutual_file} exists; name a new --secret-file"
+                                         ) from None
+    emit(info, output, lambda data: _iscsiadm_commands(data, secret_file))
+
+
+def _iscsiadm_commands(info: dict[str, Any], secret_file: Path | None) -> str:
+    portal, iqn = info["portal"], info["iqn"]
+    node = f"iscsiadm -m node -T {iqn} -p {portal}"
+    secret = f'"$(cat {secret_file})"' if secret_file else '"$CHAP_SECRET"'
+    lines = [f"# target {iqn}, LUN {info['lun']}, on portal {portal}; CHAP user "
+             f"{info['user']}"]
+    if secret_file is None:
+        lines.append("# the CHAP secret: 'volume iscsi NAME --secret-file FILE' writes it to "
+                     "FILE; or read it into CHAP_SECRET (read -rs CHAP_SECRET)")
+    lines += [
+        f"iscsiadm -m discoverydb -t sendtargets -p {portal} -o new",
+        f"iscsiadm -m discoverydb -t sendtargets -p {portal} -o update "
+        "-n discovery.sendtargets.auth.authmethod -v CHAP",
+        f"iscsiadm -m discoverydb -t sendtargets -p {portal} -o update "
+        f"-n discovery.sendtargets.auth.username -v {info['user']}",
+        f"iscsiadm -m discoverydb -t sendtargets -p {portal} -o update "
+        f"-n discovery.sendtargets.auth.password -v {secret}",
+        f"iscsiadm -m discoverydb -t sendtargets -p {portal} --discover",
+        f"{node} -o update -n node.session.auth.authmethod -v CHAP",
+        f"{node} -o update -n node.session.auth.username -v {info['user']}",
+        f"{node} -o update -n node.session.auth.password -v {secret}",
+    ]
+    if info.get("mutual_user"):
+        mutual = f'"$(cat {secret_file}.mutual)"' if secret_file else '"$MUTUAL_SECRET"'
+        lines += [f"{node} -o update -n node.session.auth.username_in -v {info['mutual_user']}",
+                  f"{node} -o update -n node.session.auth.password_in -v {mutual}"]
+    lines.append(f"{node} --login")
+    return "\n".join(lines)
 
 
 @volume.command("salvage")

@@ -17,6 +17,8 @@ from appliance.errors import Corruption, InvalidArgument
 
 T = TypeVar("T", bound="Record")
 MAX_REPLICAS = 8
+FRONTENDS = ("blockdev", "iscsi")
+ACCESS_MODES = ("rwo", "rwx")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
@@ -147,6 +149,27 @@ class Volume(Record):
     # status: attached by a drain (no device) while its replicas are rebuilt elsewhere
     maintenance: bool = False
     node_tags: list[str] = field(default_factory=list)
+    # desired: how an attach exposes it: "blockdev" (a local block device) or "iscsi" (a
+    # target on the node's portal, CHAP required: its own credentials when iscsi_chap is
+    # "volume", the node's otherwise), and the initiators allowed (empty: any with CHAP)
+    frontend: str = "blockdev"
+    iscsi_chap: str = ""
+    iscsi_initiators: list[str] = field(default_factory=list)
+    # status: where the frontend serves it ({"kind": "iscsi", "portal", "iqn", "lun"})
+    frontend_info: dict[str, Any] | None = None
+    # desired: "rwo" (attached on one node) or "rwx" (shared over NFS: a share manager on
+    # its node attaches it, makes its file system once, mounts it and exports it), and the
+    # export's options: the clients allowed (addresses or CIDRs; empty: any), read-only,
+    # squash ("root", "none" or "all")
+    access_mode: str = "rwo"
+    share_allow: list[str] = field(default_factory=list)
+    share_read_only: bool = False
+    share_squash: str = "root"
+    # status of a shared volume: where it is exported ({"address", "port", "path",
+    # "protocols"}), whether its file system was made (never made again), its port
+    share_info: dict[str, Any] | None = None
+    share_formatted: bool = False
+    share_port: int = 0
 
     @property
     def pending_salvage(self) -> dict[str, Any] | None:
@@ -162,6 +185,12 @@ class Volume(Record):
                                   f"{MAX_REPLICAS}")
         check_tags(self.disk_tags)
         check_labels(self.labels)
+        if self.frontend not in FRONTENDS:
+            raise InvalidArgument(f"unknown frontend {self.frontend!r}: "
+                                  f"{' or '.join(FRONTENDS)}")
+        if self.access_mode not in ACCESS_MODES:
+            raise InvalidArgument(f"unknown access mode {self.access_mode!r}: "
+                                  f"{' or '.join(ACCESS_MODES)}")
         return self
 
 

@@ -53,9 +53,11 @@ def _run(*command: str) -> str:
     return result.stdout.strip()
 
 
-def attach(volume: str, nbd_socket: Path, state_file: Path, size: int) -> str:
+def attach(volume: str, nbd_socket: Path, state_file: Path, size: int, *,
+           link: bool = True) -> str:
     """Make the volume of *size* bytes served on *nbd_socket* a block device; return its
-    path."""
+    path. With *link*, ``/dev/appliance/<volume>`` links to it (not for a device that only
+    a frontend such as the iSCSI target uses)."""
     if state_file.exists():
         existing = json.loads(state_file.read_text())
         raise AlreadyExists(f"volume {volume} is already attached at {existing['device']}")
@@ -65,12 +67,13 @@ def attach(volume: str, nbd_socket: Path, state_file: Path, size: int) -> str:
             state.update(_attach_kernel(nbd_socket))
         else:
             state.update(_attach_fuse(volume, nbd_socket, state_file, size))
-        LINK_DIRECTORY.mkdir(mode=0o755, exist_ok=True)
-        link = LINK_DIRECTORY / volume
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to(state["device"])
-        state["link"] = str(link)
+        if link:
+            LINK_DIRECTORY.mkdir(mode=0o755, exist_ok=True)
+            path = LINK_DIRECTORY / volume
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            path.symlink_to(state["device"])
+            state["link"] = str(path)
     except BaseException:
         _undo(state)
         raise

@@ -91,3 +91,26 @@ def check_replica_ports(settings: Settings) -> list[Result]:
         return [warn(name, f"{detail}; the node moves replicas off ports other programs take",
                      remedy)]
     return [ok(name, detail)]
+
+
+def check_iscsi_portal(settings: Settings) -> list[Result]:
+    """The portal the node's own tgtd listens on for the iSCSI frontend (only needed when a
+    volume is exported over iSCSI: a warning, not a failure)."""
+    host, port = settings.config.portal
+    address = format_address((host, port))
+    name = "ports/iscsi"
+    problem = address_problem(host)
+    if problem:
+        return [warn(name, f"the iSCSI portal {address}: {problem}",
+                     "set iscsi_portal in the node's config to HOST:PORT of this machine")]
+    if ports.bindable(host, port):
+        return [ok(name, f"the iSCSI portal {address} is free")]
+    commands = [processes.command_line(pid) for pid in ports.listeners([port]).get(port, ())]
+    if any(argv and argv[0].endswith("tgtd") and f"portal={address}" in argv
+           for argv in commands):
+        return [ok(name, f"the iSCSI portal {address} is held by a tgtd for it")]
+    return [warn(name, f"the iSCSI portal {address} is taken by {ports.holder(port)}: "
+                       "volumes cannot be exported over iSCSI (--frontend iscsi)",
+                 "the node runs its own tgtd: stop the machine's tgt service "
+                 "(systemctl disable --now tgt), or set iscsi_portal in the node's config "
+                 "to another HOST:PORT")]

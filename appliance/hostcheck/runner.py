@@ -46,6 +46,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ("disk", disks.check_disks),
     ("ports", port_checks.check_api_port),
     ("ports", port_checks.check_replica_ports),
+    ("ports", port_checks.check_iscsi_portal),
     ("clock", clock.check_clock),
     ("multipath", multipath.check_multipath),
     ("cluster", cluster.check_etcd),

@@ -68,14 +68,26 @@ class FrontendView:
     """The handle of the ``frontend`` export (what a local block device is attached
     through): FRONTEND_SIZE bytes, of which the volume's size is real. The device above is
     limited to the volume's size and grows when the volume does, on the same connection.
-    Reads beyond the volume read zeros; writes there fail (the device never sends any)."""
+    Reads beyond the volume read zeros; writes there fail (the device never sends any).
+
+    A trim here makes the range read zeros (it is the engine's zero): the device above is
+    a loop device over nbdfuse's file, where the kernel's "zero this range, unmapping
+    allowed" (``fallocate(PUNCH_HOLE)`` on the device, ext4's zero-out of unwritten
+    extents, an iSCSI UNMAP through tgt, which promises LBPRZ) becomes a punched hole in
+    the file, which nbdfuse sends as an NBD trim. An NBD trim may leave anything behind (the
+    engine's leaves a snapshot's data and partial blocks); a punched hole must read zeros.
+    Discards arrive the same way and cannot be told apart: they get zeros too, which costs
+    written zero blocks only where a snapshot below holds data."""
 
     size = FRONTEND_SIZE
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.write, self.zero, self.trim = engine.write, engine.zero, engine.trim
+        self.write, self.zero = engine.write, engine.zero
         self.flush = engine.flush
+
+    def trim(self, offset: int, length: int) -> None:
+        self.engine.zero(offset, length)
 
     def read(self, buf: memoryview, offset: int) -> None:
         engine = self.engine

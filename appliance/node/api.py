@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from appliance import __version__
 from appliance.control.objects import setting_definitions
 from appliance.errors import ApplianceError, AuthenticationFailed
+from appliance.frontend.iscsi import Credentials
 from appliance.node.backups import BackupService
 from appliance.node.forward import HEADER as FORWARDED
 from appliance.node.forward import Forwarding
@@ -75,6 +76,8 @@ class VolumeCreate(Strict):
     node: str | None = Field(default=None, max_length=63,
                              description="strict-local: the node of its replica and engine "
                                          "(default: the node the request came to)")
+    access_mode: Literal["rwo", "rwx"] = Field(
+        default="rwo", description="rwx: shared read-write over NFS (docs/rwx.md)")
 
     @field_validator("size")
     @classmethod
@@ -100,6 +103,29 @@ class VolumeExpand(Strict):
     @classmethod
     def _size(cls, value: int | str) -> int:
         return parse_size(value) if isinstance(value, str) else value
+
+
+class ChapBody(Strict):
+    user: str = Field(min_length=1, max_length=255)
+    secret: str = Field(min_length=1, max_length=255)
+    mutual_user: str = Field(default="", max_length=255)
+    mutual_secret: str = Field(default="", max_length=255)
+
+
+class VolumeAttach(Strict):
+    frontend: str = Field(default="blockdev", description="blockdev or iscsi")
+    chap: ChapBody | None = Field(default=None, description="iscsi: the volume's own CHAP "
+                                                           "credentials (default: the node's)")
+    initiators: list[str] = Field(default_factory=list, max_length=64,
+                                  description="iscsi: the initiators (IQNs) allowed to log in "
+                                              "(default: any that passes CHAP)")
+
+
+class VolumeShare(Strict):
+    allow: list[str] = Field(default_factory=list, max_length=64,
+                             description="the clients allowed: addresses or CIDRs (empty: any)")
+    read_only: bool = False
+    squash: str = Field(default="root", description="root, none or all")
 
 
 class VolumeSalvage(Strict):
@@ -314,7 +340,8 @@ def create_app(service: NodeService, backups: BackupService, token: str,
                                            body.disk_tags, body.labels,
                                            node_tags=body.node_tags,
                                            data_locality=body.data_locality,
-                                           node=body.node or origin)
+                                           node=body.node or origin,
+                                           access_mode=body.access_mode)
 
     @app.get("/v1/volumes/{name}", dependencies=auth)
     async def show_volume(name: str) -> dict[str, Any]:
@@ -326,9 +353,21 @@ def create_app(service: NodeService, backups: BackupService, token: str,
         return {"status": "deleting"}
 
     @app.post("/v1/volumes/{name}/attach", dependencies=auth, status_code=202)
-    async def attach_volume(name: str, node: str | None = None,
-                            force: bool = False) -> dict[str, Any]:
-        return await service.attach(name, node, force=force)
+    async def attach_volume(name: str, node: str | None = None, force: bool = False,
+                            body: VolumeAttach | None = None) -> dict[str, Any]:
+        body = body or VolumeAttach()
+        chap = Credentials(body.chap.user, body.chap.secret, body.chap.mutual_user,
+                           body.chap.mutual_secret) if body.chap else None
+        return await service.attach(name, node, force=force, frontend=body.frontend,
+                                    chap=chap, initiators=body.initiators)
+
+    @app.post("/v1/volumes/{name}/share", dependencies=auth)
+    async def share_volume(name: str, body: VolumeShare) -> dict[str, Any]:
+        return await service.share(name, body.allow, body.read_only, body.squash)
+
+    @app.get("/v1/volumes/{name}/iscsi", dependencies=auth)
+    async def volume_iscsi(name: str, secret: bool = False) -> dict[str, Any]:
+        return await service.iscsi(name, secret=secret)
 
     @app.post("/v1/volumes/{name}/detach", dependencies=auth, status_code=202)
     async def detach_volume(name: str, force: bool = False) -> dict[str, Any]:

@@ -34,6 +34,9 @@ class NodeConfig:
     etcd_cert: Path | None = None
     etcd_key: Path | None = None
     node_lease_ttl: float = 10.0  # seconds without a heartbeat before a node is down
+    # where this node's iSCSI target listens (HOST: the replica address when not given)
+    iscsi_portal: Address = ("", 3260)
+    share_port_range: tuple[int, int] = (20490, 20989)  # NFS ports of shared volumes
 
     @property
     def clustered(self) -> bool:
@@ -51,6 +54,12 @@ class NodeConfig:
         if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard is not an address
             host = "127.0.0.1"
         return f"http://{format_address((host, self.listen[1]))}"
+
+    @property
+    def portal(self) -> Address:
+        """This node's iSCSI portal, its host filled in."""
+        host, port = self.iscsi_portal
+        return (host or self.replica_address, port)
 
     @property
     def key_file(self) -> Path:
@@ -85,7 +94,8 @@ class NodeConfig:
 DEFAULT_DATA_DIR = Path("/var/lib/appliance")
 _KEYS = {"data_dir", "listen", "node_name", "replica_address", "port_range", "reconcile_interval",
          "replica_timeout", "local_fast_path", "cluster", "cluster_key_file", "etcd_ca",
-         "etcd_cert", "etcd_key", "node_lease_ttl"}
+         "etcd_cert", "etcd_key", "node_lease_ttl", "iscsi_portal",
+         "share_port_range"}
 _NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
 
 
@@ -105,9 +115,8 @@ def load_config(data_dir: Path | None, listen: str | None, config_file: Path | N
         values["data_dir"] = str(data_dir)
     if "listen" not in values:
         raise InvalidArgument("--listen HOST:PORT is required (or 'listen' in the config file)")
-    port_range = tuple(values.get("port_range", (10100, 10999)))
-    if len(port_range) != 2 or not 1024 <= port_range[0] <= port_range[1] <= 65535:
-        raise InvalidArgument(f"invalid port_range {values.get('port_range')!r}")
+    port_range = _range(values, "port_range", (10100, 10999))
+    share_ports = _range(values, "share_port_range", (20490, 20989))
     cluster = _etcd_urls(values.get("cluster", ()))
     try:
         listen_address = parse_address(str(values["listen"]))
@@ -134,7 +143,9 @@ def load_config(data_dir: Path | None, listen: str | None, config_file: Path | N
             etcd_ca=_path(values.get("etcd_ca")),
             etcd_cert=_path(values.get("etcd_cert")),
             etcd_key=_path(values.get("etcd_key")),
-            node_lease_ttl=float(values.get("node_lease_ttl", 10.0)))
+            node_lease_ttl=float(values.get("node_lease_ttl", 10.0)),
+            iscsi_portal=_portal(values.get("iscsi_portal")),
+            share_port_range=share_ports)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"invalid configuration: {exc}") from exc
     if not 2 <= config.node_lease_ttl <= 300:
@@ -188,6 +199,25 @@ def _etcd_url(text: str, default: str) -> tuple[str, str]:
         prefix = default
     parse_address(text.rstrip("/"))  # HOST:PORT, or a clear error
     return prefix + text.rstrip("/"), prefix
+
+
+def _range(values: dict[str, Any], key: str, default: tuple[int, int]) -> tuple[int, int]:
+    given = values.get(key, default)
+    if not isinstance(given, list | tuple) or len(given) != 2 or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in given) or \
+            not 1024 <= given[0] <= given[1] <= 65535:
+        raise InvalidArgument(f"invalid {key} {given!r}: [FIRST, LAST], ports 1024-65535")
+    return (int(given[0]), int(given[1]))
+
+
+def _portal(value: Any) -> Address:
+    """``HOST:PORT``, or ``:PORT`` for the node's replica address."""
+    if value in (None, ""):
+        return ("", 3260)
+    text = str(value)
+    if text.startswith(":"):
+        return ("", parse_address("localhost" + text)[1])
+    return parse_address(text)
 
 
 def _path(value: Any) -> Path | None:

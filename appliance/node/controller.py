@@ -40,6 +40,7 @@ from appliance.errors import (
     FailedPrecondition,
     Unavailable,
 )
+from appliance.node.chap import ChapKeeper
 from appliance.node.clustered import SECRET_PREFIX, WITNESS_PREFIX, ClusterWork
 from appliance.node.config import NodeConfig
 from appliance.node.events import EventLog
@@ -50,6 +51,7 @@ from appliance.node.placement import Placement, load_settings
 from appliance.node.recovery import Recovery
 from appliance.node.supervisor import Supervisor
 from appliance.node.work import run_job
+from appliance.ports import bindable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,6 +89,7 @@ class Controller(Recovery, Eviction, ClusterWork):
         self.events = EventLog(store)
         self.membership = Membership(store, config, self.events)
         self.cluster_key = cluster_key  # None alone: volume secrets are files of this node
+        self.chap = ChapKeeper(store, config, cluster_key, self.thread)
         self._server_wait: dict[str, float] = {}  # volume -> since when its start waits
         self._down_since: dict[str, float] = {}  # volume -> since when its node is down
         # the last thing said (logged, recorded as an event) per (volume, topic)
@@ -101,6 +104,8 @@ class Controller(Recovery, Eviction, ClusterWork):
         self._move_failed: dict[str, tuple[str, float]] = {}
         # the mode each replica of an attached volume was last seen in (events on change)
         self._modes: dict[tuple[str, str], str] = {}
+        # per volume, the iSCSI options its target was last set up with (by this daemon)
+        self._exported: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     async def thread(self, function: Callable[..., T], *args: Any) -> T:
         """Blocking work (processes, files, sockets) in a worker thread."""
@@ -420,11 +425,68 @@ class Controller(Recovery, Eviction, ClusterWork):
         else:
             await self._evict_online(volume, replicas, status, set(failures))
         device = await self.thread(sup.attached_device, volume.name)
+        iscsi = volume.frontend == "iscsi"
         if device is None and not volume.maintenance:  # (a drain's attach has no device)
-            device = await self.thread(sup.attach, volume.name)
+            device = await self.thread(partial(sup.attach, volume.name, link=not iscsi))
+        frontend_info = share_info = None
+        if iscsi and device is not None:
+            frontend_info = await self._export_iscsi(volume)
+            device = ""  # (initiators reach it through the target, not a local device)
+        if volume.access_mode == "rwx" and device is not None:
+            share_info = await self._serve_share(volume)
+            device = ""  # (clients reach it through its NFS export)
         await self._status(volume.name, state="attached", robustness=status["state"],
                            device=device, message="", refusal="",
-                           branch=status.get("branch", ""))
+                           branch=status.get("branch", ""), frontend_info=frontend_info,
+                           share_info=share_info)
+
+    async def _serve_share(self, volume: Volume) -> dict[str, Any]:
+        """Share the attached RWX volume (its file system made once, mounted, exported by
+        its own NFS server); a restarted daemon adopts the server that runs."""
+        port = volume.share_port or await self._share_port(volume)
+        info, made = await self.thread(self.supervisor.serve_share, volume, port)
+        if made or port != volume.share_port:
+            await self._status(volume.name, share_formatted=volume.share_formatted or made,
+                               share_port=port)
+        if volume.share_info != info:
+            await self.events.record(volume.name, "share-served",
+                                     f"NFS export {info['address']}:{info['port']}"
+                                     f"{info['path']}"
+                                     + (" (its ext4 file system made)" if made else ""))
+        return info
+
+    async def _share_port(self, volume: Volume) -> int:
+        """A port of the share range no other shared volume of this node has and nothing
+        listens on."""
+        taken = {v.share_port for v in (Volume.from_dict(e.value) for e in
+                                        (await self.store.list(Volume.PREFIX))[0])
+                 if v.name != volume.name and self.mine(v.node)}
+        first, last = self.config.share_port_range
+        for port in range(first, last + 1):
+            if port not in taken and await self.thread(
+                    bindable, self.config.replica_address, port):
+                return port
+        raise FailedPrecondition(f"no free port in share_port_range {first}-{last} for "
+                                 f"volume {volume.name}'s NFS export")
+
+    async def _export_iscsi(self, volume: Volume) -> dict[str, Any]:
+        """Export the attached volume as its iSCSI target unless tgtd serves it already
+        (a restarted daemon adopts it; a tgtd that died is started again)."""
+        sup = self.supervisor
+        iqn = self.chap.iqn(volume.name)
+        exported = await self.thread(sup.exported_iqn, volume.name)
+        if exported != iqn or volume.frontend_info is None or \
+                self._exported.get(volume.name) != (volume.iscsi_chap,
+                                                   tuple(volume.iscsi_initiators)):
+            credentials = await self.chap.credentials(volume.name, volume.iscsi_chap == "volume")
+            info: dict[str, Any] = await self.thread(
+                sup.export_iscsi, volume.name, iqn, credentials, volume.iscsi_initiators)
+            self._exported[volume.name] = (volume.iscsi_chap, tuple(volume.iscsi_initiators))
+            if exported != iqn:
+                await self.events.record(volume.name, "iscsi-exported",
+                                         f"target {iqn} on portal {info['portal']}")
+            return info
+        return dict(volume.frontend_info)
 
     async def _ensure_servers(self, volume: Volume, replicas: list[ReplicaRecord],
                               status: dict[str, Any] | None
@@ -584,8 +646,9 @@ class Controller(Recovery, Eviction, ClusterWork):
             del self._said[key]
         for key in [k for k in self._modes if k[0] == volume.name]:
             del self._modes[key]
+        self._exported.pop(volume.name, None)
         await self._status(volume.name, state="detached", device=None, robustness="unknown",
-                           refusal="")
+                           refusal="", frontend_info=None, share_info=None)
         await self._start_moves(volume, replicas)
 
     async def _delete(self, volume: Volume) -> None:
@@ -599,6 +662,7 @@ class Controller(Recovery, Eviction, ClusterWork):
             await self.thread(sup.delete_replica_dir, replica)
             await self.store.delete(replica.key)
         await self.thread(sup.forget_volume, volume.name)
+        await self.chap.forget(volume.name)
         if self.config.clustered:
             left = await self.replicas_of(volume.name, removing=True)
             if left or not self.membership.is_leader:

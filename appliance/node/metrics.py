@@ -69,18 +69,52 @@ class Metrics:
                     for e in (await self.store.list(ReplicaRecord.PREFIX))[0]]
         disks = [Disk.from_dict(e.value) for e in (await self.store.list(Disk.PREFIX))[0]]
         engines = {}
+        targets: dict[str, dict[str, int]] = {}
+        shares: dict[str, int] = {}
         for volume in volumes:
             if volume.attached:
                 engines[volume.name] = await trio.to_thread.run_sync(
                     self.supervisor.engine_status, volume.name)
+            if volume.frontend_info and volume.frontend_info.get("kind") == "iscsi":
+                found = await trio.to_thread.run_sync(self.supervisor.iscsi_statistics,
+                                                      volume.name)
+                if found is not None:
+                    targets[volume.name] = found
+            if volume.share_info is not None:
+                shares[volume.name] = await trio.to_thread.run_sync(
+                    self.supervisor.share_clients, volume.name)
         usage = await self.placement.disk_states(disks, replicas, {v.name: v for v in volumes})
         nodes = await self.membership.describe_all() if self.membership else []
         families = await trio.to_thread.run_sync(self._families, volumes, replicas, disks,
                                                  usage, engines)
-        families += self._nodes(nodes)
+        families += self._nodes(nodes) + self._target_families(targets)
+        clients = GaugeMetricFamily("appliance_share_clients",
+                                    "Client hosts connected to the RWX volume's NFS export.",
+                                    labels=["volume"])
+        for volume_name, count in sorted(shares.items()):
+            clients.add_metric([volume_name], count)
+        families.append(clients)
         registry = CollectorRegistry()
         registry.register(_Snapshot(families))
         return generate_latest(registry)
+
+    @staticmethod
+    def _target_families(targets: dict[str, dict[str, int]]) -> list[Any]:
+        """The iSCSI targets this node serves: sessions, and what those sessions moved."""
+        sessions = GaugeMetricFamily("appliance_iscsi_sessions",
+                                     "Initiators logged in to the volume's iSCSI target.",
+                                     labels=["volume"])
+        moved = {key: GaugeMetricFamily(f"appliance_iscsi_session_{key}", text,
+                                        labels=["volume"])
+                 for key, text in (("read_bytes", "Bytes read by the sessions logged in now."),
+                                   ("written_bytes",
+                                    "Bytes written by the sessions logged in now."),
+                                   ("errors", "Failed commands of the sessions logged in now."))}
+        for volume, found in sorted(targets.items()):
+            sessions.add_metric([volume], found["sessions"])
+            for key, family in moved.items():
+                family.add_metric([volume], found[key])
+        return [sessions, *moved.values()]
 
     @staticmethod
     def _nodes(nodes: list[dict[str, Any]]) -> list[Any]:

@@ -18,6 +18,7 @@ import trio
 from appliance.chain.directory import probe_filesystem
 from appliance.chain.format import check_labels, check_name
 from appliance.control.objects import (
+    FRONTENDS,
     Disk,
     Node,
     ReplicaRecord,
@@ -35,14 +36,19 @@ from appliance.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Pending,
 )
 from appliance.frontend import holders
+from appliance.frontend.iscsi import Credentials, check_initiators
+from appliance.frontend.nfs import ExportOptions
 from appliance.node import volumeops
 from appliance.node.backupjobs import BackupJobs
+from appliance.node.chap import GLOBAL_USER
 from appliance.node.controller import Controller
 from appliance.units import format_size_exact
 
 _DISK_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+MIN_SHARED_SIZE = 300 << 20  # the smallest xfs file system mkfs.xfs makes
 
 
 class NodeService:
@@ -231,11 +237,13 @@ class NodeService:
                             source: dict[str, str] | None = None, *,
                             first: Callable[[], Awaitable[None]] | None = None,
                             node_tags: list[str] | None = None,
-                            data_locality: str = "disabled", node: str | None = None
-                            ) -> dict[str, Any]:
+                            data_locality: str = "disabled", node: str | None = None,
+                            access_mode: str = "rwo") -> dict[str, Any]:
         """Create volume *name*; *first* (a clone's snapshot) runs once its replicas are
         placed, before anything is stored: a volume that cannot be placed changes
-        nothing. A ``strict-local`` volume has one replica, on *node*, where it attaches."""
+        nothing. A ``strict-local`` volume has one replica, on *node*, where it attaches.
+        An ``rwx`` volume is shared at once (attached by its share manager, exported over
+        NFS)."""
         config = self.controller.config
         if source is not None and config.clustered:
             raise FailedPrecondition("clones and restores are not available in a cluster yet: "
@@ -250,8 +258,15 @@ class NodeService:
         volume = Volume(name, size, replicas, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                         disk_tags=disk_tags, labels=labels, source=source,
                         node_tags=check_tags(node_tags or []), data_locality=data_locality,
-                        node=(node or "") if data_locality == "strict-local" and
-                        config.clustered else "").validate()
+                        # (in a cluster, a strict-local volume's engine runs on its
+                        # replica's node, an RWX volume's share on the node asked)
+                        node=(node or config.node_name) if config.clustered and (
+                            data_locality == "strict-local" or access_mode == "rwx") else "",
+                        access_mode=access_mode,
+                        attached=access_mode == "rwx").validate()
+        if access_mode == "rwx" and size < MIN_SHARED_SIZE:
+            raise InvalidArgument(f"an RWX volume holds an xfs file system: at least "
+                                  f"{format_size_exact(MIN_SHARED_SIZE)} (--size 300M)")
         if not await self._disks():
             raise FailedPrecondition("no disks: add one with 'appliance disk add PATH'")
         if await self.store.get(volume.key) is not None:
@@ -357,6 +372,12 @@ class NodeService:
 
     def _info(self, volume: Volume, replicas: list[ReplicaRecord]) -> dict[str, Any]:
         info = volume.to_dict()
+        # where it is served: the target's portal and IQN, or the local device
+        info["share"] = info.pop("share_info")
+        served = info.pop("frontend_info")
+        info["frontend"] = served or ({"kind": volume.frontend, "device": volume.device}
+                                      if volume.frontend == "blockdev" and volume.device
+                                      else {"kind": volume.frontend})
         if volume.name in self.controller.cloning:
             copied, total = self.controller.cloning[volume.name]
             info["progress"] = {"done_bytes": copied, "total_bytes": total}
@@ -388,20 +409,32 @@ class NodeService:
         self.controller.poke()
         return await self._describe(Volume.from_dict(entry.value))
 
-    async def attach(self, name: str, node: str | None = None, *,
-                     force: bool = False) -> dict[str, Any]:
+    async def attach(self, name: str, node: str | None = None, *, force: bool = False,
+                     frontend: str = "blockdev", chap: Credentials | None = None,
+                     initiators: list[str] | None = None) -> dict[str, Any]:
         """Attach volume *name* on *node* (default: this node). Attached on another node,
         it moves only with *force*: the engine started on *node* fences the old one (a
-        higher generation on every replica it reaches), which can then write no more."""
+        higher generation on every replica it reaches), which can then write no more.
+
+        *frontend* ``iscsi`` exports it as an iSCSI target instead of a local device, with
+        CHAP required: the credentials *chap* (kept by the daemon, 0600) or the node's,
+        and only *initiators* (IQNs) allowed when given."""
         config = self.controller.config
         target = node or config.node_name
+        volume, _ = await self._volume(name)
+        if volume.access_mode == "rwx" and (frontend != "blockdev" or chap or initiators):
+            raise InvalidArgument(f"volume {name!r} is an RWX volume: it is shared over NFS, "
+                                  "not attached with a frontend ('volume show' gives its "
+                                  "export; 'volume share' changes its options)")
+        options = {} if volume.access_mode == "rwx" else await self._frontend_options(
+            volume, frontend, chap, initiators or [])
         if not config.clustered:
             if target != config.node_name:
                 raise InvalidArgument(f"node {target!r} is not this node ({config.node_name});"
                                       " this daemon is a single node")
-            return await self._change(name, attached=True, refusal="", message="")
+            await self._keep_chap(name, chap)
+            return await self._change(name, attached=True, refusal="", message="", **options)
         await self.controller.membership.node(target)  # NotFound names it
-        volume, _ = await self._volume(name)
         elsewhere = volume.node and volume.node != target and not volume.maintenance and (
             volume.attached or volume.state in ("attaching", "attached", "detaching"))
         if elsewhere and not force:
@@ -409,6 +442,7 @@ class NodeService:
                 f"volume {name!r} is attached on node {volume.node}: detach it there first, "
                 f"or attach with --force to move it to node {target} (its engine on "
                 f"{volume.node} is fenced and can write no more)")
+        await self._keep_chap(name, chap)
         if elsewhere:
             await self.controller.events.record(
                 name, "forced-attach", f"attached on node {target} while attached on node "
@@ -417,7 +451,92 @@ class NodeService:
         state = {"state": "attaching", "device": None} if elsewhere else {}
         # (a drain's attach without a device becomes the operator's: it moves if need be)
         return await self._change(name, attached=True, node=target, refusal="", message="",
-                                  maintenance=False, **state)
+                                  maintenance=False, **state, **options)
+
+    async def _frontend_options(self, volume: Volume, frontend: str,
+                                chap: Credentials | None,
+                                initiators: list[str]) -> dict[str, Any]:
+        """The volume's frontend fields for an attach (checked; nothing is changed)."""
+        if frontend not in FRONTENDS:
+            raise InvalidArgument(f"unknown frontend {frontend!r}: {' or '.join(FRONTENDS)}")
+        if frontend != "iscsi" and (chap is not None or initiators):
+            raise InvalidArgument("CHAP credentials and initiators are options of the iscsi "
+                                  "frontend (--frontend iscsi)")
+        if chap is not None:
+            chap.validate()
+            await self._check_chap_user(volume.name, chap)
+        initiators = check_initiators(initiators)
+        serving = volume.attached or volume.state in ("attaching", "attached")
+        if serving and volume.frontend != frontend:
+            raise FailedPrecondition(
+                f"volume {volume.name!r} is attached with the {volume.frontend} frontend: "
+                f"detach it, then attach it with --frontend {frontend}")
+        keep_chap = volume.iscsi_chap if frontend == "iscsi" and chap is None and serving \
+            else ""
+        return {"frontend": frontend, "iscsi_initiators": initiators,
+                "iscsi_chap": "volume" if chap is not None else keep_chap}
+
+    async def _check_chap_user(self, name: str, chap: Credentials) -> None:
+        """A CHAP user is one account of the node's target: another volume that has it must
+        have the same secret."""
+        keeper = self.controller.chap
+        for other in await self._volumes():
+            if other.name == name or other.frontend != "iscsi" or other.iscsi_chap != "volume":
+                continue
+            with contextlib.suppress(NotFound):
+                theirs = await keeper.credentials(other.name, True)
+                for user, secret in ((chap.user, chap.secret),
+                                     (chap.mutual_user, chap.mutual_secret)):
+                    if user and user in (theirs.user, theirs.mutual_user) and secret not in (
+                            theirs.secret, theirs.mutual_secret):
+                        raise InvalidArgument(
+                            f"CHAP user {user!r} is volume {other.name!r}'s with another "
+                            "secret: a user has one secret on a node; choose another user")
+        if chap.user == GLOBAL_USER:
+            raise InvalidArgument(f"CHAP user {GLOBAL_USER!r} is the node's own; choose "
+                                  "another user")
+
+    async def share(self, name: str, allow: list[str], read_only: bool,
+                    squash: str) -> dict[str, Any]:
+        """Change the export options of RWX volume *name* (applied to its running NFS
+        server at once, for connected clients too)."""
+        volume, _ = await self._volume(name)
+        options = ExportOptions(allow=tuple(allow), read_only=read_only,
+                                squash=squash).validate()
+        if volume.access_mode != "rwx":
+            attached = f" (it is attached as a {volume.frontend} device)" \
+                if volume.attached else ""
+            raise FailedPrecondition(f"volume {name!r} is not an RWX volume{attached}: only "
+                                     "volumes created with --access-mode rwx are shared")
+        described = await self._change(name, share_allow=list(options.allow),
+                                       share_read_only=read_only, share_squash=squash)
+        await self.controller.events.record(
+            name, "share-options", f"allow {', '.join(options.allow) or 'any client'}, "
+            f"{'read-only' if read_only else 'read-write'}, squash {squash}")
+        return described
+
+    async def _keep_chap(self, name: str, chap: Credentials | None) -> None:
+        if chap is not None:
+            await self.controller.chap.keep(name, chap)
+
+    async def iscsi(self, name: str, *, secret: bool = False) -> dict[str, Any]:
+        """Where initiators find volume *name*'s target and the user they log in as (and
+        the secrets, when asked)."""
+        volume, _ = await self._volume(name)
+        if volume.frontend != "iscsi" or not volume.attached:
+            raise FailedPrecondition(f"volume {name!r} is not attached with the iscsi "
+                                     f"frontend: attach it with --frontend iscsi")
+        if volume.frontend_info is None:
+            raise Pending(f"volume {name!r} is not exported yet (state {volume.state}); "
+                          "try again when it is attached")
+        credentials = await self.controller.chap.credentials(name, volume.iscsi_chap == "volume")
+        info = {**volume.frontend_info, "user": credentials.user,
+                "mutual_user": credentials.mutual_user,
+                "initiators": volume.iscsi_initiators,
+                "own_credentials": volume.iscsi_chap == "volume"}
+        if secret:
+            info.update(secret=credentials.secret, mutual_secret=credentials.mutual_secret)
+        return info
 
     async def detach(self, name: str, *, force: bool = False) -> dict[str, Any]:
         """Detach volume *name*; refused while its device is mounted or open, unless
@@ -433,6 +552,12 @@ class NodeService:
         if volume.deleting:
             return
         supervisor = self.controller.supervisor
+        if volume.frontend == "iscsi":
+            await self._release_target(volume, action, force)
+            return
+        if volume.access_mode == "rwx":
+            await self._release_share(volume, action, force)
+            return
         device, users = await trio.to_thread.run_sync(supervisor.device_users, name)
         if not users:
             return
@@ -447,6 +572,39 @@ class NodeService:
             name, f"forced-{action}",
             f"{action} forced while its device {device} was {described}"
             + (f"; unmounted {', '.join(unmounted)}" if unmounted else ""))
+
+    async def _release_target(self, volume: Volume, action: str, force: bool) -> None:
+        """Refuse *action* while initiators are logged in to the volume's target; with
+        *force*, go ahead (their sessions end) and record that."""
+        sessions = await trio.to_thread.run_sync(
+            self.controller.supervisor.iscsi_sessions, volume.name)
+        if not sessions:
+            return
+        initiators = ", ".join(sorted({str(s["initiator"]) for s in sessions}))
+        if not force:
+            raise FailedPrecondition(
+                f"volume {volume.name!r} is in use: initiators are logged in to its iSCSI "
+                f"target ({initiators}). Log them out (iscsiadm -m node -T IQN --logout) and "
+                f"{action} again; with --force the {action} goes ahead and their sessions end")
+        await self.controller.events.record(
+            volume.name, f"forced-{action}",
+            f"{action} forced while initiators were logged in to its target: {initiators}")
+
+    async def _release_share(self, volume: Volume, action: str, force: bool) -> None:
+        """Refuse *action* while NFS clients are connected to the volume's export; with
+        *force*, go ahead (their next requests fail) and record that."""
+        clients = await trio.to_thread.run_sync(self.controller.supervisor.share_clients,
+                                                volume.name)
+        if not clients:
+            return
+        if not force:
+            raise FailedPrecondition(
+                f"volume {volume.name!r} is in use: {clients} NFS client(s) are connected to "
+                f"its export. Unmount it on the clients and {action} again; with --force the "
+                f"{action} goes ahead and their requests fail")
+        await self.controller.events.record(
+            volume.name, f"forced-{action}",
+            f"{action} forced while {clients} NFS client(s) were connected to its export")
 
     async def salvage(self, name: str, source: str | None) -> dict[str, Any]:
         """Ask that the next start of volume *name*'s engine salvage (from replica

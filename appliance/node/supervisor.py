@@ -35,7 +35,8 @@ from appliance.errors import (
     Unavailable,
 )
 from appliance.frontend import attach as frontend
-from appliance.frontend import filesystem, holders
+from appliance.frontend import filesystem, holders, iscsi, nfs
+from appliance.frontend.tgt import Tgt
 from appliance.nbd import launch
 from appliance.nbd.settings import EngineSettings
 from appliance.node import lineage, volumeops
@@ -51,6 +52,19 @@ log = logging.getLogger(__name__)
 # (any data directory, any volume name), each named by a digest of its natural path
 SHORT_SOCKETS = Path("/run/appliance/nbd")
 NBD_DIGEST = 32  # hex digits
+# a shared volume's NFS server: NFSv4 lease and grace (seconds: how long a client that
+# vanished holds its state; how long after a server start clients may only reclaim), and
+# the protocols it serves
+SHARE_LEASE = 30
+SHARE_GRACE = 40
+SHARE_PROTOCOLS = ("nfs4.0", "nfs4.1", "nfs4.2")
+
+
+def _run_command(*command: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    if result.returncode:
+        raise StorageIOError(f"{' '.join(command)} failed: "
+                             f"{(result.stderr or result.stdout).strip()[-500:]}")
 
 
 def _fsync(path: Path) -> None:
@@ -84,6 +98,7 @@ def _copy_tree(source: Path, destination: Path, cancel: threading.Event | None) 
 class Supervisor:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
+        self.tgt = Tgt(config.run_dir / "tgtd", config.portal)
         for directory in (config.run_dir, config.secrets_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(OSError):  # not root: long names then cannot be attached
@@ -270,6 +285,8 @@ class Supervisor:
         return control.with_name(control.name + ".log")
 
     def stop_engine(self, volume: str) -> None:
+        self.stop_share(volume)
+        self.unexport_iscsi(volume)
         frontend.detach(self.attach_state(volume))
         with contextlib.suppress(Unavailable):
             launch.stop_engine(self.control_socket(volume))
@@ -287,12 +304,134 @@ class Supervisor:
         device: str = json.loads(state.read_text())["device"]
         return device
 
-    def attach(self, volume: str) -> str:
+    def attach(self, volume: str, *, link: bool = True) -> str:
         status = self.engine_status(volume)
         if status is None:
             raise Unavailable(f"the engine of volume {volume} is not running")
         return frontend.attach(volume, self.nbd_socket(volume), self.attach_state(volume),
-                               int(status["size"]))
+                               int(status["size"]), link=link)
+
+    # -- the iSCSI frontend ---------------------------------------------------------------
+
+    def iscsi_state(self, volume: str) -> Path:
+        return self.volume_dir(volume) / "iscsi.json"
+
+    def export_iscsi(self, volume: str, iqn: str, credentials: iscsi.Credentials,
+                     initiators: list[str]) -> dict[str, Any]:
+        """Export the attached device of *volume* as target *iqn* (again: idempotent);
+        where initiators find it."""
+        device = self.attached_device(volume)
+        if device is None:
+            raise FailedPrecondition(f"volume {volume} has no device to export")
+        state = self.iscsi_state(volume)
+        state.write_text(json.dumps({"iqn": iqn}))
+        iscsi.export(self.tgt, iscsi.Export(iqn, device, credentials, tuple(initiators)))
+        return self.iscsi_info(iqn)
+
+    def iscsi_info(self, iqn: str) -> dict[str, Any]:
+        return {"kind": "iscsi", "portal": proto.format_address(self.config.portal),
+                "iqn": iqn, "lun": iscsi.LUN}
+
+    def exported_iqn(self, volume: str) -> str | None:
+        """The target *volume* is exported as, if it is (tgtd serves it)."""
+        try:
+            iqn = str(json.loads(self.iscsi_state(volume).read_text())["iqn"])
+        except (OSError, ValueError, KeyError):
+            return None
+        if self.tgt.pid() is None:
+            return None
+        try:
+            return iqn if iqn in self.tgt.targets() else None
+        except (StorageIOError, Unavailable):
+            return None
+
+    def iscsi_sessions(self, volume: str) -> list[dict[str, Any]]:
+        iqn = self.exported_iqn(volume)
+        return iscsi.sessions(self.tgt, iqn) if iqn else []
+
+    # -- shared (RWX) volumes --------------------------------------------------------------
+
+    def share_directory(self, volume: str) -> Path:
+        """Where the volume's NFS server keeps its configuration, log and state."""
+        return self.volume_dir(volume) / "ganesha"
+
+    def share_mountpoint(self, volume: str) -> Path:
+        """Where the shared volume's file system is mounted (outside its run directory,
+        which a delete removes whole)."""
+        return self.config.data_dir / "shares" / volume
+
+    def serve_share(self, volume: Volume, port: int) -> tuple[dict[str, Any], bool]:
+        """Make the attached *volume* shared: its file system (made once, never again),
+        mounted, exported by its own NFS server on *port*; again: idempotent (a restarted
+        daemon adopts the server). The share's description, and whether the file system was
+        made now."""
+        device = self.attached_device(volume.name)
+        if device is None:
+            raise FailedPrecondition(f"volume {volume.name} has no device to share")
+        mountpoint = self.share_mountpoint(volume.name)
+        made = False
+        if filesystem.mountpoint(device) != str(mountpoint):
+            made = self._mount_share(volume, device, mountpoint)
+        server = nfs.ShareServer(
+            directory=self.share_directory(volume.name), export_path=mountpoint,
+            pseudo=f"/{volume.name}", address=self.config.replica_address, port=port,
+            options=nfs.ExportOptions(allow=tuple(volume.share_allow),
+                                      read_only=volume.share_read_only,
+                                      squash=volume.share_squash),
+            lease_lifetime=SHARE_LEASE, grace_period=SHARE_GRACE).validate()
+        if nfs.running(server.directory) is None:
+            nfs.start(server)
+        elif nfs.load(server.directory) != server:
+            nfs.update(server)
+        return {"address": server.address, "port": port, "path": server.pseudo,
+                "protocols": list(SHARE_PROTOCOLS)}, made
+
+    def _mount_share(self, volume: Volume, device: str, mountpoint: Path) -> bool:
+        kind = filesystem.fs_type(device)
+        made = False
+        if not kind:
+            if volume.share_formatted:
+                raise FailedPrecondition(
+                    f"shared volume {volume.name} had a file system and its device {device} "
+                    "holds none now: refusing to make a new one over it (restore it from a "
+                    "snapshot or a backup)")
+            # xfs: it grows online without CAP_SYS_RESOURCE, which a mounted ext4 needs and
+            # containers drop (docs/rwx.md)
+            _run_command("mkfs.xfs", "-q", "-K", "-L", volume.name[:12], device)
+            kind, made = "xfs", True
+        mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _run_command("mount", "-t", kind, device, str(mountpoint))
+        if made:  # clients squashed to nobody write too (a sticky directory, like /tmp)
+            mountpoint.chmod(0o1777)
+        return made
+
+    def stop_share(self, volume: str) -> None:
+        """Stop the volume's NFS server and unmount its file system (nothing to do when it
+        is not shared)."""
+        nfs.stop(self.share_directory(volume))
+        mountpoint = self.share_mountpoint(volume)
+        if os.path.ismount(mountpoint):
+            _run_command("umount", str(mountpoint))
+        with contextlib.suppress(OSError):
+            mountpoint.rmdir()
+
+    def share_clients(self, volume: str) -> int:
+        """How many client hosts are connected to the volume's NFS server."""
+        return nfs.clients(self.share_directory(volume)) or 0
+
+    def iscsi_statistics(self, volume: str) -> dict[str, int] | None:
+        """Its target's sessions and their bytes, if this node exports it."""
+        iqn = self.exported_iqn(volume)
+        return iscsi.statistics(self.tgt, iqn) if iqn else None
+
+    def unexport_iscsi(self, volume: str, *, force: bool = True) -> None:
+        state = self.iscsi_state(volume)
+        try:
+            iqn = str(json.loads(state.read_text())["iqn"])
+        except (OSError, ValueError, KeyError):
+            return
+        iscsi.unexport(self.tgt, iqn, force=force)
+        state.unlink(missing_ok=True)
 
     def device_users(self, volume: str) -> tuple[str | None, list[holders.Use]]:
         """The attached device of *volume* (None: none) and what uses it."""
@@ -315,11 +454,18 @@ class Supervisor:
         """Make the attached device *size* bytes (in use or not), then grow its file
         system when asked (mounted or not)."""
         device = frontend.resize(self.attach_state(volume), size)
+        if os.path.ismount(self.share_mountpoint(volume)):
+            resize_fs = True  # a shared volume's file system always grows with it
+        iqn = self.exported_iqn(volume)
+        if iqn is not None:
+            iscsi.resize(self.tgt, iqn, device)
         if resize_fs:
             kind = filesystem.grow(device)
             log.info("volume %s: %s file system on %s grown", volume, kind, device)
 
     def detach(self, volume: str) -> None:
+        self.stop_share(volume)
+        self.unexport_iscsi(volume)
         frontend.detach(self.attach_state(volume))
 
     def forget_volume(self, volume: str) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -49,9 +50,10 @@ class ClusterNode(Node):
         return json.loads(self.cli(*args, "-o", "json").stdout)
 
     def processes(self) -> list[int]:
-        """The engines and replica servers this node's daemon started."""
+        """The engines, replica servers and NFS servers this node's daemon started."""
         pids = []
-        for pid_file in [*self.data.rglob("server.pid"), *self.data.rglob("nbd.sock.pid")]:
+        for pid_file in [*self.data.rglob("server.pid"), *self.data.rglob("nbd.sock.pid"),
+                         *self.data.rglob("ganesha.pid")]:
             with contextlib.suppress(OSError, ValueError):
                 pids.append(int(pid_file.read_text()))
         return [pid for pid in pids if alive(pid)]
@@ -75,6 +77,10 @@ class ClusterNode(Node):
                 os.kill(pid, signal.SIGKILL)
         for pid in self.processes():
             wait_for(partial(_dead, pid), 30, f"process {pid} to die")
+        # a dead machine's mounts are gone too (its shared volumes' file systems)
+        for mount in sorted((self.data / "shares").glob("*")):
+            subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True,
+                           timeout=60)
 
 
 def _dead(pid: int) -> bool:

@@ -160,7 +160,7 @@ class FakeSupervisor:
         with self.lock:
             return self.devices.get(volume)
 
-    def attach(self, volume: str) -> str:
+    def attach(self, volume: str, *, link: bool = True) -> str:
         self.record("attach", volume)
         with self.lock:
             self.devices[volume] = f"/dev/fake-{volume}"
