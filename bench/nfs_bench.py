@@ -138,6 +138,7 @@ def main() -> int:
         for count in counts:
             cli("volume", "create", f"r{count}", "--size", "320M", "--replicas", str(count),
                 "--access-mode", "rwx")
+            cli("volume", "share", f"r{count}", "--allow", "127.0.0.0/8")
             share = json.loads(cli("volume", "show", f"r{count}", "-o", "json"))["share"]
             targets[f"{count} replica(s)"] = url(share["address"], share["path"],
                                                  share["port"])

@@ -304,7 +304,15 @@ class Node:
         """Stop everything the daemon started, whatever state it is in."""
         self.stop(signal.SIGKILL)
         run_dir = self.data / "run"
-        tgtd = run_dir / "tgtd" / "tgtd.pid"  # its iSCSI target (before the devices go)
+        # its NFS servers and their mounts, then its iSCSI target (before the devices go)
+        for pid_file in sorted(run_dir.glob("*/ganesha/ganesha.pid")) if run_dir.exists() \
+                else []:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        for mount in sorted((self.data / "shares").glob("*")):
+            subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True,
+                           timeout=60)
+        tgtd = run_dir / "tgtd" / "tgtd.pid"
         with contextlib.suppress(OSError, ValueError):
             pid = int(tgtd.read_text())
             if alive(pid) and Path(f"/proc/{pid}/comm").read_text().strip() == "tgtd":

@@ -276,7 +276,8 @@ def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...
         if info["refusal"]:
             raise FailedPrecondition(info["refusal"])
         click.echo(f"volume {name} created ({format_size_exact(size)}, {replicas} replicas), "
-                   f"shared at {_share_text(info['share'])}")
+                   f"shared at {_share_text(info['share'])}; no client may mount it until "
+                   f"'volume share {name} --allow CIDR' names some")
         return
     wait_for_volume(client, name, lambda v: v and v["state"] != "creating", "creating",
                     timeout=timeout)
@@ -292,22 +293,38 @@ def _share_text(share: dict[str, Any]) -> str:
 @volume.command("share")
 @click.argument("name")
 @click.option("--allow", "allow", multiple=True, metavar="CIDR",
-              help="A client address or CIDR allowed to mount it (repeatable; none: any).")
-@click.option("--read-only/--read-write", default=False, show_default=True,
-              help="Clients may only read.")
-@click.option("--squash", type=click.Choice(["root", "none", "all"]), default="root",
-              show_default=True,
-              help="root: clients' root is nobody; all: everyone is nobody; none: ids kept.")
+              help="A client address or CIDR allowed to mount it (repeatable; replaces the "
+                   "list; 0.0.0.0/0 for any IPv4 client). A new RWX volume allows none.")
+@click.option("--allow-none", is_flag=True, help="Allow no client (empty the list).")
+@click.option("--read-only/--read-write", default=None,
+              help="Clients may only read, or read and write (default: unchanged).")
+@click.option("--squash", type=click.Choice(["root", "none", "all"]),
+              help="root: clients' root is nobody; all: everyone is nobody; none: ids kept "
+                   "(default: unchanged; root for a new volume).")
+@wait_options
 @client_options
-def volume_share(name: str, allow: tuple[str, ...], read_only: bool, squash: str, url: str,
+def volume_share(name: str, allow: tuple[str, ...], allow_none: bool, read_only: bool | None,
+                 squash: str | None, timeout: float, no_wait: bool, url: str,
                  token_file: Path) -> None:
-    """Set the NFS export options of RWX volume NAME (applied at once, to connected
-    clients too)."""
-    info = api(url, token_file).call("POST", f"/v1/volumes/{name}/share",
-                                     {"allow": list(allow), "read_only": read_only,
-                                      "squash": squash})
-    click.echo(f"volume {name}: {', '.join(allow) or 'any client'}, "
-               f"{'read-only' if read_only else 'read-write'}, squash {squash}"
+    """Set the NFS export options of RWX volume NAME (those given; applied at once, to
+    connected clients too); waits until its NFS server serves with them."""
+    if allow and allow_none:
+        raise InvalidArgument("--allow and --allow-none exclude each other")
+    body: dict[str, Any] = {"read_only": read_only, "squash": squash}
+    if allow or allow_none:
+        body["allow"] = list(allow)
+    client = api(url, token_file)
+    info = client.call("POST", f"/v1/volumes/{name}/share", body)
+    wanted = {"allow": info["share_allow"], "read_only": info["share_read_only"],
+              "squash": info["share_squash"]}
+    if info["attached"] and not no_wait:
+        info = wait_for_volume(client, name, lambda v: v and (
+            (v["share"] or {}).get("options") == wanted or v["refusal"]), "applying",
+            timeout=timeout)
+        assert info is not None
+    click.echo(f"volume {name}: {', '.join(info['share_allow']) or 'no client'}, "
+               f"{'read-only' if info['share_read_only'] else 'read-write'}, squash "
+               f"{info['share_squash']}"
                + (f"; shared at {_share_text(info['share'])}" if info.get("share") else ""))
 
 
@@ -471,6 +488,10 @@ def volume_iscsi(name: str, secret_file: Path | None, output: str, url: str,
     info = client.call("GET", f"/v1/volumes/{name}/iscsi"
                        + ("?secret=true" if secret_file else ""))
     if secret_file is not None:
+        mutual_file = secret_file.with_name(secret_file.name + ".mutual")
+        for path in (secret_file, mutual_file) if info.get("mutual_secret") else (secret_file,):
+            if path.exists():
+                raise FailedPrecondition(f"{path} exists; name a new --secret-file")
         try:
             write_secret_file(secret_file, str(info.pop("secret")).encode() + b"\n")
         except FileExistsError:
@@ -478,7 +499,6 @@ def volume_iscsi(name: str, secret_file: Path | None, output: str, url: str,
                                      ) from None
         mutual = info.pop("mutual_secret", "")
         if mutual:
-            mutual_file = secret_file.with_name(secret_file.name + ".mutual")
             try:
                 write_secret_file(mutual_file, str(mutual).encode() + b"\n")
             except FileExistsError:

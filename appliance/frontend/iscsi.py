@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -53,13 +54,15 @@ from appliance.frontend.tgt import (
     TgtError,
     check_backing,
 )
+from appliance.secrets import read_private_file, write_secret_file
 
 LUN = 1
 IQN_PREFIX = "iqn.2026-12.io.appliance"
 MIN_SECRET, MAX_SECRET = 12, 255  # RFC 3720 recommends at least 12 bytes (96 bits)
 _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,254}")
-_INITIATOR = re.compile(r"(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[^\s,]{1,200})?|eui\.[0-9A-Fa-f]{16}"
-                        r"|naa\.[0-9A-Fa-f]{16,32})")
+# RFC 3720 names: no "=" or "," (tgt's request parameters are key=value,...)
+_INITIATOR = re.compile(r"(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]{1,200})?"
+                        r"|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})")
 _IQN_PART = re.compile(r"[^a-z0-9.-]")
 
 
@@ -168,6 +171,9 @@ def export(tgt: Tgt, spec: Export) -> Target:
             with contextlib.suppress(TgtError):
                 tgt.request(MODE_TARGET, OP_DELETE, tid=tid, force=True)
             raise
+    elif LUN not in target.backing:  # made by a daemon that stopped before its LUN
+        tid = target.tid
+        _add_lun(tgt, tid, spec)
     elif target.backing.get(LUN) != spec.device:
         tid = target.tid
         # the device changed (a reattach): reopen the LUN on the new one
@@ -203,6 +209,16 @@ def _account_digests(tgt: Tgt) -> dict[str, str]:
         if isinstance(value, dict) else {}
 
 
+def _digest_key(tgt: Tgt) -> bytes:
+    """The node's random key of the accounts' digests (0600, made on first use): a digest
+    of a short secret alone could be guessed offline."""
+    path = tgt.directory / "accounts.key"
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            write_secret_file(path, os.urandom(32))
+    return read_private_file(path, 64)
+
+
 def _save_digests(tgt: Tgt, digests: dict[str, str]) -> None:
     path = _accounts_file(tgt)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
@@ -213,10 +229,12 @@ def _save_digests(tgt: Tgt, digests: dict[str, str]) -> None:
 
 
 def _ensure_account(tgt: Tgt, user: str, secret: str, *, incoming: bool) -> None:
-    """Make tgtd's account *user* hold *secret* (tgtd cannot show a password: a keyed
-    digest of each account's secret, in a 0600 file, tells whether it changed)."""
+    """Make tgtd's account *user* hold *secret* (tgtd cannot show a password: a digest of
+    each account's secret keyed with the node's key, in a 0600 file, tells whether it
+    changed)."""
     digests = _account_digests(tgt)
-    digest = hashlib.sha256(f"{user}\0{secret}".encode()).hexdigest()
+    digest = hmac.new(_digest_key(tgt), f"{user}\0{secret}".encode(),
+                      hashlib.sha256).hexdigest()
     try:
         tgt.request(MODE_ACCOUNT, OP_NEW, f"user={user},password={secret}",
                     what=f"create CHAP account {user}")

@@ -109,6 +109,7 @@ class ExportOptions:
     allow: tuple[str, ...] = ()
     read_only: bool = False
     squash: str = "root"
+    closed: bool = False  # no client at all, whatever ``allow`` says
     anonymous_uid: int = NOBODY
     anonymous_gid: int = NOBODY
 
@@ -227,10 +228,10 @@ def render_config(server: ShareServer) -> str:
     export = [
         "Export_Id = 1;", f'Path = "{server.export_path}";', f'Pseudo = "{server.pseudo}";',
         f"Protocols = {protocols};", "Transports = TCP;", "SecType = sys;",
-        f"Access_Type = {'None' if options.allow else access};",
+        f"Access_Type = {'None' if options.allow or options.closed else access};",
         f"Squash = {SQUASH[options.squash]};", f"Anonymous_Uid = {options.anonymous_uid};",
         f"Anonymous_Gid = {options.anonymous_gid};", "FSAL { Name = VFS; }"]
-    if options.allow:
+    if options.allow and not options.closed:
         export.append(f"CLIENT {{ Clients = {', '.join(options.allow)}; "
                       f"Access_Type = {access}; Protocols = {protocols}; }}")
     blocks = {

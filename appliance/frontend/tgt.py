@@ -118,8 +118,13 @@ class Tgt:
 
     def ensure_running(self) -> None:
         """Start tgtd unless it runs and answers."""
-        if self.pid() is not None and self._answers():
-            return
+        running = self.pid()
+        if running is not None:
+            if self._answers():
+                return
+            raise Unavailable(f"the node's tgtd (process {running}) does not answer on "
+                              f"{self.socket_path}: kill it, and the next attempt starts "
+                              "another")
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         host, port = self.portal
         if not ports.bindable(host, port):

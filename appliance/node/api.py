@@ -122,10 +122,11 @@ class VolumeAttach(Strict):
 
 
 class VolumeShare(Strict):
-    allow: list[str] = Field(default_factory=list, max_length=64,
-                             description="the clients allowed: addresses or CIDRs (empty: any)")
-    read_only: bool = False
-    squash: str = Field(default="root", description="root, none or all")
+    allow: list[str] | None = Field(default=None, max_length=64,
+                                    description="the clients allowed: addresses or CIDRs "
+                                                "(empty: none; absent: kept)")
+    read_only: bool | None = Field(default=None, description="absent: kept")
+    squash: str | None = Field(default=None, description="root, none or all; absent: kept")
 
 
 class VolumeSalvage(Strict):

@@ -105,7 +105,7 @@ class Controller(Recovery, Eviction, ClusterWork):
         # the mode each replica of an attached volume was last seen in (events on change)
         self._modes: dict[tuple[str, str], str] = {}
         # per volume, the iSCSI options its target was last set up with (by this daemon)
-        self._exported: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._exported: dict[str, tuple[int, tuple[str, ...]]] = {}
 
     async def thread(self, function: Callable[..., T], *args: Any) -> T:
         """Blocking work (processes, files, sockets) in a worker thread."""
@@ -427,7 +427,9 @@ class Controller(Recovery, Eviction, ClusterWork):
         device = await self.thread(sup.attached_device, volume.name)
         iscsi = volume.frontend == "iscsi"
         if device is None and not volume.maintenance:  # (a drain's attach has no device)
-            device = await self.thread(partial(sup.attach, volume.name, link=not iscsi))
+            # (no /dev/appliance link for a device only a frontend or a share uses)
+            device = await self.thread(partial(sup.attach, volume.name, link=not iscsi and
+                                               volume.access_mode != "rwx"))
         frontend_info = share_info = None
         if iscsi and device is not None:
             frontend_info = await self._export_iscsi(volume)
@@ -448,11 +450,12 @@ class Controller(Recovery, Eviction, ClusterWork):
         if made or port != volume.share_port:
             await self._status(volume.name, share_formatted=volume.share_formatted or made,
                                share_port=port)
-        if volume.share_info != info:
+        if volume.share_info is None or any(volume.share_info.get(key) != info[key]
+                                            for key in ("address", "port", "path")):
             await self.events.record(volume.name, "share-served",
                                      f"NFS export {info['address']}:{info['port']}"
                                      f"{info['path']}"
-                                     + (" (its ext4 file system made)" if made else ""))
+                                     + (" (its xfs file system made)" if made else ""))
         return info
 
     async def _share_port(self, volume: Volume) -> int:
@@ -475,13 +478,14 @@ class Controller(Recovery, Eviction, ClusterWork):
         sup = self.supervisor
         iqn = self.chap.iqn(volume.name)
         exported = await self.thread(sup.exported_iqn, volume.name)
+        credentials = await self.chap.credentials(volume.name, volume.iscsi_chap == "volume")
+        # (new credentials, given by an attach of the attached volume, reach tgtd too)
+        wanted = (hash(credentials.to_json()), tuple(volume.iscsi_initiators))
         if exported != iqn or volume.frontend_info is None or \
-                self._exported.get(volume.name) != (volume.iscsi_chap,
-                                                   tuple(volume.iscsi_initiators)):
-            credentials = await self.chap.credentials(volume.name, volume.iscsi_chap == "volume")
+                self._exported.get(volume.name) != wanted:
             info: dict[str, Any] = await self.thread(
                 sup.export_iscsi, volume.name, iqn, credentials, volume.iscsi_initiators)
-            self._exported[volume.name] = (volume.iscsi_chap, tuple(volume.iscsi_initiators))
+            self._exported[volume.name] = wanted
             if exported != iqn:
                 await self.events.record(volume.name, "iscsi-exported",
                                          f"target {iqn} on portal {info['portal']}")

@@ -75,12 +75,13 @@ class Metrics:
             if volume.attached:
                 engines[volume.name] = await trio.to_thread.run_sync(
                     self.supervisor.engine_status, volume.name)
-            if volume.frontend_info and volume.frontend_info.get("kind") == "iscsi":
+            if volume.frontend_info and volume.frontend_info.get("kind") == "iscsi" and \
+                    self.placement.mine(volume.node):
                 found = await trio.to_thread.run_sync(self.supervisor.iscsi_statistics,
                                                       volume.name)
                 if found is not None:
                     targets[volume.name] = found
-            if volume.share_info is not None:
+            if volume.share_info is not None and self.placement.mine(volume.node):
                 shares[volume.name] = await trio.to_thread.run_sync(
                     self.supervisor.share_clients, volume.name)
         usage = await self.placement.disk_states(disks, replicas, {v.name: v for v in volumes})

@@ -466,7 +466,7 @@ class NodeService:
             chap.validate()
             await self._check_chap_user(volume.name, chap)
         initiators = check_initiators(initiators)
-        serving = volume.attached or volume.state in ("attaching", "attached")
+        serving = volume.attached or volume.state in ("attaching", "attached", "detaching")
         if serving and volume.frontend != frontend:
             raise FailedPrecondition(
                 f"volume {volume.name!r} is attached with the {volume.frontend} frontend: "
@@ -477,30 +477,40 @@ class NodeService:
                 "iscsi_chap": "volume" if chap is not None else keep_chap}
 
     async def _check_chap_user(self, name: str, chap: Credentials) -> None:
-        """A CHAP user is one account of the node's target: another volume that has it must
-        have the same secret."""
+        """A CHAP user is one account of the node's target, with one secret: a user another
+        volume has (as its user or its mutual user) must come with the same secret; the
+        node's own user is not for volumes."""
+        if chap.mutual_user == chap.user:
+            raise InvalidArgument("the mutual CHAP user must differ from the CHAP user")
+        for user in (chap.user, chap.mutual_user):
+            if user == GLOBAL_USER:
+                raise InvalidArgument(f"CHAP user {GLOBAL_USER!r} is the node's own; choose "
+                                      "another user")
         keeper = self.controller.chap
+        mine = {chap.user: chap.secret, **({chap.mutual_user: chap.mutual_secret}
+                                           if chap.mutual_user else {})}
         for other in await self._volumes():
             if other.name == name or other.frontend != "iscsi" or other.iscsi_chap != "volume":
                 continue
             with contextlib.suppress(NotFound):
                 theirs = await keeper.credentials(other.name, True)
-                for user, secret in ((chap.user, chap.secret),
-                                     (chap.mutual_user, chap.mutual_secret)):
-                    if user and user in (theirs.user, theirs.mutual_user) and secret not in (
-                            theirs.secret, theirs.mutual_secret):
+                known = {theirs.user: theirs.secret, **({theirs.mutual_user:
+                                                         theirs.mutual_secret}
+                                                        if theirs.mutual_user else {})}
+                for user, secret in mine.items():
+                    if user in known and known[user] != secret:
                         raise InvalidArgument(
                             f"CHAP user {user!r} is volume {other.name!r}'s with another "
                             "secret: a user has one secret on a node; choose another user")
-        if chap.user == GLOBAL_USER:
-            raise InvalidArgument(f"CHAP user {GLOBAL_USER!r} is the node's own; choose "
-                                  "another user")
 
-    async def share(self, name: str, allow: list[str], read_only: bool,
-                    squash: str) -> dict[str, Any]:
-        """Change the export options of RWX volume *name* (applied to its running NFS
-        server at once, for connected clients too)."""
+    async def share(self, name: str, allow: list[str] | None, read_only: bool | None,
+                    squash: str | None) -> dict[str, Any]:
+        """Change the export options of RWX volume *name* that are given (None: kept);
+        applied to its running NFS server at once, for connected clients too."""
         volume, _ = await self._volume(name)
+        allow = volume.share_allow if allow is None else allow
+        read_only = volume.share_read_only if read_only is None else read_only
+        squash = volume.share_squash if squash is None else squash
         options = ExportOptions(allow=tuple(allow), read_only=read_only,
                                 squash=squash).validate()
         if volume.access_mode != "rwx":
@@ -511,7 +521,7 @@ class NodeService:
         described = await self._change(name, share_allow=list(options.allow),
                                        share_read_only=read_only, share_squash=squash)
         await self.controller.events.record(
-            name, "share-options", f"allow {', '.join(options.allow) or 'any client'}, "
+            name, "share-options", f"allow {', '.join(options.allow) or 'no client'}, "
             f"{'read-only' if read_only else 'read-write'}, squash {squash}")
         return described
 
@@ -761,6 +771,11 @@ class NodeService:
             raise InvalidArgument(f"cannot shrink volume {name!r} from {volume.size} to {size} "
                                   "bytes: volumes only grow")
         supervisor = self.controller.supervisor
+        if resize_fs and volume.frontend == "iscsi":
+            raise InvalidArgument(f"--resize-fs: volume {name!r} is exported over iSCSI, and "
+                                  "its file system is the initiator's: expand without it, then "
+                                  "rescan (iscsiadm -m session --rescan) and grow the file "
+                                  "system on the initiator")
         if resize_fs:
             if directories is not None:
                 raise FailedPrecondition(f"--resize-fs needs volume {name!r} attached")

@@ -60,6 +60,13 @@ SHARE_GRACE = 40
 SHARE_PROTOCOLS = ("nfs4.0", "nfs4.1", "nfs4.2")
 
 
+def filesystem_device(mountpoint: Path) -> str:
+    """The device mounted at *mountpoint* (or an empty string)."""
+    result = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "--mountpoint", str(mountpoint)],
+                            capture_output=True, text=True, check=False, timeout=60)
+    return result.stdout.strip().splitlines()[0] if result.stdout.strip() else ""
+
+
 def _run_command(*command: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
     if result.returncode:
@@ -375,16 +382,22 @@ class Supervisor:
         server = nfs.ShareServer(
             directory=self.share_directory(volume.name), export_path=mountpoint,
             pseudo=f"/{volume.name}", address=self.config.replica_address, port=port,
+            # no client until the operator names some (volume share --allow)
             options=nfs.ExportOptions(allow=tuple(volume.share_allow),
                                       read_only=volume.share_read_only,
-                                      squash=volume.share_squash),
+                                      squash=volume.share_squash,
+                                      closed=not volume.share_allow),
             lease_lifetime=SHARE_LEASE, grace_period=SHARE_GRACE).validate()
         if nfs.running(server.directory) is None:
             nfs.start(server)
         elif nfs.load(server.directory) != server:
             nfs.update(server)
         return {"address": server.address, "port": port, "path": server.pseudo,
-                "protocols": list(SHARE_PROTOCOLS)}, made
+                "protocols": list(SHARE_PROTOCOLS),
+                # what the server serves with now (the CLI waits for a change to show here)
+                "options": {"allow": list(volume.share_allow),
+                            "read_only": volume.share_read_only,
+                            "squash": volume.share_squash}}, made
 
     def _mount_share(self, volume: Volume, device: str, mountpoint: Path) -> bool:
         kind = filesystem.fs_type(device)
@@ -411,7 +424,15 @@ class Supervisor:
         nfs.stop(self.share_directory(volume))
         mountpoint = self.share_mountpoint(volume)
         if os.path.ismount(mountpoint):
-            _run_command("umount", str(mountpoint))
+            try:
+                _run_command("umount", str(mountpoint))
+            except StorageIOError as exc:
+                users = holders.users(filesystem_device(mountpoint))
+                raise FailedPrecondition(
+                    f"cannot unmount shared volume {volume}'s file system at {mountpoint}: "
+                    f"{exc}; on this node it is "
+                    f"{holders.describe(users) if users else 'in use'}: stop what uses it "
+                    "and the controller tries again") from exc
         with contextlib.suppress(OSError):
             mountpoint.rmdir()
 
@@ -454,9 +475,11 @@ class Supervisor:
         """Make the attached device *size* bytes (in use or not), then grow its file
         system when asked (mounted or not)."""
         device = frontend.resize(self.attach_state(volume), size)
+        iqn = self.exported_iqn(volume)
+        if iqn is not None and resize_fs:  # (checked before anything changed, too)
+            raise FailedPrecondition("the file system of an iSCSI volume is its initiator's")
         if os.path.ismount(self.share_mountpoint(volume)):
             resize_fs = True  # a shared volume's file system always grows with it
-        iqn = self.exported_iqn(volume)
         if iqn is not None:
             iscsi.resize(self.tgt, iqn, device)
         if resize_fs:

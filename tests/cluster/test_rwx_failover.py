@@ -28,6 +28,7 @@ def test_the_share_comes_back_on_another_node(cluster: Cluster) -> None:
     n2.change_settings(auto_failover=True, replica_replenishment_wait=1)
     n1.cli("volume", "create", "files", "--size", "320M", "--replicas", "3",
            "--access-mode", "rwx")
+    n1.cli("volume", "share", "files", "--allow", "127.0.0.0/8")
     shown = n2.json("volume", "show", "files")
     assert shown["node"] == "n1" and shown["share"]["address"] == "127.0.0.1"
     written = {f"f{index}": random.Random(index).randbytes(MiB // 2) for index in range(12)}

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.harness import Node, wait_for
@@ -46,8 +47,14 @@ def snode(tmp_path: Path, clients: list[Host]) -> Iterator[Node]:
         yield running
     finally:
         running.cleanup()
-        for mount in sorted((tmp_path / "data" / "shares").glob("*")):
-            subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+
+
+def share_clients(node: Node, volume: str) -> int:
+    text = httpx.get(node.url + "/metrics", headers={
+        "Authorization": f"Bearer {node.token_file.read_text().strip()}"}).text
+    prefix = f'appliance_share_clients{{volume="{volume}"}} '
+    return next(int(float(line[len(prefix):])) for line in text.splitlines()
+                if line.startswith(prefix))
 
 
 def share_url(info: dict[str, object]) -> str:
@@ -96,8 +103,17 @@ def test_two_clients_share_a_volume_through_a_replica_kill_and_a_restart(
     assert "nfs4.1" in share["protocols"]
     assert f"shared at {SUBNET}.1:/shared (NFS port {share['port']}" in created
     assert (info["state"], info["access_mode"], info["device"]) == ("attached", "rwx", "")
+    assert not Path("/dev/appliance/shared").exists()  # the share's device is its alone
     url = share_url(share)
     one, two = clients
+    # a new share admits no client until the operator names some
+    refused = client(one, "check", url, "a", "1")
+    output, _ = refused.communicate(timeout=CLIENT_TIMEOUT)
+    assert refused.returncode != 0 and f"mount {url}" in output, output
+    snode.cli("volume", "share", "shared", "--allow", f"{SUBNET}.0/24")
+    share = snode.volume("shared")["share"]
+    assert share["options"] == {"allow": [f"{SUBNET}.0/24"], "read_only": False,
+                                "squash": "root"}
     # two clients write different files at once; each reads the other's back intact
     finish([client(one, "write", url, "a", "1"), client(two, "write", url, "b", "2")])
     finish([client(one, "check", url, "b", "2"), client(two, "check", url, "a", "1")])
@@ -138,13 +154,15 @@ def test_export_options_expansion_and_bad_input(snode: Node, clients: list[Host]
     refused = client(two, "check", url, "x", "7")
     output, _ = refused.communicate(timeout=CLIENT_TIMEOUT)
     assert refused.returncode != 0 and "NFS4ERR" in output, output
-    # read-only for everyone: reads work, writes are refused
-    snode.cli("volume", "share", "opts", "--read-only")
+    # read-only (the allow-list kept), then for both: reads work, writes are refused
+    shown = snode.cli("volume", "share", "opts", "--read-only").stdout
+    assert f"{one.address}/32, read-only, squash root" in shown
+    snode.cli("volume", "share", "opts", "--allow", f"{SUBNET}.0/24")
     finish([client(two, "check", url, "x", "7")])
     writer = client(two, "write", url, "y", "8")
     output, _ = writer.communicate(timeout=CLIENT_TIMEOUT)
     assert writer.returncode != 0 and "ROFS" in output, output
-    snode.cli("volume", "share", "opts")
+    snode.cli("volume", "share", "opts", "--read-write")
     # online expansion grows the file system behind the share
     mountpoint = snode.data / "shares" / "opts"
     before = os.statvfs(mountpoint)
@@ -173,16 +191,17 @@ def test_export_options_expansion_and_bad_input(snode: Node, clients: list[Host]
     assert result.returncode == 1 and "not an RWX volume" in result.stderr
     assert snode.volume("block")["share_allow"] == []
     # a detach refused while a client is connected, and done once it is not
+    snode.cli("volume", "share", "opts", "--allow", "127.0.0.0/8", "--allow", f"{SUBNET}.0/24")
     connected = Client(url)
     try:
-        wait_for(lambda: snode.cli("volume", "detach", "opts", check=False).returncode == 1,
-                 30, "the client seen")
+        wait_for(lambda: share_clients(snode, "opts") == 1, 30, "the client counted")
         refused_detach = snode.cli("volume", "detach", "opts", check=False)
+        assert refused_detach.returncode == 1, refused_detach
         assert "NFS client(s) are connected" in refused_detach.stderr
-        assert snode.volume("opts")["share"] == share
+        assert snode.volume("opts")["share"]["port"] == share["port"]
     finally:
         connected.close()
-    wait_for(lambda: snode.cli("volume", "detach", "opts", check=False).returncode == 0, 60,
-             "the detach once the client left")
+    wait_for(lambda: share_clients(snode, "opts") == 0, 60, "the client gone")
+    snode.cli("volume", "detach", "opts")
     assert snode.volume("opts")["share"] is None
     assert not os.path.ismount(mountpoint)
