@@ -300,18 +300,26 @@ class Node:
         result: dict[str, Any] = json.loads(self.cli("volume", "show", name, "-o", "json").stdout)
         return result
 
+    def stop_shares(self) -> None:
+        """Kill the NFS servers of this node's shared volumes (found by their command
+        line: their pid files may be gone) and unmount the shares' file systems."""
+        marker = os.fsencode(self.data)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                command = (entry / "cmdline").read_bytes()
+                if b"ganesha.nfsd" in command and marker + b"/" in command:
+                    os.kill(int(entry.name), signal.SIGKILL)
+        for mount in sorted((self.data / "shares").glob("*")):
+            subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True,
+                           timeout=60)
+
     def cleanup(self) -> None:
         """Stop everything the daemon started, whatever state it is in."""
         self.stop(signal.SIGKILL)
         run_dir = self.data / "run"
-        # its NFS servers and their mounts, then its iSCSI target (before the devices go)
-        for pid_file in sorted(run_dir.glob("*/ganesha/ganesha.pid")) if run_dir.exists() \
-                else []:
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        for mount in sorted((self.data / "shares").glob("*")):
-            subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True,
-                           timeout=60)
+        self.stop_shares()  # then its iSCSI target, before the devices go
         tgtd = run_dir / "tgtd" / "tgtd.pid"
         with contextlib.suppress(OSError, ValueError):
             pid = int(tgtd.read_text())

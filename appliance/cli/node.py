@@ -516,6 +516,8 @@ def _iscsiadm_commands(info: dict[str, Any], secret_file: Path | None) -> str:
     if secret_file is None:
         lines.append("# the CHAP secret: 'volume iscsi NAME --secret-file FILE' writes it to "
                      "FILE; or read it into CHAP_SECRET (read -rs CHAP_SECRET)")
+    lines.append("# (iscsiadm takes the secret as an argument, visible to the client's other "
+                 "users while it runs; on shared machines set it in the node record file)")
     lines += [
         f"iscsiadm -m discoverydb -t sendtargets -p {portal} -o new",
         f"iscsiadm -m discoverydb -t sendtargets -p {portal} -o update "

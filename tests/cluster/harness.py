@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -62,6 +61,7 @@ class ClusterNode(Node):
         """Everything this node started gone, fast: devices detached, then every process
         killed (a graceful engine stop may wait out replicas other nodes' cleanups took)."""
         self.stop(signal.SIGKILL)
+        self.stop_shares()  # before the devices under them go
         run_dir = self.data / "run"
         for state in sorted(run_dir.glob("*/ctl.sock.attach")) if run_dir.exists() else []:
             with contextlib.suppress(Exception):
@@ -77,10 +77,7 @@ class ClusterNode(Node):
                 os.kill(pid, signal.SIGKILL)
         for pid in self.processes():
             wait_for(partial(_dead, pid), 30, f"process {pid} to die")
-        # a dead machine's mounts are gone too (its shared volumes' file systems)
-        for mount in sorted((self.data / "shares").glob("*")):
-            subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True,
-                           timeout=60)
+        self.stop_shares()  # a dead machine's NFS servers and mounts are gone too
 
 
 def _dead(pid: int) -> bool:
