@@ -233,3 +233,21 @@ def test_bad_input_exits_2(tmp_path: Path, config: Path) -> None:
     bad = write_config(tmp_path / "bad.toml", listen="127.0.0.1:9500", colour="blue")
     result = run("check", "--config", bad, check=False)
     assert result.returncode == 2 and "unknown key 'colour'" in result.stderr
+
+
+def test_the_iscsi_portal_taken_by_another_program_is_a_warning(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        config = write_config(tmp_path / "node.toml", listen=f"127.0.0.1:{free_port()}",
+                              iscsi_portal=f"127.0.0.1:{port}")
+        _, items, _ = check("--config", config, "--data-dir", tmp_path)
+    item = items["ports/iscsi"]
+    assert item["status"] == "warn", item  # only volumes exported over iSCSI need it
+    assert f"127.0.0.1:{port} is taken by process {os.getpid()} (" in item["detail"], item
+    assert "tgt" in item["remedy"] and "iscsi_portal" in item["remedy"], item
+    free = write_config(tmp_path / "free.toml", listen=f"127.0.0.1:{free_port()}",
+                        iscsi_portal=f"127.0.0.1:{free_port()}")
+    _, items, _ = check("--config", free, "--data-dir", tmp_path)
+    assert items["ports/iscsi"]["status"] == "ok", items["ports/iscsi"]

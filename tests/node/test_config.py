@@ -29,6 +29,9 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ('listen = "nowhere"\n', "nowhere"),
     ("listen = \n", "config file"),
     ('node_name = "x"\n', "--listen"),
+    ('listen = "127.0.0.1:7000"\nshare_port_range = [20490]\n', "share_port_range"),
+    ('listen = "127.0.0.1:7000"\nshare_port_range = [80, 90]\n', "share_port_range"),
+    ('listen = "127.0.0.1:7000"\niscsi_portal = "3260"\n', "3260"),
 ])
 def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
     config = tmp_path / "node.toml"
@@ -63,3 +66,16 @@ def test_an_etcd_scheme_holds_for_the_members_after_it(given: object,
 def test_a_cluster_that_is_not_addresses_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="invalid cluster"):
         load_config(None, "127.0.0.1:7000", None, cluster=5)  # type: ignore[arg-type]
+
+
+def test_the_iscsi_portal_takes_the_advertised_address_unless_given(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('iscsi_portal = ":3261"\nshare_port_range = [30000, 30009]\n')
+    loaded = load_config(tmp_path / "data", "127.0.0.1:7003", config, advertise="10.1.2.3")
+    assert loaded.portal == ("10.1.2.3", 3261)
+    assert loaded.share_port_range == (30000, 30009)
+    config.write_text('iscsi_portal = "192.0.2.7:3262"\n')
+    assert load_config(tmp_path / "data", "127.0.0.1:7003", config).portal == \
+        ("192.0.2.7", 3262)
+    default = load_config(tmp_path / "data", "127.0.0.1:7003", None)
+    assert default.portal == ("127.0.0.1", 3260)
