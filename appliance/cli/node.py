@@ -387,7 +387,7 @@ def volume_show(name: str, output: str, url: str, token_file: Path) -> None:
 
 def _served_or_refused(info: dict[str, Any] | None) -> bool:
     return bool(info and ((info["state"] == "attached" and (
-        info["device"] or info["frontend"].get("iqn"))) or info["refusal"]))
+        info["device"] or info["frontend"].get("iqn") or info["share"])) or info["refusal"]))
 
 
 def _device(info: dict[str, Any] | None) -> str:
@@ -396,6 +396,8 @@ def _device(info: dict[str, Any] | None) -> str:
     assert info is not None
     if info["refusal"]:
         raise FailedPrecondition(info["refusal"])
+    if info["share"]:  # an RWX volume: shared again
+        return f"shared at {_share_text(info['share'])}"
     served = info["frontend"]
     if served.get("iqn"):
         return f"iscsi://{served['portal']}/{served['iqn']}/{served['lun']}"

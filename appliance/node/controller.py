@@ -446,7 +446,12 @@ class Controller(Recovery, Eviction, ClusterWork):
         """Share the attached RWX volume (its file system made once, mounted, exported by
         its own NFS server); a restarted daemon adopts the server that runs."""
         port = volume.share_port or await self._share_port(volume)
-        info, made = await self.thread(self.supervisor.serve_share, volume, port)
+        try:
+            info, made = await self.thread(self.supervisor.serve_share, volume, port)
+        except AddressInUse as exc:  # another program took it, or another node's share
+            port = await self._share_port(volume)  # had it here: a new one (event below)
+            log.info("volume %s: its NFS port moves to %d: %s", volume.name, port, exc)
+            info, made = await self.thread(self.supervisor.serve_share, volume, port)
         if made or port != volume.share_port:
             await self._status(volume.name, share_formatted=volume.share_formatted or made,
                                share_port=port)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -202,6 +203,23 @@ def test_export_options_expansion_and_bad_input(snode: Node, clients: list[Host]
     finally:
         connected.close()
     wait_for(lambda: share_clients(snode, "opts") == 0, 60, "the client gone")
+    snode.cli("volume", "detach", "opts")
+    # its port taken meanwhile by another program: shared again on another port
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((share["address"], share["port"]))
+        squatter.listen()
+        snode.cli("volume", "attach", "opts")
+        wait_for(lambda: snode.volume("opts")["share"], 60, "shared again")
+        moved = snode.volume("opts")["share"]
+        assert moved["port"] != share["port"]
+
+        def readable() -> bool:  # after the NFSv4 grace period of a server start (40 s)
+            checker = client(two, "check", share_url(moved), "z", "9", "8")
+            output, _ = checker.communicate(timeout=CLIENT_TIMEOUT)
+            assert checker.returncode == 0 or "NFS4ERR_GRACE" in output, output
+            return checker.returncode == 0
+        wait_for(readable, 120, "the files readable on the new port")
     snode.cli("volume", "detach", "opts")
     assert snode.volume("opts")["share"] is None
     assert not os.path.ismount(mountpoint)
