@@ -26,6 +26,7 @@ from pathlib import Path
 from appliance import ports
 from appliance.errors import AddressInUse, FailedPrecondition, StorageIOError, Unavailable
 from appliance.nbd.spawn import spawn_daemon
+from appliance.replication.protocol import format_address
 
 Address = tuple[str, int]
 
@@ -139,7 +140,7 @@ class Tgt:
         # its own session, reparented: it outlives the daemon (a bare environment: the
         # daemon's may hold secrets)
         pid = spawn_daemon([binary, "-f", "-C", "0", "--iscsi",
-                            f"portal={_portal_text(self.portal)}"],
+                            f"portal={format_address(self.portal)}"],
                            {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                             "TGT_IPC_SOCKET": str(self.directory / "socket")}, self.log_file)
         self.pid_file.write_text(f"{pid}\n")
@@ -223,11 +224,6 @@ def _receive(connection: socket.socket, size: int) -> bytes:
             raise ConnectionResetError("tgtd closed the connection")
         data += chunk
     return bytes(data)
-
-
-def _portal_text(portal: Address) -> str:
-    host, port = portal
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _listening(portal: Address) -> bool:
