@@ -23,6 +23,7 @@ COMMANDS = {
     "snapshot": "appliance.cli.node:snapshot",
     "event": "appliance.cli.node:event",
     "events": "appliance.cli.node:events",
+    "job": "appliance.cli.jobs:job",
     "backup-target": "appliance.cli.backup:backup_target",
     "backup": "appliance.cli.backup:backup",
     "settings": "appliance.cli.settings:settings",

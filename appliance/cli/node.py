@@ -14,6 +14,7 @@ import click
 
 from appliance import apiclient
 from appliance.cli.client import ApiClient, api, client_options
+from appliance.cli.jobs import volume_jobs
 from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL, SIZE
 from appliance.defaults import API_LISTEN
@@ -326,6 +327,9 @@ def volume_share(name: str, allow: tuple[str, ...], allow_none: bool, read_only:
                f"{'read-only' if info['share_read_only'] else 'read-write'}, squash "
                f"{info['share_squash']}"
                + (f"; shared at {_share_text(info['share'])}" if info.get("share") else ""))
+
+
+volume.add_command(volume_jobs)
 
 
 @volume.command("list")

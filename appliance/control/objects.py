@@ -170,6 +170,10 @@ class Volume(Record):
     share_info: dict[str, Any] | None = None
     share_formatted: bool = False
     share_port: int = 0
+    # desired: the recurring jobs it takes part in, by job name and by group (none of
+    # either: the jobs of group "default")
+    jobs: list[str] = field(default_factory=list)
+    job_groups: list[str] = field(default_factory=list)
 
     @property
     def pending_salvage(self) -> dict[str, Any] | None:
@@ -305,6 +309,60 @@ def setting_definitions() -> list[dict[str, Any]]:
     return [{"name": f.name, "type": str(f.type), "default": getattr(defaults, f.name),
              "description": SETTING_DESCRIPTIONS[f.name]}
             for f in fields(Settings) if f.name != "name"]
+
+
+TASKS = ("snapshot", "snapshot-cleanup", "snapshot-delete", "backup", "filesystem-trim",
+         "scrub")
+DEFAULT_GROUP = "default"
+MAX_RETAIN = 250
+MAX_JOB_NAME = 40  # leaves room in a snapshot name for the run's time
+
+
+@dataclass
+class RecurringJob(Record):
+    """A task run on a cron schedule on the volumes that take part in it (by the job's
+    name or one of its groups); docs/recurring-jobs.md."""
+
+    PREFIX: ClassVar[str] = "/recurring-jobs/"
+    name: str
+    task: str
+    cron: str
+    retain: int = 1  # snapshots or backups this job keeps per volume
+    concurrency: int = 1  # volumes it works on at once
+    groups: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)  # put on what it makes
+    created: float = 0.0  # seconds since the epoch; the first slot is after it
+
+    def validate(self) -> RecurringJob:
+        check_name(self.name, "job name")
+        if len(self.name) > MAX_JOB_NAME:
+            raise InvalidArgument(f"invalid job name {self.name!r}: at most {MAX_JOB_NAME} "
+                                  "characters (snapshot names are made from it)")
+        if self.task not in TASKS:
+            raise InvalidArgument(f"unknown task {self.task!r}: one of {', '.join(TASKS)}")
+        for number, what, low, high in ((self.retain, "retain", 1, MAX_RETAIN),
+                                        (self.concurrency, "concurrency", 1, 64)):
+            if not isinstance(number, int) or isinstance(number, bool) or \
+                    not low <= number <= high:
+                raise InvalidArgument(f"invalid {what} {number!r}: {low} to {high}")
+        for group in self.groups:
+            check_name(group, "group name")
+        self.groups = sorted(set(self.groups))
+        check_labels(self.labels)
+        return self
+
+
+@dataclass
+class RecurringJobStatus(Record):
+    """What a recurring job did: the last slot it ran for (or passed over, when it was
+    missed more than once) and its recent runs, newest last. Written by the runner only."""
+
+    PREFIX: ClassVar[str] = "/recurring-job-status/"
+    KEEP: ClassVar[int] = 20
+    name: str
+    last_slot: float = 0.0
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    failures: int = 0  # runs that failed on some volume, since the job was made
 
 
 @dataclass

@@ -50,8 +50,9 @@ def _check_key(key: str) -> str:
 
 
 class SQLiteStore(StateStore):
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, *, inline: bool = False) -> None:
         self._db = db
+        self._inline = inline
         self._limiter = trio.CapacityLimiter(1)
         self._write_lock = trio.Lock()
         self._history: deque[Event] = deque(maxlen=HISTORY)
@@ -59,7 +60,11 @@ class SQLiteStore(StateStore):
         self._watchers: list[tuple[str, trio.MemorySendChannel[Event]]] = []
 
     @classmethod
-    async def open(cls, path: str | Path) -> SQLiteStore:
+    async def open(cls, path: str | Path, *, inline: bool = False) -> SQLiteStore:
+        """The store in the database file *path*. Statements run in a worker thread; with
+        *inline*, in the caller's (for runs on trio's autojump clock, which jumps whenever
+        every task waits, a task waiting on a worker thread too: inline, a statement is
+        never a wait)."""
         def connect() -> sqlite3.Connection:
             db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
@@ -68,9 +73,12 @@ class SQLiteStore(StateStore):
             Path(path).chmod(0o600)
             return db
 
-        return cls(await trio.to_thread.run_sync(connect))
+        return cls(await trio.to_thread.run_sync(connect), inline=inline)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        if self._inline:
+            await trio.lowlevel.checkpoint()
+            return function(*args)
         return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
 
     def _revision_now(self) -> int:

@@ -31,6 +31,7 @@ from appliance.node.backups import BackupService
 from appliance.node.forward import HEADER as FORWARDED
 from appliance.node.forward import Forwarding
 from appliance.node.nodeinfo import NodeInfo
+from appliance.node.recurring import RecurringJobs
 from appliance.node.service import NodeService
 from appliance.units import parse_size
 
@@ -138,6 +139,22 @@ class VolumeSalvage(Strict):
 class SnapshotCreate(Strict):
     name: str = Field(min_length=1, max_length=128)
     labels: dict[str, str] = Field(default_factory=dict)
+
+
+class JobCreate(Strict):
+    name: str = Field(min_length=1, max_length=40)
+    task: str = Field(description="snapshot, snapshot-cleanup, snapshot-delete, backup, "
+                      "filesystem-trim or scrub")
+    cron: str = Field(min_length=1, max_length=200, description="five cron fields, UTC")
+    retain: int = Field(default=1, ge=1, le=250)
+    concurrency: int = Field(default=1, ge=1, le=64)
+    groups: list[str] = Field(default_factory=list, max_length=32)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class VolumeJobs(Strict):
+    add: list[str] = Field(default_factory=list, max_length=64)
+    remove: list[str] = Field(default_factory=list, max_length=64)
 
 
 class BackupTargetSet(Strict):
@@ -256,8 +273,8 @@ def _snapshot_routes(app: FastAPI, service: NodeService, auth: list[Any]) -> Non
     """A volume's snapshots: list, take, revert, remove, purge."""
 
     @app.get("/v1/volumes/{name}/snapshots", dependencies=auth)
-    async def list_snapshots(name: str) -> list[dict[str, Any]]:
-        return await service.list_snapshots(name)
+    async def list_snapshots(name: str, head: bool = False) -> list[dict[str, Any]]:
+        return await service.list_snapshots(name, head=head)
 
     @app.post("/v1/volumes/{name}/snapshots", dependencies=auth, status_code=201)
     async def create_snapshot(name: str, body: SnapshotCreate) -> dict[str, Any]:
@@ -278,8 +295,88 @@ def _snapshot_routes(app: FastAPI, service: NodeService, auth: list[Any]) -> Non
         await service.purge_snapshots(name)
         return {"status": "purged"}
 
+    @app.post("/v1/volumes/{name}/trim", dependencies=auth)
+    async def trim_volume(name: str) -> dict[str, Any]:
+        return await service.trim_filesystem(name)
 
-def create_app(service: NodeService, backups: BackupService, token: str,
+
+def _backup_routes(app: FastAPI, backups: BackupService, auth: list[Any]) -> None:
+    """The backup target, backups, restores and verification."""
+
+    @app.get("/v1/backup-target", dependencies=auth)
+    async def show_backup_target() -> dict[str, Any]:
+        return await backups.show_target()
+
+    @app.put("/v1/backup-target", dependencies=auth)
+    async def set_backup_target(body: BackupTargetSet) -> dict[str, Any]:
+        return await backups.set_target(body.url, body.credentials, body.encryption_key)
+
+    @app.delete("/v1/backup-target", dependencies=auth)
+    async def unset_backup_target() -> dict[str, Any]:
+        return await backups.unset_target()
+
+    @app.get("/v1/backups", dependencies=auth)
+    async def list_backups(volume: str | None = None) -> dict[str, Any]:
+        return await backups.list_backups(volume)
+
+    @app.post("/v1/backups", dependencies=auth, status_code=202)
+    async def create_backup(body: BackupCreate) -> dict[str, Any]:
+        return await backups.create(body.volume, body.snapshot, body.labels)
+
+    @app.get("/v1/backups/{backup_id}", dependencies=auth)
+    async def show_backup(backup_id: str) -> dict[str, Any]:
+        return await backups.show(backup_id)
+
+    @app.delete("/v1/backups/{backup_id}", dependencies=auth)
+    async def delete_backup(backup_id: str) -> dict[str, Any]:
+        return await backups.delete(backup_id)
+
+    @app.post("/v1/backups/{backup_id}/restore", dependencies=auth, status_code=201)
+    async def restore_backup(backup_id: str, body: BackupRestore) -> dict[str, Any]:
+        return await backups.restore(backup_id, body.name, body.replicas,
+                                     labels=body.labels, disk_tags=body.disk_tags)
+
+    @app.post("/v1/backups/{backup_id}/verify", dependencies=auth)
+    async def verify_backup(backup_id: str) -> dict[str, Any]:
+        return await backups.verify(backup_id, None)
+
+    @app.post("/v1/backup-volumes/verify", dependencies=auth)
+    async def verify_backup_volume(body: BackupVerify) -> dict[str, Any]:
+        return await backups.verify(None, body.volume)
+
+
+def _job_routes(app: FastAPI, jobs: RecurringJobs, auth: list[Any]) -> None:
+    """Recurring jobs, and the jobs a volume takes part in."""
+
+    @app.get("/v1/jobs", dependencies=auth)
+    async def list_jobs() -> list[dict[str, Any]]:
+        return await jobs.list_jobs()
+
+    @app.post("/v1/jobs", dependencies=auth, status_code=201)
+    async def create_job(body: JobCreate) -> dict[str, Any]:
+        return await jobs.create(body.name, body.task, body.cron, retain=body.retain,
+                                 concurrency=body.concurrency, groups=body.groups,
+                                 labels=body.labels)
+
+    @app.get("/v1/jobs/{name}", dependencies=auth)
+    async def show_job(name: str) -> dict[str, Any]:
+        return await jobs.show(name)
+
+    @app.delete("/v1/jobs/{name}", dependencies=auth)
+    async def delete_job(name: str) -> dict[str, str]:
+        await jobs.delete(name)
+        return {"status": "deleted"}
+
+    @app.post("/v1/jobs/{name}/run", dependencies=auth, status_code=202)
+    async def run_job(name: str) -> dict[str, Any]:
+        return await jobs.run_now(name)
+
+    @app.post("/v1/volumes/{name}/jobs", dependencies=auth)
+    async def volume_jobs(name: str, body: VolumeJobs) -> dict[str, Any]:
+        return await jobs.volume_jobs(name, body.add, body.remove)
+
+
+def create_app(service: NodeService, backups: BackupService, jobs: RecurringJobs, token: str,
                metrics: Callable[[], Awaitable[bytes]]) -> FastAPI:
     app = FastAPI(title="appliance node API", version=__version__,
                   description="Volumes, disks and settings of one appliance node.",
@@ -401,47 +498,9 @@ def create_app(service: NodeService, backups: BackupService, token: str,
         return await service.list_events(volume, after)
 
     _snapshot_routes(app, service, auth)
+    _job_routes(app, jobs, auth)
 
-    @app.get("/v1/backup-target", dependencies=auth)
-    async def show_backup_target() -> dict[str, Any]:
-        return await backups.show_target()
-
-    @app.put("/v1/backup-target", dependencies=auth)
-    async def set_backup_target(body: BackupTargetSet) -> dict[str, Any]:
-        return await backups.set_target(body.url, body.credentials, body.encryption_key)
-
-    @app.delete("/v1/backup-target", dependencies=auth)
-    async def unset_backup_target() -> dict[str, Any]:
-        return await backups.unset_target()
-
-    @app.get("/v1/backups", dependencies=auth)
-    async def list_backups(volume: str | None = None) -> dict[str, Any]:
-        return await backups.list_backups(volume)
-
-    @app.post("/v1/backups", dependencies=auth, status_code=202)
-    async def create_backup(body: BackupCreate) -> dict[str, Any]:
-        return await backups.create(body.volume, body.snapshot, body.labels)
-
-    @app.get("/v1/backups/{backup_id}", dependencies=auth)
-    async def show_backup(backup_id: str) -> dict[str, Any]:
-        return await backups.show(backup_id)
-
-    @app.delete("/v1/backups/{backup_id}", dependencies=auth)
-    async def delete_backup(backup_id: str) -> dict[str, Any]:
-        return await backups.delete(backup_id)
-
-    @app.post("/v1/backups/{backup_id}/restore", dependencies=auth, status_code=201)
-    async def restore_backup(backup_id: str, body: BackupRestore) -> dict[str, Any]:
-        return await backups.restore(backup_id, body.name, body.replicas,
-                                     labels=body.labels, disk_tags=body.disk_tags)
-
-    @app.post("/v1/backups/{backup_id}/verify", dependencies=auth)
-    async def verify_backup(backup_id: str) -> dict[str, Any]:
-        return await backups.verify(backup_id, None)
-
-    @app.post("/v1/backup-volumes/verify", dependencies=auth)
-    async def verify_backup_volume(body: BackupVerify) -> dict[str, Any]:
-        return await backups.verify(None, body.volume)
+    _backup_routes(app, backups, auth)
 
     @app.get("/v1/settings", dependencies=auth)
     async def get_settings() -> dict[str, Any]:

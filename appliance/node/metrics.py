@@ -18,7 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from appliance import __version__
-from appliance.control.objects import Disk, ReplicaRecord, Volume
+from appliance.control.objects import Disk, RecurringJobStatus, ReplicaRecord, Volume
 from appliance.control.scheduler import DiskState
 from appliance.control.store import StateStore
 from appliance.node.backupjobs import BackupJobs
@@ -84,6 +84,8 @@ class Metrics:
             if volume.share_info is not None and self.placement.mine(volume.node):
                 shares[volume.name] = await trio.to_thread.run_sync(
                     self.supervisor.share_clients, volume.name)
+        jobs = [RecurringJobStatus.from_dict(e.value)
+                for e in (await self.store.list(RecurringJobStatus.PREFIX))[0]]
         usage = await self.placement.disk_states(disks, replicas, {v.name: v for v in volumes})
         nodes = await self.membership.describe_all() if self.membership else []
         families = await trio.to_thread.run_sync(self._families, volumes, replicas, disks,
@@ -95,6 +97,7 @@ class Metrics:
         for volume_name, count in sorted(shares.items()):
             clients.add_metric([volume_name], count)
         families.append(clients)
+        families += self._job_families(jobs)
         registry = CollectorRegistry()
         registry.register(_Snapshot(families))
         return generate_latest(registry)
@@ -178,6 +181,27 @@ class Metrics:
         if self.backup_jobs is not None:
             families += self._backup_families(self.backup_jobs)
         return families
+
+    @staticmethod
+    def _job_families(statuses: list[RecurringJobStatus]) -> list[Any]:
+        """Recurring jobs (the cluster's, from the store: the same on every node)."""
+        failures = CounterMetricFamily("appliance_recurring_job_failures",
+                                       "Runs of a recurring job that failed on a volume.",
+                                       labels=["job"])
+        last = GaugeMetricFamily("appliance_recurring_job_last_run_timestamp_seconds",
+                                 "When the last run of a recurring job started.",
+                                 labels=["job"])
+        ok = GaugeMetricFamily("appliance_recurring_job_last_run_success",
+                               "1 when the last finished run of a recurring job succeeded.",
+                               labels=["job"])
+        for status in statuses:
+            failures.add_metric([status.name], status.failures)
+            if status.runs:
+                last.add_metric([status.name], status.runs[-1]["started"])
+            ended = [r for r in status.runs if r["state"] != "running"]
+            if ended:
+                ok.add_metric([status.name], int(ended[-1]["state"] == "succeeded"))
+        return [failures, last, ok]
 
     @staticmethod
     def _backup_families(jobs: BackupJobs) -> list[Any]:

@@ -714,16 +714,37 @@ class NodeService:
         await self.controller.events.record(volume, "snapshot-created", f"snapshot {name}")
         return next(x for x in await self.list_snapshots(volume) if x["name"] == name)
 
-    async def list_snapshots(self, volume: str) -> list[dict[str, Any]]:
+    async def list_snapshots(self, volume: str, *, head: bool = False
+                             ) -> list[dict[str, Any]]:
+        """The snapshots of *volume*, parents first; with *head*, its head last (named
+        None: what was written since its parent snapshot)."""
         _, directories = await self._where(volume)
         if directories is None:
             layers = await self._engine(volume, "snapshots")
         else:
             layers = await trio.to_thread.run_sync(volumeops.layers, directories)
-        return [{"name": x["name"], "parent": x["parent"], "created": x["created"],
-                 "size": x["size"], "actual_size": x["allocated"], "removed": x["removed"],
-                 "user_created": x["user_created"], "labels": x["labels"]}
-                for x in layers if not x["head"]]
+        snapshots = [{"name": x["name"], "parent": x["parent"], "created": x["created"],
+                      "size": x["size"], "actual_size": x["allocated"],
+                      "removed": x["removed"], "user_created": x["user_created"],
+                      "labels": x["labels"]} for x in layers if not x["head"]]
+        if head:
+            snapshots += [{"name": None, "parent": x["parent"], "created": None,
+                           "size": x["size"], "actual_size": x["allocated"],
+                           "removed": False, "user_created": True, "labels": {}}
+                          for x in layers if x["head"]]
+        return snapshots
+
+    async def trim_filesystem(self, name: str) -> dict[str, Any]:
+        """fstrim the file system of attached volume *name* where it is mounted on this
+        node (the request is forwarded to the node of its engine)."""
+        _, directories = await self._where(name)
+        if directories is not None:
+            return {"trimmed": False, "message": "detached: nothing to trim"}
+        trimmed, message = await trio.to_thread.run_sync(
+            self.controller.supervisor.trim_filesystem, name)
+        if trimmed:
+            await self.controller.events.record(name, "trimmed", message)
+        return {"trimmed": trimmed, "message": message}
 
     async def _snapshot_exists(self, volume: str, name: str) -> None:
         check_name(name, "snapshot name")

@@ -471,6 +471,25 @@ class Supervisor:
             raise FailedPrecondition(f"volume {volume} has no device")
         filesystem.check_growable(device)
 
+    def trim_filesystem(self, volume: str) -> tuple[bool, str]:
+        """fstrim the file system of *volume* mounted on this node (its device's first
+        mount point, or its share's); (whether it ran, what happened in words)."""
+        share = self.share_mountpoint(volume)
+        mounted: str | None
+        if os.path.ismount(share):
+            mounted = str(share)
+        elif self.exported_iqn(volume) is not None:
+            return False, "exported over iSCSI: its file system is the initiator's to trim"
+        else:
+            device = self.attached_device(volume)
+            if device is None:
+                return False, "no device on this node: nothing to trim"
+            mounted = filesystem.mountpoint(device)
+        if mounted is None:
+            return False, f"the device of volume {volume} is not mounted: nothing to trim"
+        trimmed = filesystem.trim(mounted)
+        return True, f"{mounted}: {trimmed} bytes trimmed"
+
     def grow_device(self, volume: str, size: int, *, resize_fs: bool) -> None:
         """Make the attached device *size* bytes (in use or not), then grow its file
         system when asked (mounted or not)."""
