@@ -186,6 +186,13 @@ class AddressInUse(FailedPrecondition):
     code = "address-in-use"
 
 
+class Cancelled(ApplianceError):
+    """Long work (a backup, a restore, a scrub) was asked to stop, and stopped; what it
+    did not finish is not visible."""
+
+    code = "cancelled"
+
+
 class Unavailable(ApplianceError):
     """A peer did not answer in time or the connection to it broke."""
 

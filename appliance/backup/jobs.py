@@ -27,16 +27,10 @@ from appliance.backup.image import SnapshotImage
 from appliance.backup.store import BackupStore, now_text
 from appliance.chain.format import BLOCK_SIZE, check_labels
 from appliance.chain.replica import Replica
-from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument
+from appliance.errors import Cancelled, FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
-
-
-class Cancelled(ApplianceError):
-    """The job was cancelled; nothing it did is visible (no manifest, no volume data)."""
-
-    code = "cancelled"
 
 
 @dataclass

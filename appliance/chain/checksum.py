@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from appliance.chain.durable import atomic_replace
@@ -72,27 +72,81 @@ def _chunk_runs(layer: LayerFile) -> Iterator[tuple[int, list[tuple[int, int]]]]
         yield current, runs
 
 
-def compute(layer: LayerFile) -> LayerChecksum:
-    """Read the whole layer and compute its checksum."""
-    buffer = bytearray(CHUNK_SIZE)
-    view = memoryview(buffer)
+def compute(layer: LayerFile, progress: Callable[[int], None] | None = None
+            ) -> LayerChecksum:
+    """Read the whole layer and compute its checksum; *progress* is called with the bytes
+    read after each chunk (a scrub's rate limit and cancellation)."""
     chunks: dict[int, bytes] = {}
     for number, runs in _chunk_runs(layer):
-        base = number * BLOCKS_PER_CHUNK
-        bitmap = 0
-        hasher = hashlib.sha256()
-        data = bytearray()
-        for first, last in runs:
-            bitmap |= ((1 << (last - first)) - 1) << (first - base)
-            length = (last - first) * BLOCK_SIZE
-            done = os.preadv(layer.fd, [view[:length]], first * BLOCK_SIZE)
-            if done != length:
-                raise Corruption(f"layer {layer.id}: short read at block {first}")
-            data += view[:length]
-        hasher.update(bitmap.to_bytes(BLOCKS_PER_CHUNK // 8, "little"))
-        hasher.update(data)
-        chunks[number] = hasher.digest()
+        bitmap, data = _read_runs(layer, number, runs)
+        chunks[number] = chunk_digest(bitmap, data)
+        if progress is not None:
+            progress(len(data))
     return LayerChecksum(layer.size, chunks)
+
+
+def chunk_digest(bitmap: int, data: bytes | bytearray) -> bytes:
+    """The digest of a chunk whose allocated blocks (*bitmap*, bit *i*: block *i* of the
+    chunk) hold *data*, in order."""
+    hasher = hashlib.sha256(bitmap.to_bytes(BLOCKS_PER_CHUNK // 8, "little"))
+    hasher.update(data)
+    return hasher.digest()
+
+
+def bitmap_runs(bitmap: int) -> list[tuple[int, int]]:
+    """The runs ``(first, end)`` of set bits of *bitmap* (block numbers in the chunk)."""
+    runs: list[tuple[int, int]] = []
+    block = 0
+    while bitmap >> block:
+        if bitmap >> block & 1:
+            start = block
+            while bitmap >> block & 1:
+                block += 1
+            runs.append((start, block))
+        else:
+            block += 1
+    return runs
+
+
+def _read_runs(layer: LayerFile, number: int, runs: list[tuple[int, int]]
+               ) -> tuple[int, bytes]:
+    base = number * BLOCKS_PER_CHUNK
+    bitmap = 0
+    data = bytearray()
+    for first, last in runs:
+        bitmap |= ((1 << (last - first)) - 1) << (first - base)
+        length = (last - first) * BLOCK_SIZE
+        piece = os.pread(layer.fd, length, first * BLOCK_SIZE)
+        if len(piece) != length:
+            raise Corruption(f"layer {layer.id}: short read at block {first}")
+        data += piece
+    return bitmap, bytes(data)
+
+
+def read_chunk(layer: LayerFile, number: int) -> tuple[int, bytes]:
+    """Chunk *number* of *layer*: its allocation bitmap and the bytes of its allocated
+    blocks, in order (what its digest is computed over)."""
+    base = number * BLOCKS_PER_CHUNK
+    return _read_runs(layer, number, list(layer.block_runs(base, base + BLOCKS_PER_CHUNK)))
+
+
+def rewrite_chunk(layer: LayerFile, number: int, bitmap: int, data: bytes) -> None:
+    """Write *data* over the allocated blocks (*bitmap*) of chunk *number*, durably. The
+    caller has checked that the chunk's allocation is *bitmap* already: only the bytes of
+    blocks the layer holds are rewritten, so the layer's allocation never changes."""
+    base = number * BLOCKS_PER_CHUNK
+    position = 0
+    for first, end in bitmap_runs(bitmap):
+        length = (end - first) * BLOCK_SIZE
+        piece = data[position:position + length]
+        if len(piece) != length or os.pwrite(layer.fd, piece,
+                                             (base + first) * BLOCK_SIZE) != length:
+            raise Corruption(f"layer {layer.id}: chunk {number}: short write")
+        position += length
+    if position != len(data):
+        raise Corruption(f"layer {layer.id}: chunk {number}: {len(data)} bytes given for "
+                         f"{position} bytes of allocated blocks")
+    os.fsync(layer.fd)
 
 
 def differing_chunks(a: LayerChecksum, b: LayerChecksum) -> list[int]:

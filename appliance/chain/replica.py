@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +62,7 @@ from appliance.errors import (
     LimitExceeded,
     NotFound,
     ReadOnly,
+    StorageIOError,
     from_os_error,
 )
 
@@ -802,6 +803,59 @@ class Replica:
             raise Corruption(f"snapshot {name!r}: the checksum file does not match the "
                              "metadata")
         return stored
+
+    def scrub_layer(self, name: str, progress: Callable[[int], None] | None = None
+                    ) -> tuple[checksums.LayerChecksum, list[int]]:
+        """Snapshot *name*'s stored checksum (computed and stored first when it has none)
+        and the chunks whose data no longer matches it (read again; *progress* is called
+        with the bytes read after each chunk)."""
+        stored = self.layer_checksum(name)
+        chain = self._chain
+        with chain.maintenance:
+            with chain.access.shared():
+                layer = chain.layer(name)
+            actual = checksums.compute(chain.files[layer.id], progress)
+        return stored, checksums.differing_chunks(stored, actual)
+
+    def read_chunk(self, name: str, number: int) -> tuple[int, bytes]:
+        """Chunk *number* of snapshot *name*: its allocation bitmap and allocated bytes."""
+        chain = self._chain
+        with chain.access.shared():
+            layer = chain.layer(name)
+            return checksums.read_chunk(chain.files[layer.id], number)
+
+    def repair_chunk(self, name: str, number: int, bitmap: int, data: bytes) -> None:
+        """Rewrite chunk *number* of snapshot *name* with *data*, a good copy from another
+        replica: only when *bitmap* and *data* match the chunk digest this replica stores
+        (nothing else can be written), and the chunk's allocation is *bitmap* already (the
+        layer's allocation, which readers' indexes are built from, never changes). Checked
+        again once written."""
+        self._writable_state()
+        chain = self._chain
+        with chain.maintenance:
+            with chain.access.shared():
+                layer = chain.layer(name)
+            stored = checksums.load(chain.dir_fd, layer.id)
+            if stored.digest != layer.checksum:
+                raise Corruption(f"snapshot {name!r}: the checksum file does not match the "
+                                 "metadata")
+            expected = stored.chunks.get(number)
+            if expected is None or checksums.chunk_digest(bitmap, data) != expected:
+                raise InvalidArgument(f"snapshot {name!r} chunk {number}: the copy given "
+                                      "does not match this replica's checksum of it")
+            lf = chain.files[layer.id]
+            have, _ = checksums.read_chunk(lf, number)
+            if have != bitmap:
+                raise FailedPrecondition(
+                    f"snapshot {name!r} chunk {number}: its blocks here are not the blocks "
+                    "of the good copy (allocation differs), which a rewrite cannot mend: "
+                    "replace this replica (it is rebuilt from a healthy one)")
+            checksums.rewrite_chunk(lf, number, bitmap, data)
+            again = checksums.chunk_digest(*checksums.read_chunk(lf, number))
+            if again != expected:
+                raise StorageIOError(f"snapshot {name!r} chunk {number} still differs from "
+                                     "its checksum after it was rewritten: the disk may be "
+                                     "failing")
 
     def verify_checksum(self, name: str) -> list[tuple[int, int]]:
         """Recompute snapshot *name*'s checksum; return the byte ranges that differ from the

@@ -18,7 +18,7 @@ from appliance.cli.jobs import volume_jobs
 from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL, SIZE
 from appliance.defaults import API_LISTEN
-from appliance.errors import FailedPrecondition, InvalidArgument
+from appliance.errors import FailedPrecondition, InvalidArgument, Unavailable
 from appliance.secrets import read_private_file, write_secret_file
 from appliance.units import format_size, format_size_exact
 
@@ -330,6 +330,51 @@ def volume_share(name: str, allow: tuple[str, ...], allow_none: bool, read_only:
 
 
 volume.add_command(volume_jobs)
+
+
+def _scrub_text(record: dict[str, Any]) -> str:
+    lines = [f"scrub of volume {record['name']}: {record['state']}"
+             + (f": {record['summary']}" if record["summary"] else "")
+             + (f": {record['error']}" if record["error"] else "")]
+    for finding in (record.get("report") or {}).get("findings", []):
+        end = finding["offset"] + finding["length"] - 1
+        lines.append(f"  snapshot {finding['snapshot']} replica {finding['replica']} bytes "
+                     f"{finding['offset']}-{end}: {finding['result']}"
+                     + (f" from {finding['source']}" if finding["source"] else "")
+                     + (f" ({finding['message']})" if finding["message"] else ""))
+    return "\n".join(lines)
+
+
+@volume.command("scrub")
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="Wait for the scrub to end and print what it "
+              "found (exit 1 when a range is lost or could not be repaired).")
+@click.option("--timeout", type=float, default=24 * 3600.0, show_default=True,
+              help="Seconds --wait waits (the scrub goes on after it).")
+@OUTPUT
+@client_options
+def volume_scrub(name: str, wait: bool, timeout: float, output: str, url: str,
+                 token_file: Path) -> None:
+    """Verify every snapshot layer of volume NAME on every replica against its checksums,
+    and repair damaged ranges from a replica whose copy verifies."""
+    client = api(url, token_file)
+    path = f"/v1/volumes/{quote(name, safe='')}/scrub"
+    record = client.call("POST", path)
+    if not wait:
+        click.echo(f"scrub of volume {name} started ('appliance volume scrub {name} --wait' "
+                   "or the events say how it ends)")
+        return
+    deadline = time.monotonic() + timeout
+    while record["state"] == "running":
+        if time.monotonic() > deadline:
+            raise Unavailable(f"the scrub of volume {name} did not end in "
+                                        f"{timeout:.0f} s (it goes on)")
+        time.sleep(0.5)
+        record = client.call("GET", path)
+    emit(record, output, _scrub_text)
+    report = record.get("report") or {}
+    if record["state"] != "complete" or report.get("lost") or report.get("unrepaired"):
+        sys.exit(1)
 
 
 @volume.command("list")

@@ -262,6 +262,7 @@ class Settings(Record):
     auto_failover: bool = False  # a cluster: move a down node's engines to another node
     backup_compression: str = "lz4"  # lz4, zstd or none
     backup_block_size: int = 2 << 20  # for a volume's first backup; fixed afterwards
+    scrub_rate_limit: int = 100  # MiB/s a scrub reads on each replica (0: no limit)
 
     def validate(self) -> Settings:
         if self.backup_compression not in ("lz4", "zstd", "none"):
@@ -274,6 +275,9 @@ class Settings(Record):
             raise InvalidArgument("over_provisioning_percentage must be 1 to 10000")
         if not 0 <= self.minimal_available_percentage <= 100:
             raise InvalidArgument("minimal_available_percentage must be 0 to 100")
+        if not isinstance(self.scrub_rate_limit, int) or isinstance(self.scrub_rate_limit, bool) \
+                or not 0 <= self.scrub_rate_limit <= 100000:
+            raise InvalidArgument("scrub_rate_limit must be 0 (no limit) to 100000 MiB/s")
         if not 0 <= self.replica_replenishment_wait <= 86400:
             raise InvalidArgument("replica_replenishment_wait must be 0 to 86400 seconds")
         return self
@@ -299,6 +303,8 @@ SETTING_DESCRIPTIONS: dict[str, str] = {
     "backup_compression": "compression of new backups: lz4, zstd or none",
     "backup_block_size": "bytes per block of a volume's first backup: a power of two, "
                          "64 KiB to 64 MiB",
+    "scrub_rate_limit": "MiB/s a scrub reads on each replica, so foreground I/O keeps its "
+                        "latency (0: no limit)",
 }
 
 
@@ -363,6 +369,21 @@ class RecurringJobStatus(Record):
     last_slot: float = 0.0
     runs: list[dict[str, Any]] = field(default_factory=list)
     failures: int = 0  # runs that failed on some volume, since the job was made
+
+
+@dataclass
+class Scrub(Record):
+    """The last scrub of a volume (docs/scrub.md): written by the node that ran it."""
+
+    PREFIX: ClassVar[str] = "/scrubs/"
+    name: str  # the volume's
+    state: str = "running"  # running, complete, failed, cancelled
+    started: float = 0.0
+    finished: float | None = None
+    node: str = ""
+    error: str = ""
+    report: dict[str, Any] | None = None  # ScrubReport.as_dict once complete
+    summary: str = ""
 
 
 @dataclass

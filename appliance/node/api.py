@@ -32,6 +32,7 @@ from appliance.node.forward import HEADER as FORWARDED
 from appliance.node.forward import Forwarding
 from appliance.node.nodeinfo import NodeInfo
 from appliance.node.recurring import RecurringJobs
+from appliance.node.scrubs import ScrubService
 from appliance.node.service import NodeService
 from appliance.units import parse_size
 
@@ -192,6 +193,7 @@ class SettingsUpdate(Strict):
     auto_failover: bool | None = None
     backup_compression: str | None = None
     backup_block_size: int | None = None
+    scrub_rate_limit: int | None = None
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -376,7 +378,8 @@ def _job_routes(app: FastAPI, jobs: RecurringJobs, auth: list[Any]) -> None:
         return await jobs.volume_jobs(name, body.add, body.remove)
 
 
-def create_app(service: NodeService, backups: BackupService, jobs: RecurringJobs, token: str,
+def create_app(service: NodeService, backups: BackupService, jobs: RecurringJobs,
+               scrubs: ScrubService, token: str,
                metrics: Callable[[], Awaitable[bytes]]) -> FastAPI:
     app = FastAPI(title="appliance node API", version=__version__,
                   description="Volumes, disks and settings of one appliance node.",
@@ -499,6 +502,14 @@ def create_app(service: NodeService, backups: BackupService, jobs: RecurringJobs
 
     _snapshot_routes(app, service, auth)
     _job_routes(app, jobs, auth)
+
+    @app.post("/v1/volumes/{name}/scrub", dependencies=auth, status_code=202)
+    async def scrub_volume(name: str) -> dict[str, Any]:
+        return await scrubs.start(name)
+
+    @app.get("/v1/volumes/{name}/scrub", dependencies=auth)
+    async def show_scrub(name: str) -> dict[str, Any]:
+        return await scrubs.show(name)
 
     _backup_routes(app, backups, auth)
 

@@ -33,6 +33,7 @@ from appliance.node.controller import Controller
 from appliance.node.metrics import Metrics
 from appliance.node.placement import Placement
 from appliance.node.recurring import ApiActions, RecurringJobs
+from appliance.node.scrubs import ScrubService
 from appliance.node.service import NodeService
 from appliance.node.supervisor import Supervisor
 from appliance.replication.protocol import format_address
@@ -137,7 +138,8 @@ async def run_daemon(config: NodeConfig,
         recurring = RecurringJobs(store, ApiActions(config.local_api_url, token),
                                   controller.events,
                                   is_leader=lambda: membership.is_leader)
-        app = create_app(service, backups, recurring, token, metrics.render)
+        scrubs = ScrubService(store, service)
+        app = create_app(service, backups, recurring, scrubs, token, metrics.render)
         http = HypercornConfig()
         http.bind = [format_address(config.listen)]
         http.accesslog = None
@@ -149,6 +151,7 @@ async def run_daemon(config: NodeConfig,
             await nursery.start(controller.run)
             await nursery.start(backups.run)
             await nursery.start(recurring.run)
+            await nursery.start(scrubs.run)
             await nursery.start(partial(serve_http, app, http,  # type: ignore[arg-type]
                                         shutdown_trigger=shutdown.wait))
             log.info("node %s serving the API on %s (data in %s)", config.node_name,

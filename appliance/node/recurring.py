@@ -57,7 +57,7 @@ from appliance.node.events import EventLog
 log = logging.getLogger(__name__)
 LABEL = "recurring-job"  # the label on the snapshots and backups a job makes: its name
 MAX_WAIT = 30.0  # seconds between looks at the jobs when no slot is nearer
-BACKUP_POLL = 1.0  # seconds between looks at a running backup
+BACKUP_POLL = 1.0  # seconds between looks at a running backup or scrub
 
 
 class VolumeActions(Protocol):
@@ -576,8 +576,13 @@ class ApiActions:
         return bool(answer["trimmed"]), str(answer["message"])
 
     async def scrub(self, volume: str) -> str:
-        answer = await self._call("POST", f"{self._path(volume)}/scrub?wait=true",
-                                  timeout=24 * 3600.0)
-        if answer.get("lost"):
-            raise FailedPrecondition(str(answer["message"]))
-        return str(answer["message"])
+        await self._call("POST", f"{self._path(volume)}/scrub")
+        while True:
+            record = await self._call("GET", f"{self._path(volume)}/scrub")
+            if record["state"] == "complete":
+                if record["report"]["lost"] or record["report"]["unrepaired"]:
+                    raise FailedPrecondition(str(record["summary"]))
+                return str(record["summary"])
+            if record["state"] != "running":
+                raise FailedPrecondition(f"scrub {record['state']}: {record['error']}")
+            await trio.sleep(BACKUP_POLL)

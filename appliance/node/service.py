@@ -670,6 +670,10 @@ class NodeService:
 
     # -- snapshots and expansion ----------------------------------------------------------
 
+    async def where(self, name: str) -> tuple[Volume, list[Path] | None]:
+        """Volume *name* and, when detached, its replica directories (see :meth:`_where`)."""
+        return await self._where(name)
+
     async def _where(self, name: str) -> tuple[Volume, list[Path] | None]:
         """Volume *name* and, when no engine serves it, its replica directories (None
         when its engine serves it); refuses while it changes between the two."""

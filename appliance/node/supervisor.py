@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from appliance import unixsock
-from appliance.backup.jobs import Cancelled
 from appliance.chain import Replica
 from appliance.chain.directory import open_directory
 from appliance.control.objects import ReplicaRecord, Volume
 from appliance.defaults import CONTROL_TIMEOUT
 from appliance.errors import (
     ApplianceError,
+    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -240,7 +240,7 @@ class Supervisor:
         """Copy snapshot *snapshot* of volume *source* into the replicas of new volume
         *volume*: from a replica server in service when the source is attached, else from
         the source's replica directories. Setting *cancel* stops the copy after the piece
-        being copied (:class:`~appliance.backup.jobs.Cancelled`; the volume stays
+        being copied (:class:`~appliance.errors.Cancelled`; the volume stays
         ``creating``, and its copy starts over at the next start of the daemon)."""
         targets = [Path(r.directory) for r in replicas]
 

@@ -6,7 +6,7 @@ thread to finish (the daemon does not stop until the job is done) or abandons it
 goes on writing behind the daemon's back). :func:`run_job` does neither: it hands the job
 a cancel token (a ``threading.Event``), sets the token when the calling trio scope is
 cancelled, and waits for the thread to stop. A job checks its token between blocks or
-chunks and, once set, stops with :class:`~appliance.backup.jobs.Cancelled` without
+chunks and, once set, stops with :class:`~appliance.errors.Cancelled` without
 committing anything; so a cancellation ends a job within one block's work.
 """
 

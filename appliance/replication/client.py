@@ -270,6 +270,21 @@ class ReplicaConnection:
     def set_revision(self, revision: int) -> None:
         self.call(Op.SET_REVISION, revision)
 
+    def scrub_layer(self, layer: str, rate: int, *, timeout: float | None = None
+                    ) -> dict[str, Any]:
+        """Verify snapshot *layer* against its checksums, reading at most *rate* bytes per
+        second (0: no limit): ``{"digest", "chunks": {number: hex}, "damaged": [number]}``."""
+        result: dict[str, Any] = proto.decode_json(self.call(
+            Op.SCRUB_LAYER, payload=proto.encode_json({"layer": layer, "rate": rate}),
+            timeout=timeout))
+        return result
+
+    def repair_chunk(self, layer: str, number: int, bitmap: int, data: bytes) -> None:
+        """Rewrite chunk *number* of snapshot *layer* with a good copy (its allocation
+        *bitmap* and allocated bytes); refused unless it matches the replica's checksum."""
+        header = proto.encode_json({"layer": layer, "bitmap": format(bitmap, "x")})
+        self.call(Op.REPAIR_CHUNK, number, payload=header + b"\n" + data, timeout=120)
+
     def read_layer(self, name: str, buf: memoryview, offset: int) -> None:
         self.call(Op.READ_LAYER, offset, len(buf), payload=name.encode(), into=buf)
 

@@ -70,6 +70,8 @@ class Op(IntEnum):
     REBUILD_STATUS = 28
     SET_REVISION = 29
     LEND = 30  # lend the replica to the engine on this host (docs/local-fast-path.md)
+    SCRUB_LAYER = 31  # verify a snapshot layer against its checksums
+    REPAIR_CHUNK = 32  # rewrite a damaged chunk of a snapshot layer with a good copy
 
 
 class Role(IntEnum):
@@ -79,7 +81,7 @@ class Role(IntEnum):
 
 #: operations a reader may use
 READER_OPS = frozenset({Op.PING, Op.STATUS, Op.LAYERS, Op.CHECKSUM, Op.READ_LAYER,
-                        Op.LAYER_EXTENTS})
+                        Op.LAYER_EXTENTS, Op.SCRUB_LAYER, Op.REPAIR_CHUNK})
 
 FLAG_FUA = 1  # WRITE, WRITE_ZEROES, ZERO_EXACT: durable before the reply
 FLAG_REPORT_ZEROS = 2  # WRITE_ZEROES: reply with the block runs written as explicit zeros

@@ -7,6 +7,7 @@ from typing import Any
 
 from appliance.chain import Replica
 from appliance.errors import InvalidArgument
+from appliance.pace import Pace
 from appliance.replication import protocol as proto
 from appliance.replication.protocol import Op, Request
 from appliance.replication.session import Handler, Parts, Session
@@ -66,6 +67,29 @@ def handlers(replica: Replica) -> dict[int, Handler]:
             reply["chunks"] = {str(n): digest.hex() for n, digest in result.chunks.items()}
         return [proto.encode_json(reply)]
 
+    def scrub_layer(session: Session, request: Request, payload: bytes) -> Parts:
+        document = proto.json_object(payload)
+        rate = document.get("rate", 0)
+        if not isinstance(rate, int) or isinstance(rate, bool) or rate < 0:
+            raise InvalidArgument("field 'rate' must be a number of bytes per second")
+        stored, damaged = replica.scrub_layer(_text(document, "layer"), Pace(rate))
+        return [proto.encode_json({
+            "digest": stored.digest, "damaged": damaged,
+            "chunks": {str(n): digest.hex() for n, digest in stored.chunks.items()}})]
+
+    def repair_chunk(session: Session, request: Request, payload: bytes) -> Parts:
+        header, _, data = bytes(payload).partition(b"\n")
+        document = proto.json_object(header)
+        bitmap = document.get("bitmap")
+        if not isinstance(bitmap, str):
+            raise InvalidArgument("field 'bitmap' must be a hex string")
+        try:
+            allocated = int(bitmap, 16)
+        except ValueError:
+            raise InvalidArgument("field 'bitmap' must be a hex string") from None
+        replica.repair_chunk(_text(document, "layer"), request.offset, allocated, data)
+        return []
+
     def set_revision(session: Session, request: Request, payload: bytes) -> Parts:
         replica.set_revision(request.offset)
         return []
@@ -74,5 +98,6 @@ def handlers(replica: Replica) -> dict[int, Handler]:
         Op.FLUSH: flush, Op.SNAPSHOT: snapshot, Op.REMOVE_SNAPSHOT: remove_snapshot,
         Op.PURGE: purge, Op.EXPAND: expand, Op.REVERT: revert, Op.LAYERS: layers,
         Op.SET_VOLUME_RECORD: set_volume_record, Op.CHECKSUM: checksum,
-        Op.SET_REVISION: set_revision,
+        Op.SET_REVISION: set_revision, Op.SCRUB_LAYER: scrub_layer,
+        Op.REPAIR_CHUNK: repair_chunk,
     }

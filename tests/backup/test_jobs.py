@@ -14,13 +14,13 @@ import pytest
 from appliance.backup import format as fmt
 from appliance.backup.codec import BlockDamaged
 from appliance.backup.image import SnapshotImage
-from appliance.backup.jobs import BackupOptions, Cancelled, create_backup, restore_backup
+from appliance.backup.jobs import BackupOptions, create_backup, restore_backup
 from appliance.backup.keys import BackupKey
 from appliance.backup.store import BackupStore
 from appliance.backup.targets.base import ObjectStore
 from appliance.chain import Replica
 from appliance.chain.source import LocalSource
-from appliance.errors import Busy, FailedPrecondition, NotFound
+from appliance.errors import Busy, Cancelled, FailedPrecondition, NotFound
 
 MiB = 1 << 20
 SIZE = 24 * MiB

@@ -8,7 +8,7 @@ import time
 import pytest
 import trio
 
-from appliance.backup.jobs import Cancelled
+from appliance.errors import Cancelled
 from appliance.node.work import run_job
 
 
