@@ -17,7 +17,7 @@ import click
 
 from appliance.backup.format import check_backup_id
 from appliance.cli.client import ApiClient, api, client_options
-from appliance.cli.node import OUTPUT, Progress, wait_for_copy, wait_options
+from appliance.cli.node import OUTPUT, Progress, mounted_text, wait_for_copy, wait_options
 from appliance.cli.output import emit, table
 from appliance.cli.params import LABEL
 from appliance.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -198,6 +198,28 @@ def backup_delete(backup_id: str, url: str, token_file: Path) -> None:
     """Delete BACKUP (a running one is cancelled) and the blocks only it used."""
     result = api(url, token_file).call("DELETE", f"/v1/backups/{backup_id}")
     click.echo(f"backup {backup_id} {result['status']}")
+
+
+@backup.command("mount")
+@click.argument("backup_id", metavar="BACKUP")
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@client_options
+def backup_mount(backup_id: str, directory: Path, url: str, token_file: Path) -> None:
+    """Mount the file system in backup BACKUP read-only at DIR (an empty directory on the
+    node the API runs on); blocks are fetched from the target as files are read."""
+    info = api(url, token_file).call("POST", "/v1/mounts", {
+        "kind": "backup", "backup": check_backup_id(backup_id),
+        "path": str(directory.absolute())})
+    click.echo(mounted_text(info))
+
+
+@backup.command("umount")
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@client_options
+def backup_umount(directory: Path, url: str, token_file: Path) -> None:
+    """Unmount the backup mounted at DIR."""
+    api(url, token_file).call("POST", "/v1/mounts/umount", {"path": str(directory.absolute())})
+    click.echo(f"{directory.absolute()} unmounted")
 
 
 @backup.command("verify")

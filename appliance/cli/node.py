@@ -736,6 +736,36 @@ def _kept(items: list[dict[str, Any]]) -> dict[str, str]:
             for item in items if item["removed"]}
 
 
+def mounted_text(info: dict[str, Any]) -> str:
+    what = f"snapshot {info['snapshot']} of volume {info['volume']}" \
+        if info["kind"] == "snapshot" else f"backup {info['backup']} of volume {info['volume']}"
+    return f"{what} mounted read-only at {info['path']} ({info['fs_type']}, {info['loop']})"
+
+
+@snapshot.command("mount")
+@click.argument("volume_name", metavar="VOLUME")
+@click.argument("name")
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@client_options
+def snapshot_mount(volume_name: str, name: str, directory: Path, url: str,
+                   token_file: Path) -> None:
+    """Mount the file system in snapshot NAME of VOLUME read-only at DIR (an empty
+    directory on the node the API runs on), attached or not; the snapshot never changes."""
+    info = api(url, token_file).call("POST", "/v1/mounts", {
+        "kind": "snapshot", "volume": volume_name, "snapshot": name,
+        "path": str(directory.absolute())})
+    click.echo(mounted_text(info))
+
+
+@snapshot.command("umount")
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@client_options
+def snapshot_umount(directory: Path, url: str, token_file: Path) -> None:
+    """Unmount the snapshot mounted at DIR."""
+    api(url, token_file).call("POST", "/v1/mounts/umount", {"path": str(directory.absolute())})
+    click.echo(f"{directory.absolute()} unmounted")
+
+
 @snapshot.command("list")
 @click.argument("volume_name", metavar="VOLUME")
 @click.option("--all", "show_all", is_flag=True,

@@ -387,6 +387,26 @@ class Scrub(Record):
 
 
 @dataclass
+class Mount(Record):
+    """A snapshot or a backup browsed as files on a node (docs/browse.md): its helper
+    process serves the image over FUSE, a read-only loop device on it holds the file
+    system, mounted read-only at ``path``."""
+
+    PREFIX: ClassVar[str] = "/mounts/"
+    name: str  # an id
+    node: str
+    path: str
+    kind: str  # snapshot or backup
+    volume: str
+    snapshot: str = ""  # kind snapshot
+    backup: str = ""  # kind backup
+    pid: int = 0  # the helper's
+    loop: str = ""
+    fs_type: str = ""
+    created: float = 0.0
+
+
+@dataclass
 class BackupJob(Record):
     """A backup this node started that is not complete on the target (a complete backup
     is its manifest there): kept so that one that failed or was cancelled, by an operator

@@ -25,9 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.control.objects import setting_definitions
-from appliance.errors import ApplianceError, AuthenticationFailed
+from appliance.errors import ApplianceError, AuthenticationFailed, InvalidArgument
 from appliance.frontend.iscsi import Credentials
 from appliance.node.backups import BackupService
+from appliance.node.browse import BrowseService
 from appliance.node.forward import HEADER as FORWARDED
 from appliance.node.forward import Forwarding
 from appliance.node.nodeinfo import NodeInfo
@@ -151,6 +152,18 @@ class JobCreate(Strict):
     concurrency: int = Field(default=1, ge=1, le=64)
     groups: list[str] = Field(default_factory=list, max_length=32)
     labels: dict[str, str] = Field(default_factory=dict)
+
+
+class MountCreate(Strict):
+    kind: Literal["snapshot", "backup"]
+    path: str = Field(min_length=1, max_length=4096, description="an empty directory")
+    volume: str = Field(default="", max_length=128, description="kind snapshot")
+    snapshot: str = Field(default="", max_length=128, description="kind snapshot")
+    backup: str = Field(default="", max_length=128, description="kind backup")
+
+
+class MountRemove(Strict):
+    path: str = Field(min_length=1, max_length=4096)
 
 
 class VolumeJobs(Strict):
@@ -378,8 +391,30 @@ def _job_routes(app: FastAPI, jobs: RecurringJobs, auth: list[Any]) -> None:
         return await jobs.volume_jobs(name, body.add, body.remove)
 
 
+def _mount_routes(app: FastAPI, browse: BrowseService, auth: list[Any]) -> None:
+    """Snapshots and backups browsed as files on this node."""
+
+    @app.get("/v1/mounts", dependencies=auth)
+    async def list_mounts() -> list[dict[str, Any]]:
+        return await browse.mounts()
+
+    @app.post("/v1/mounts", dependencies=auth, status_code=201)
+    async def create_mount(body: MountCreate) -> dict[str, Any]:
+        if body.kind == "snapshot":
+            if not body.volume or not body.snapshot:
+                raise InvalidArgument("a snapshot mount needs volume and snapshot")
+            return await browse.mount_snapshot(body.volume, body.snapshot, body.path)
+        if not body.backup:
+            raise InvalidArgument("a backup mount needs backup")
+        return await browse.mount_backup(body.backup, body.path)
+
+    @app.post("/v1/mounts/umount", dependencies=auth)
+    async def remove_mount(body: MountRemove) -> dict[str, Any]:
+        return await browse.umount(body.path)
+
+
 def create_app(service: NodeService, backups: BackupService, jobs: RecurringJobs,
-               scrubs: ScrubService, token: str,
+               scrubs: ScrubService, browse: BrowseService, token: str,
                metrics: Callable[[], Awaitable[bytes]]) -> FastAPI:
     app = FastAPI(title="appliance node API", version=__version__,
                   description="Volumes, disks and settings of one appliance node.",
@@ -502,6 +537,7 @@ def create_app(service: NodeService, backups: BackupService, jobs: RecurringJobs
 
     _snapshot_routes(app, service, auth)
     _job_routes(app, jobs, auth)
+    _mount_routes(app, browse, auth)
 
     @app.post("/v1/volumes/{name}/scrub", dependencies=auth, status_code=202)
     async def scrub_volume(name: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from appliance.backup import format as fmt
+from appliance.backup.access import CREDENTIALS_FILE, KEY_FILE, open_backup_store
 from appliance.backup.image import SnapshotImage
 from appliance.backup.jobs import BackupOptions, create_backup, restore_backup
 from appliance.backup.keys import BackupKey
@@ -60,11 +61,11 @@ class BackupTarget:
 
     @property
     def credentials_file(self) -> Path:
-        return self.secrets_dir / "backup-credentials"
+        return self.secrets_dir / CREDENTIALS_FILE
 
     @property
     def key_file(self) -> Path:
-        return self.secrets_dir / "backup-key"
+        return self.secrets_dir / KEY_FILE
 
     async def set_target(self, url: str, credentials: str | None,
                          encryption_key: str | None) -> dict[str, Any]:
@@ -148,13 +149,8 @@ class BackupTarget:
     @contextlib.contextmanager
     def open_store(self, value: dict[str, Any]) -> Iterator[BackupStore]:
         """Blocking: the backup store on the target *value* (from :meth:`settings`)."""
-        spec = parse_target(value["url"])
-        key = None
-        if value.get("key_id"):
-            key = BackupKey.from_bytes(bytes.fromhex(read_secret_file(self.key_file).decode()))
-        credentials = self.credentials_file if value.get("credentials") else None
-        with open_target(spec, credentials) as target:
-            yield BackupStore(target, key)
+        with open_backup_store(value, self.secrets_dir) as store:
+            yield store
 
     async def restore_into(self, backup_id: str, volume: str, replicas: list[ReplicaRecord],
                            progress: Callable[[int, int], None]) -> int:
@@ -407,6 +403,11 @@ class BackupService:
         if job is not None and job.state == "in-progress":
             job.cancel.set()
             return {"status": "cancelling"}
+        mount = await self.service.mounted_at(backup=backup_id)
+        if mount is not None:
+            raise FailedPrecondition(f"backup {backup_id} is mounted at {mount.path} on node "
+                                     f"{mount.node}: unmount it first ('appliance backup "
+                                     f"umount {mount.path}')")
         target = await self.target.settings()
         if job is not None and job.state != "complete" and \
                 not await trio.to_thread.run_sync(self._on_target, target, backup_id):

@@ -28,6 +28,7 @@ from appliance.errors import Conflict, FailedPrecondition
 from appliance.node.api import create_app
 from appliance.node.backupjobs import BackupJobs
 from appliance.node.backups import BackupService, BackupTarget
+from appliance.node.browse import BrowseService
 from appliance.node.config import NodeConfig
 from appliance.node.controller import Controller
 from appliance.node.metrics import Metrics
@@ -139,7 +140,8 @@ async def run_daemon(config: NodeConfig,
                                   controller.events,
                                   is_leader=lambda: membership.is_leader)
         scrubs = ScrubService(store, service)
-        app = create_app(service, backups, recurring, scrubs, token, metrics.render)
+        browse = BrowseService(store, service, target, config, controller.events)
+        app = create_app(service, backups, recurring, scrubs, browse, token, metrics.render)
         http = HypercornConfig()
         http.bind = [format_address(config.listen)]
         http.accesslog = None

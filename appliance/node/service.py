@@ -20,6 +20,7 @@ from appliance.chain.format import check_labels, check_name
 from appliance.control.objects import (
     FRONTENDS,
     Disk,
+    Mount,
     Node,
     ReplicaRecord,
     Settings,
@@ -765,8 +766,24 @@ class NodeService:
         await self._offline(directories, f"revert to {name!r}", lambda r: r.revert(name))
         await self.controller.events.record(volume, "reverted", f"to snapshot {name}")
 
+    async def mounted_at(self, *, volume: str = "", snapshot: str = "",
+                         backup: str = "") -> Mount | None:
+        """Where the snapshot or backup is browsed (docs/browse.md), if it is."""
+        entries, _ = await self.store.list(Mount.PREFIX)
+        for entry in entries:
+            mount = Mount.from_dict(entry.value)
+            if (backup and mount.backup == backup) or (
+                    snapshot and mount.volume == volume and mount.snapshot == snapshot):
+                return mount
+        return None
+
     async def delete_snapshot(self, volume: str, name: str) -> None:
         await self._snapshot_exists(volume, name)
+        mount = await self.mounted_at(volume=volume, snapshot=name)
+        if mount is not None:
+            raise FailedPrecondition(f"snapshot {name!r} of volume {volume!r} is mounted at "
+                                     f"{mount.path} on node {mount.node}: unmount it first "
+                                     f"('appliance snapshot umount {mount.path}')")
         _, directories = await self._where(volume)
         if directories is None:
             await self._engine(volume, "remove-snapshot", name=name)

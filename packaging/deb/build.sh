@@ -84,7 +84,7 @@ rm -f "$stage$target"/bin/Activate.ps1
 find "$stage$target" -type f ! -path "$stage$target/bin/*" -exec chmod 0644 {} +
 find "$stage$target" -type d -exec chmod 0755 {} +
 "$stage$target/bin/python" -I -B -c 'import appliance.cli.main, appliance.csi.proto.csi_pb2_grpc
-import numpy, grpc, cryptography.hazmat.bindings._rust, yaml, zstandard, lz4.frame'
+import numpy, grpc, cryptography.hazmat.bindings._rust, yaml, zstandard, lz4.frame, pyfuse3, croniter'
 
 # Man pages: one per command, from the CLI's own help.
 mkdir -p "$build/man"
