@@ -315,10 +315,41 @@ class Node:
             subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True,
                            timeout=60)
 
+    def stop_browsing(self) -> None:
+        """Take down this node's browse mounts (docs/browse.md) that a test left: the file
+        systems on loop devices over its helpers' images, the loop devices, the helpers
+        and their FUSE mounts."""
+        browse = self.data / "run" / "browse"
+        if not browse.exists():
+            return
+        listed = subprocess.run(["losetup", "--json", "--list"], capture_output=True,
+                                text=True, check=False, timeout=60).stdout
+        for loop in json.loads(listed or '{"loopdevices": []}')["loopdevices"]:
+            if str(loop.get("back-file") or "").startswith(str(browse)):
+                targets = subprocess.run(["findmnt", "-n", "-o", "TARGET", "--source",
+                                          loop["name"]], capture_output=True, text=True,
+                                         check=False, timeout=60).stdout.split()
+                for target in targets:
+                    subprocess.run(["umount", "-l", target], check=False,
+                                   capture_output=True, timeout=60)
+                subprocess.run(["losetup", "--detach", loop["name"]], check=False,
+                               capture_output=True, timeout=60)
+        marker = os.fsencode(browse)
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    command = (entry / "cmdline").read_bytes()
+                    if b"appliance.browse.helper" in command and marker in command:
+                        os.kill(int(entry.name), signal.SIGKILL)
+        for fuse in sorted(browse.glob("*/fuse")):
+            subprocess.run(["fusermount3", "-u", "-z", str(fuse)], check=False,
+                           capture_output=True, timeout=60)
+
     def cleanup(self) -> None:
         """Stop everything the daemon started, whatever state it is in."""
         self.stop(signal.SIGKILL)
         run_dir = self.data / "run"
+        self.stop_browsing()
         self.stop_shares()  # then its iSCSI target, before the devices go
         tgtd = run_dir / "tgtd" / "tgtd.pid"
         with contextlib.suppress(OSError, ValueError):

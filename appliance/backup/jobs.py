@@ -223,3 +223,70 @@ def restore_backup(store: BackupStore, manifest: fmt.Manifest, targets: list[Rep
     log.info("restored backup %s: %d bytes in %.1f s", manifest.id, written,
              time.monotonic() - started)
     return written
+
+
+def changed_blocks(base: fmt.Manifest | None, new: fmt.Manifest) -> list[int]:
+    """The block indexes whose content differs between backups *base* and *new* of the same
+    backup volume (ids name content, so equal ids are equal blocks), in order: every block
+    of *new* (and every block of *base* it lacks, now zeros) when *base* is None or has
+    another block size."""
+    ours = dict(new.blocks)
+    if base is None or base.block_size != new.block_size:
+        count = -(-new.size // new.block_size)
+        return list(range(count))
+    theirs = dict(base.blocks)
+    count = -(-max(new.size, base.size) // new.block_size)
+    return [i for i in sorted(set(ours) | set(theirs))
+            if i < count and ours.get(i) != theirs.get(i)]
+
+
+def apply_backup(store: BackupStore, base: fmt.Manifest | None, new: fmt.Manifest,
+                 targets: list[Replica], *, workers: int = 4,
+                 cancel: threading.Event | None = None,
+                 progress: Progress = lambda done, total: None) -> tuple[int, int]:
+    """Make the replicas *targets*, which hold backup *base* (or anything, when None), hold
+    backup *new*: only the blocks that differ are written (those of *new* fetched and
+    verified, the others zeroed). Idempotent: run again after an interruption, it ends in
+    the same place. Returns (blocks written, bytes fetched)."""
+    cancel = cancel or threading.Event()
+    codec = BlockCodec(new.compression, store.key)
+    if (new.key_id or None) != (store.key.key_id if store.key else None):
+        raise FailedPrecondition(f"backup {new.id} is encrypted with key {new.key_id}; the "
+                                 "target's key is " + (store.key.key_id if store.key
+                                                       else "not set"))
+    for replica in targets:
+        if replica.size < new.size:
+            replica.expand(new.size)
+    indexes = changed_blocks(base, new)
+    blocks = dict(new.blocks)
+    fetched = 0
+
+    def fetch(index: int) -> tuple[int, bytes | None]:
+        if cancel.is_set():
+            raise Cancelled(f"applying backup {new.id} was cancelled")
+        block_id = blocks.get(index)
+        if block_id is None:
+            return index, None
+        data = store.get_block(new.volume, block_id, codec)
+        expected = min(new.block_size, new.size - index * new.block_size)
+        if len(data) != expected:
+            raise FailedPrecondition(f"block {block_id} holds {len(data)} bytes; block "
+                                     f"{index} of backup {new.id} is {expected}")
+        return index, data
+
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="apply") as pool:
+        for done, (index, data) in enumerate(
+                _bounded(pool, iter(indexes), fetch, 2 * workers), start=1):
+            offset = index * new.block_size
+            for replica in targets:
+                if data is None:
+                    length = min(new.block_size, replica.size - offset)
+                    if length > 0:
+                        replica.write_zeroes(offset, length)
+                else:
+                    replica.write(data, offset)
+            fetched += len(data or b"")
+            progress(done, len(indexes))
+    for replica in targets:
+        replica.flush()
+    return len(indexes), fetched

@@ -236,7 +236,7 @@ def wait_for_copy(client: ApiClient, name: str, what: str, timeout: float) -> No
 
 @volume.command("create")
 @click.argument("name")
-@click.option("--size", required=True, type=SIZE, help="Size, e.g. 10G.")
+@click.option("--size", type=SIZE, help="Size, e.g. 10G (required unless --standby).")
 @click.option("--replicas", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.option("--disk-tag", "disk_tags", multiple=True, help="Place replicas on disks with it.")
 @click.option("--node-tag", "node_tags", multiple=True,
@@ -251,13 +251,37 @@ def wait_for_copy(client: ApiClient, name: str, what: str, timeout: float) -> No
               show_default=True,
               help="rwx: shared read-write by many clients over NFS (its file system made "
                    "and exported at once; 'volume share' sets who may mount it).")
+@click.option("--standby", is_flag=True,
+              help="A standby (DR) volume that follows the backups of --from-backup-volume "
+                   "(its size is theirs); it cannot be attached until 'volume activate'.")
+@click.option("--from-backup-volume", "backup_volume", metavar="BACKUP_VOLUME",
+              help="With --standby: the backup volume on the target to follow.")
 @wait_options
 @client_options
-def volume_create(name: str, size: int, replicas: int, disk_tags: tuple[str, ...],
+def volume_create(name: str, size: int | None, replicas: int, disk_tags: tuple[str, ...],
                   node_tags: tuple[str, ...], data_locality: str, access_mode: str,
-                  timeout: float, no_wait: bool, url: str, token_file: Path) -> None:
+                  standby: bool, backup_volume: str | None, timeout: float, no_wait: bool,
+                  url: str, token_file: Path) -> None:
     """Create volume NAME."""
     client = api(url, token_file)
+    if standby or backup_volume:
+        if not (standby and backup_volume):
+            raise click.UsageError("--standby and --from-backup-volume go together")
+        if size is not None or access_mode != "rwo" or data_locality != "disabled" or \
+                node_tags:
+            raise click.UsageError("a standby volume takes the size of its backups; "
+                                   "--size, --access-mode, --data-locality and --node-tag "
+                                   "do not apply")
+        made = client.call("POST", "/v1/standby-volumes", {
+            "name": name, "backup_volume": backup_volume, "replicas": replicas,
+            "disk_tags": list(disk_tags)})
+        if not no_wait:
+            wait_for_copy(client, name, "the first restore", timeout)
+        click.echo(f"standby volume {name} created ({format_size_exact(made['size'])}, "
+                   f"{replicas} replicas), following backup volume {backup_volume}")
+        return
+    if size is None:
+        raise click.UsageError("--size is required (e.g. --size 10G)")
     body: dict[str, Any] = {"name": name, "size": size, "replicas": replicas,
                             "disk_tags": list(disk_tags)}
     if node_tags:
@@ -343,6 +367,17 @@ def _scrub_text(record: dict[str, Any]) -> str:
                      + (f" from {finding['source']}" if finding["source"] else "")
                      + (f" ({finding['message']})" if finding["message"] else ""))
     return "\n".join(lines)
+
+
+@volume.command("activate")
+@click.argument("name")
+@client_options
+def volume_activate(name: str, url: str, token_file: Path) -> None:
+    """Apply the newest backup to standby volume NAME and make it a normal volume (it can
+    then be attached; it no longer follows the backups)."""
+    info = api(url, token_file).call("POST", f"/v1/volumes/{quote(name, safe='')}/activate")
+    held = (info.get("standby") or {}).get("last_backup")
+    click.echo(f"volume {name} activated, holding backup {held}")
 
 
 @volume.command("scrub")

@@ -174,6 +174,12 @@ class Volume(Record):
     # either: the jobs of group "default")
     jobs: list[str] = field(default_factory=list)
     job_groups: list[str] = field(default_factory=list)
+    # desired: a standby (disaster-recovery) volume follows the backups of this backup
+    # volume on the target and cannot be attached until activated ("": a normal volume)
+    standby_of: str = ""
+    # status of a standby: the backup it holds, when it was taken, what the last update
+    # restored, an update under way (docs/dr-volumes.md)
+    standby: dict[str, Any] | None = None
 
     @property
     def pending_salvage(self) -> dict[str, Any] | None:
@@ -263,6 +269,7 @@ class Settings(Record):
     backup_compression: str = "lz4"  # lz4, zstd or none
     backup_block_size: int = 2 << 20  # for a volume's first backup; fixed afterwards
     scrub_rate_limit: int = 100  # MiB/s a scrub reads on each replica (0: no limit)
+    standby_poll_interval: float = 60.0  # seconds between looks for new backups (standbys)
 
     def validate(self) -> Settings:
         if self.backup_compression not in ("lz4", "zstd", "none"):
@@ -278,6 +285,8 @@ class Settings(Record):
         if not isinstance(self.scrub_rate_limit, int) or isinstance(self.scrub_rate_limit, bool) \
                 or not 0 <= self.scrub_rate_limit <= 100000:
             raise InvalidArgument("scrub_rate_limit must be 0 (no limit) to 100000 MiB/s")
+        if not 1 <= self.standby_poll_interval <= 86400:
+            raise InvalidArgument("standby_poll_interval must be 1 to 86400 seconds")
         if not 0 <= self.replica_replenishment_wait <= 86400:
             raise InvalidArgument("replica_replenishment_wait must be 0 to 86400 seconds")
         return self
@@ -305,6 +314,8 @@ SETTING_DESCRIPTIONS: dict[str, str] = {
                          "64 KiB to 64 MiB",
     "scrub_rate_limit": "MiB/s a scrub reads on each replica, so foreground I/O keeps its "
                         "latency (0: no limit)",
+    "standby_poll_interval": "seconds between looks for new backups to apply to standby "
+                             "(DR) volumes (1-86400)",
 }
 
 

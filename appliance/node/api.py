@@ -35,6 +35,7 @@ from appliance.node.nodeinfo import NodeInfo
 from appliance.node.recurring import RecurringJobs
 from appliance.node.scrubs import ScrubService
 from appliance.node.service import NodeService
+from appliance.node.standby import StandbyService
 from appliance.units import parse_size
 
 
@@ -166,6 +167,14 @@ class MountRemove(Strict):
     path: str = Field(min_length=1, max_length=4096)
 
 
+class StandbyCreate(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    backup_volume: str = Field(min_length=1, max_length=128)
+    replicas: int = Field(default=2, ge=1, le=8)
+    disk_tags: list[str] = Field(default_factory=list, max_length=32)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
 class VolumeJobs(Strict):
     add: list[str] = Field(default_factory=list, max_length=64)
     remove: list[str] = Field(default_factory=list, max_length=64)
@@ -207,6 +216,7 @@ class SettingsUpdate(Strict):
     backup_compression: str | None = None
     backup_block_size: int | None = None
     scrub_rate_limit: int | None = None
+    standby_poll_interval: float | None = None
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -413,9 +423,22 @@ def _mount_routes(app: FastAPI, browse: BrowseService, auth: list[Any]) -> None:
         return await browse.umount(body.path)
 
 
+def _standby_routes(app: FastAPI, standby: StandbyService, auth: list[Any]) -> None:
+    """Standby (disaster-recovery) volumes."""
+
+    @app.post("/v1/standby-volumes", dependencies=auth, status_code=201)
+    async def create_standby(body: StandbyCreate) -> dict[str, Any]:
+        return await standby.create(body.name, body.backup_volume, body.replicas,
+                                    body.disk_tags, body.labels)
+
+    @app.post("/v1/volumes/{name}/activate", dependencies=auth)
+    async def activate_volume(name: str) -> dict[str, Any]:
+        return await standby.activate(name)
+
+
 def create_app(service: NodeService, backups: BackupService, jobs: RecurringJobs,
-               scrubs: ScrubService, browse: BrowseService, token: str,
-               metrics: Callable[[], Awaitable[bytes]]) -> FastAPI:
+               scrubs: ScrubService, browse: BrowseService, standby: StandbyService,
+               token: str, metrics: Callable[[], Awaitable[bytes]]) -> FastAPI:
     app = FastAPI(title="appliance node API", version=__version__,
                   description="Volumes, disks and settings of one appliance node.",
                   openapi_url=None, docs_url=None, redoc_url=None)  # served below, with auth
@@ -538,6 +561,7 @@ def create_app(service: NodeService, backups: BackupService, jobs: RecurringJobs
     _snapshot_routes(app, service, auth)
     _job_routes(app, jobs, auth)
     _mount_routes(app, browse, auth)
+    _standby_routes(app, standby, auth)
 
     @app.post("/v1/volumes/{name}/scrub", dependencies=auth, status_code=202)
     async def scrub_volume(name: str) -> dict[str, Any]:

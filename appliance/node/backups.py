@@ -185,6 +185,7 @@ class BackupService:
         self.target = target
         self.jobs = jobs
         self._nursery: trio.Nursery | None = None
+        self.completed: Callable[[], None] = lambda: None  # a backup completed (standbys)
         # held while the target changes, and while a backup or restore that uses it starts
         # (until it shows as running): the target is never unset under a starting job
         self._target_lock = trio.Lock()
@@ -278,6 +279,7 @@ class BackupService:
             await self._drop_own_snapshot(job)
         else:
             job.state = "complete"
+            self.completed()
         finally:
             with trio.CancelScope(shield=True):  # recorded even when the daemon stops
                 await self.jobs.finish(job)

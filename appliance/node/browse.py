@@ -60,6 +60,15 @@ def _run(*command: str) -> str:
     return result.stdout.strip()
 
 
+def mounted(path: Path) -> bool:
+    """Whether *path* is a mount point, a dead FUSE mount included (whose ``stat`` fails,
+    so that ``os.path.ismount`` says no)."""
+    escaped = str(path).replace("\\", "\\134").replace(" ", "\\040").replace(
+        "\t", "\\011").replace("\n", "\\012")
+    with open("/proc/self/mountinfo") as table:
+        return any(line.split(" ")[4] == escaped for line in table)
+
+
 def check_directory(path: str) -> Path:
     """*path* if it can take a mount: absolute, an existing empty directory, not a mount
     point already."""
@@ -246,11 +255,13 @@ class BrowseService:
         run_dir = self._run_dir(record.name) if record.name else None
         if run_dir is not None:
             fuse = run_dir / "fuse"
-            if os.path.ismount(fuse):
+            if mounted(fuse):
                 subprocess.run(["fusermount3", "-u", "-z", str(fuse)], capture_output=True,
                                check=False)
-            if not os.path.ismount(fuse):
+            if not mounted(fuse):
                 shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                problems.append(f"{fuse} stays mounted")
         if problems:
             raise FailedPrecondition("; ".join(problems))
 

@@ -13,7 +13,9 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -36,6 +38,7 @@ from appliance.node.placement import Placement
 from appliance.node.recurring import ApiActions, RecurringJobs
 from appliance.node.scrubs import ScrubService
 from appliance.node.service import NodeService
+from appliance.node.standby import StandbyService
 from appliance.node.supervisor import Supervisor
 from appliance.replication.protocol import format_address
 from appliance.secrets import write_secret_file
@@ -110,6 +113,30 @@ def ensure_token(config: NodeConfig) -> str:
     return path.read_text().strip()
 
 
+@dataclass
+class Protection:
+    """Continuous protection: recurring jobs, scrubs, browse mounts, standby volumes."""
+
+    recurring: RecurringJobs
+    scrubs: ScrubService
+    browse: BrowseService
+    standby: StandbyService
+
+    @classmethod
+    def make(cls, store: StateStore, service: NodeService, target: BackupTarget,
+             config: NodeConfig, token: str) -> Protection:
+        membership = service.controller.membership
+        events = service.controller.events
+        return cls(RecurringJobs(store, ApiActions(config.local_api_url, token), events,
+                                 is_leader=lambda: membership.is_leader),
+                   ScrubService(store, service),
+                   BrowseService(store, service, target, config, events),
+                   StandbyService(store, service, target))
+
+    def runners(self) -> list[Any]:
+        return [self.recurring.run, self.scrubs.run, self.standby.run]
+
+
 async def run_daemon(config: NodeConfig,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     os.umask(0o077)  # the database, its journal, runtime files: the daemon's only
@@ -136,12 +163,10 @@ async def run_daemon(config: NodeConfig,
             await service.add_disk(str(config.default_disk), [])
         metrics = Metrics(store, supervisor, config, placement=placement, backup_jobs=jobs,
                           membership=membership)
-        recurring = RecurringJobs(store, ApiActions(config.local_api_url, token),
-                                  controller.events,
-                                  is_leader=lambda: membership.is_leader)
-        scrubs = ScrubService(store, service)
-        browse = BrowseService(store, service, target, config, controller.events)
-        app = create_app(service, backups, recurring, scrubs, browse, token, metrics.render)
+        protection = Protection.make(store, service, target, config, token)
+        backups.completed = protection.standby.notice
+        app = create_app(service, backups, protection.recurring, protection.scrubs,
+                         protection.browse, protection.standby, token, metrics.render)
         http = HypercornConfig()
         http.bind = [format_address(config.listen)]
         http.accesslog = None
@@ -152,8 +177,8 @@ async def run_daemon(config: NodeConfig,
             await nursery.start(membership.run)
             await nursery.start(controller.run)
             await nursery.start(backups.run)
-            await nursery.start(recurring.run)
-            await nursery.start(scrubs.run)
+            for runner in protection.runners():
+                await nursery.start(runner)
             await nursery.start(partial(serve_http, app, http,  # type: ignore[arg-type]
                                         shutdown_trigger=shutdown.wait))
             log.info("node %s serving the API on %s (data in %s)", config.node_name,

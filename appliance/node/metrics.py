@@ -25,6 +25,7 @@ from appliance.node.backupjobs import BackupJobs
 from appliance.node.config import NodeConfig
 from appliance.node.nodes import Membership
 from appliance.node.placement import Placement
+from appliance.node.service import standby_lag
 from appliance.node.supervisor import Supervisor
 
 STATES = ("creating", "detached", "attaching", "attached", "detaching", "deleting", "failed")
@@ -98,6 +99,14 @@ class Metrics:
             clients.add_metric([volume_name], count)
         families.append(clients)
         families += self._job_families(jobs)
+        standby = GaugeMetricFamily("appliance_volume_standby_lag_seconds",
+                                    "Age of the backup a standby volume holds (its RPO).",
+                                    labels=["volume", "backup_volume"])
+        for volume in volumes:
+            lag = standby_lag(volume.standby) if volume.standby_of else None
+            if lag is not None:
+                standby.add_metric([volume.name, volume.standby_of], lag)
+        families.append(standby)
         registry = CollectorRegistry()
         registry.register(_Snapshot(families))
         return generate_latest(registry)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -50,6 +51,16 @@ from appliance.units import format_size_exact
 
 _DISK_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 MIN_SHARED_SIZE = 300 << 20  # the smallest xfs file system mkfs.xfs makes
+
+
+def standby_lag(standby: dict[str, Any] | None, now: float | None = None) -> float | None:
+    """Seconds since the backup a standby volume holds was taken: what activating it now
+    would give up (its recovery point objective, met or not); None before it holds one."""
+    stamp = (standby or {}).get("recovery_point")
+    if not stamp:
+        return None
+    taken = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return round(max(0.0, (now or time.time()) - taken), 3)
 
 
 class NodeService:
@@ -239,7 +250,8 @@ class NodeService:
                             first: Callable[[], Awaitable[None]] | None = None,
                             node_tags: list[str] | None = None,
                             data_locality: str = "disabled", node: str | None = None,
-                            access_mode: str = "rwo") -> dict[str, Any]:
+                            access_mode: str = "rwo", standby_of: str = "",
+                            ) -> dict[str, Any]:
         """Create volume *name*; *first* (a clone's snapshot) runs once its replicas are
         placed, before anything is stored: a volume that cannot be placed changes
         nothing. A ``strict-local`` volume has one replica, on *node*, where it attaches.
@@ -263,7 +275,7 @@ class NodeService:
                         # replica's node, an RWX volume's share on the node asked)
                         node=(node or config.node_name) if config.clustered and (
                             data_locality == "strict-local" or access_mode == "rwx") else "",
-                        access_mode=access_mode,
+                        access_mode=access_mode, standby_of=standby_of,
                         attached=access_mode == "rwx").validate()
         if access_mode == "rwx" and size < MIN_SHARED_SIZE:
             raise InvalidArgument(f"an RWX volume holds an xfs file system: at least "
@@ -390,6 +402,8 @@ class NodeService:
                                  "directory": r.directory, "replica_id": r.replica_id}
                                 for r in replicas]
         info["node"] = (volume.node or config.node_name) if volume.attached else ""
+        if volume.standby is not None:
+            info["standby"] = {**volume.standby, "lag_seconds": standby_lag(volume.standby)}
         return info
 
     async def _change(self, name: str, **changes: Any) -> dict[str, Any]:
@@ -423,6 +437,11 @@ class NodeService:
         config = self.controller.config
         target = node or config.node_name
         volume, _ = await self._volume(name)
+        if volume.standby_of:
+            raise FailedPrecondition(
+                f"volume {name!r} is a standby of backup volume {volume.standby_of}: it "
+                f"follows its backups and cannot be attached; activate it first ('appliance "
+                f"volume activate {name}')")
         if volume.access_mode == "rwx" and (frontend != "blockdev" or chap or initiators):
             raise InvalidArgument(f"volume {name!r} is an RWX volume: it is shared over NFS, "
                                   "not attached with a frontend ('volume show' gives its "
@@ -809,6 +828,9 @@ class NodeService:
         detached; *resize_fs* grows the file system on the attached device too."""
         volume, directories = await self._where(name)
         check_volume_size(size)
+        if volume.standby_of:
+            raise FailedPrecondition(f"volume {name!r} is a standby: it takes the size of the "
+                                     "backups it follows; activate it first")
         if size < volume.size:
             raise InvalidArgument(f"cannot shrink volume {name!r} from {volume.size} to {size} "
                                   "bytes: volumes only grow")
