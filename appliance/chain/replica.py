@@ -807,15 +807,29 @@ class Replica:
     def scrub_layer(self, name: str, progress: Callable[[int], None] | None = None
                     ) -> tuple[checksums.LayerChecksum, list[int]]:
         """Snapshot *name*'s stored checksum (computed and stored first when it has none)
-        and the chunks whose data no longer matches it (read again; *progress* is called
-        with the bytes read after each chunk)."""
+        and the chunks whose data no longer matches it (*progress* is called with the
+        bytes read after each chunk). The layer is read without the maintenance lock (a
+        purge or a rebuild is not held up for a whole layer); the chunks found different
+        are read again under it, and only those that still differ are reported."""
         stored = self.layer_checksum(name)
         chain = self._chain
+        with chain.access.shared():
+            layer = chain.layer(name)
+            layer_file = chain.files[layer.id]
+        actual = checksums.compute(layer_file, progress)
+        suspects = checksums.differing_chunks(stored, actual)
+        if not suspects:
+            return stored, []
         with chain.maintenance:
             with chain.access.shared():
-                layer = chain.layer(name)
-            actual = checksums.compute(chain.files[layer.id], progress)
-        return stored, checksums.differing_chunks(stored, actual)
+                again = chain.layer(name)
+            if again.id != layer.id or again.checksum != stored.digest:
+                raise FailedPrecondition(f"snapshot {name!r} changed while it was scrubbed "
+                                         "(a purge merged a layer into it): scrub again")
+            layer_file = chain.files[again.id]
+            damaged = [n for n in suspects if stored.chunks.get(n) != checksums.chunk_digest(
+                *checksums.read_chunk(layer_file, n))]
+        return stored, damaged
 
     def read_chunk(self, name: str, number: int) -> tuple[int, bytes]:
         """Chunk *number* of snapshot *name*: its allocation bitmap and allocated bytes."""

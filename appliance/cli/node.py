@@ -383,7 +383,7 @@ def volume_activate(name: str, url: str, token_file: Path) -> None:
 @volume.command("scrub")
 @click.argument("name")
 @click.option("--wait", is_flag=True, help="Wait for the scrub to end and print what it "
-              "found (exit 1 when a range is lost or could not be repaired).")
+              "found.")
 @click.option("--timeout", type=float, default=24 * 3600.0, show_default=True,
               help="Seconds --wait waits (the scrub goes on after it).")
 @OUTPUT
@@ -391,7 +391,8 @@ def volume_activate(name: str, url: str, token_file: Path) -> None:
 def volume_scrub(name: str, wait: bool, timeout: float, output: str, url: str,
                  token_file: Path) -> None:
     """Verify every snapshot layer of volume NAME on every replica against its checksums,
-    and repair damaged ranges from a replica whose copy verifies."""
+    and repair damaged ranges from a replica whose copy verifies (--wait exits 1 when a
+    range is lost or unrepaired, or something could not be checked)."""
     client = api(url, token_file)
     path = f"/v1/volumes/{quote(name, safe='')}/scrub"
     record = client.call("POST", path)
@@ -408,7 +409,8 @@ def volume_scrub(name: str, wait: bool, timeout: float, output: str, url: str,
         record = client.call("GET", path)
     emit(record, output, _scrub_text)
     report = record.get("report") or {}
-    if record["state"] != "complete" or report.get("lost") or report.get("unrepaired"):
+    if record["state"] != "complete" or report.get("lost") or report.get("unrepaired") or \
+            report.get("problems"):
         sys.exit(1)
 
 

@@ -415,6 +415,7 @@ class Mount(Record):
     loop: str = ""
     fs_type: str = ""
     created: float = 0.0
+    state: str = "mounting"  # mounting (recorded before anything is made), mounted
 
 
 @dataclass

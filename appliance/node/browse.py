@@ -12,6 +12,7 @@ the page cache of the image). Every step is undone when a later one fails; the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -69,6 +70,13 @@ def mounted(path: Path) -> bool:
         return any(line.split(" ")[4] == escaped for line in table)
 
 
+def _source(path: str) -> str:
+    """The device mounted at *path*."""
+    result = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "--mountpoint", path],
+                            capture_output=True, text=True, check=False)
+    return result.stdout.strip()
+
+
 def check_directory(path: str) -> Path:
     """*path* if it can take a mount: absolute, an existing empty directory, not a mount
     point already."""
@@ -100,6 +108,47 @@ class BrowseService:
 
     def _run_dir(self, mount_id: str) -> Path:
         return self.config.data_dir / "run" / "browse" / mount_id
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """At the start: take down this node's mounts whose helper is gone (the machine
+        restarted, or the helper died; a mount cut short by a stop of the daemon too)."""
+        entries, _ = await self.store.list(Mount.PREFIX)
+        for entry in entries:
+            record = Mount.from_dict(entry.value)
+            if record.node != self.node or (record.state == "mounted"
+                                            and self._helper_running(record)):
+                continue
+            try:
+                await trio.to_thread.run_sync(self._undo, record)
+            except ApplianceError as exc:
+                log.warning("stale mount at %s: %s", record.path, exc)
+            await self.store.delete(record.key)
+            await self.events.record(record.volume, "browse-lost",
+                                     f"{record.path} on node {self.node}: its helper is gone "
+                                     "(taken down)")
+        task_status.started()
+
+    def _helper_running(self, record: Mount) -> bool:
+        """Whether *record*'s helper runs: its pid runs the helper with its spec."""
+        if not record.pid or not process_running(record.pid):
+            return False
+        try:
+            command = Path(f"/proc/{record.pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        spec = str(self._run_dir(record.name) / "spec.json").encode()
+        return b"appliance.browse.helper" in command and spec in command
+
+    def _own_loop(self, record: Mount) -> bool:
+        """Whether *record*'s loop device is still the one over its helper's image."""
+        if not record.loop:
+            return False
+        backing = Path("/sys/block") / Path(record.loop).name / "loop" / "backing_file"
+        try:
+            return backing.read_text().strip() == str(
+                self._run_dir(record.name) / "fuse" / "disk.img")
+        except OSError:
+            return False
 
     async def mounts(self) -> list[dict[str, Any]]:
         """The mounts of the cluster, with the statistics of this node's."""
@@ -165,10 +214,14 @@ class BrowseService:
                                      "lists them)")
         status = await trio.to_thread.run_sync(
             self.service.controller.supervisor.engine_status, volume)
-        if status is not None:
+        if status is not None:  # attached: a replica in service (one rebuilt may lack it)
             serving = {r["address"] for r in status["replicas"] if r["mode"] == "RW"}
             address = self.config.replica_address
-            local.sort(key=lambda r: r.address(address) not in serving)
+            local = [r for r in local if r.address(address) in serving]
+            if not local:
+                raise FailedPrecondition(f"no replica of volume {volume} on node {self.node} "
+                                         "is in service now (being rebuilt?): try again "
+                                         "later, or on another node")
         return local[0].directory
 
     async def _mount(self, record: Mount, spec: dict[str, Any]) -> dict[str, Any]:
@@ -179,13 +232,19 @@ class BrowseService:
                 raise InvalidArgument(f"{record.path} is a mount point already")
             record.name = secrets.token_hex(6)
             record.created = time.time()
+            # recorded first: the snapshot or backup cannot be deleted from now on, and a
+            # mount cut short is found and taken down at the next start
+            await self.store.put(record.key, record.to_dict(), expect=0)
             try:
                 await trio.to_thread.run_sync(self._mount_blocking, record, spec)
+                record.state = "mounted"
+                await self.store.put(record.key, record.to_dict())
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._undo, record)
+                    with contextlib.suppress(ApplianceError):
+                        await trio.to_thread.run_sync(self._undo, record)
+                    await self.store.delete(record.key)
                 raise
-            await self.store.put(record.key, record.to_dict())
         what = f"snapshot {record.snapshot}" if record.kind == "snapshot" else \
             f"backup {record.backup}"
         await self.events.record(record.volume, "browse-mounted",
@@ -235,17 +294,19 @@ class BrowseService:
     def _undo(self, record: Mount) -> None:
         """Take down what exists of *record*'s mount, in the reverse order; best effort."""
         problems = []
-        if record.path and record.loop and os.path.ismount(record.path):
+        own_loop = self._own_loop(record)  # (a loop device number is reused)
+        if own_loop and record.path and os.path.ismount(record.path) and \
+                _source(record.path) == record.loop:
             try:
                 _run("umount", record.path)
             except StorageIOError as exc:
                 problems.append(str(exc))
-        if record.loop:
+        if own_loop:
             try:
                 _run("losetup", "--detach", record.loop)
             except StorageIOError as exc:
                 problems.append(str(exc))
-        if record.pid and process_running(record.pid):
+        if self._helper_running(record):  # (a pid is reused)
             os.kill(record.pid, signal.SIGTERM)
             deadline = time.monotonic() + STOP_TIMEOUT
             while process_running(record.pid) and time.monotonic() < deadline:
@@ -285,11 +346,14 @@ class BrowseService:
                 except StorageIOError as exc:
                     raise FailedPrecondition(f"{where} is in use, nothing changed: {exc}") \
                         from None
+            problems = []
             try:
                 await trio.to_thread.run_sync(self._undo, record)
             except ApplianceError as exc:
                 log.warning("umount of %s: %s", where, exc)
+                problems.append(str(exc))
             await self.store.delete(record.key)
         await self.events.record(record.volume, "browse-unmounted",
-                                 f"{where} on node {self.node}")
-        return {"status": "unmounted", "path": where}
+                                 f"{where} on node {self.node}"
+                                 + (f" ({'; '.join(problems)})" if problems else ""))
+        return {"status": "unmounted", "path": where, "problems": problems}

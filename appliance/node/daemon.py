@@ -134,7 +134,7 @@ class Protection:
                    StandbyService(store, service, target))
 
     def runners(self) -> list[Any]:
-        return [self.recurring.run, self.scrubs.run, self.standby.run]
+        return [self.browse.run, self.recurring.run, self.scrubs.run, self.standby.run]
 
 
 async def run_daemon(config: NodeConfig,

@@ -80,6 +80,9 @@ class VolumeActions(Protocol):
                      ) -> dict[str, Any]:
         """Back up *snapshot* and wait until the backup is complete (raise if it is not)."""
 
+    async def wait_backup(self, backup_id: str) -> dict[str, Any]:
+        """Wait until backup *backup_id* is complete (raise if it ends otherwise)."""
+
     async def delete_backup(self, backup_id: str) -> None: ...
 
     async def trim(self, volume: str) -> tuple[bool, str]:
@@ -120,6 +123,7 @@ class RecurringJobs:
         self._wake = trio.Event()
         self._running: set[tuple[str, int]] = set()  # (job, run id) being run here
         self._volume_locks: dict[str, trio.Lock] = {}
+        self._status_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
 
     # -- jobs --------------------------------------------------------------------------------
@@ -290,11 +294,15 @@ class RecurringJobs:
         started: list[dict[str, Any]] = []
 
         def change(value: dict[str, Any]) -> dict[str, Any] | None:
+            started.clear()  # a conflict calls again: only the attempt written counts
             status = RecurringJobStatus.from_dict(value)
             if trigger != "manual" and slot <= status.last_slot:
                 return None
-            if any(r["slot"] == slot for r in status.runs):
-                return None
+            if any(r["slot"] == slot for r in status.runs):  # a manual run had this second
+                if trigger == "manual":
+                    return None
+                status.last_slot = slot
+                return status.to_dict()
             run = {"id": (status.runs[-1]["id"] + 1) if status.runs else 1, "slot": slot,
                    "trigger": trigger, "task": job.task, "started": self.now(),
                    "finished": None, "state": "running", "message": "",
@@ -305,8 +313,9 @@ class RecurringJobs:
             status.runs = [*status.runs, run][-RecurringJobStatus.KEEP:]
             return status.to_dict()
 
-        if await self.store.update(RecurringJobStatus.key_of(job.name), change) is None:
-            return None  # the job is gone
+        async with self._status_lock(job.name):
+            if await self.store.update(RecurringJobStatus.key_of(job.name), change) is None:
+                return None  # the job is gone
         if not started:
             return None
         run = started[0]
@@ -321,6 +330,7 @@ class RecurringJobs:
         changed: list[dict[str, Any]] = []
 
         def update(value: dict[str, Any]) -> dict[str, Any] | None:
+            changed.clear()  # a conflict calls again: only the attempt written counts
             status = RecurringJobStatus.from_dict(value)
             run = next((r for r in status.runs if r["id"] == run_id), None)
             if run is None:
@@ -332,8 +342,14 @@ class RecurringJobs:
             changed[:] = [run]
             return status.to_dict()
 
-        await self.store.update(RecurringJobStatus.key_of(job), update)
+        async with self._status_lock(job):
+            await self.store.update(RecurringJobStatus.key_of(job), update)
         return changed[0] if changed else None
+
+    def _status_lock(self, job: str) -> trio.Lock:
+        """Writes of a job's status from this runner take turns (its parts would otherwise
+        conflict with each other on the one key)."""
+        return self._status_locks.setdefault(job, trio.Lock())
 
     async def _execute(self, job: RecurringJob, run_id: int) -> None:
         try:
@@ -364,6 +380,11 @@ class RecurringJobs:
             if ended is not None:
                 log.info("job %s: run %d %s: %s", job.name, run_id, ended["state"],
                          ended["message"])
+        except ApplianceError as exc:  # the store: the run stays running, resumed later
+            log.warning("job %s: run %d not recorded (resumed at the next look): %s",
+                        job.name, run_id, exc)
+        except Exception:  # a bug: the daemon stays up; the run is resumed
+            log.exception("job %s: run %d", job.name, run_id)
         finally:
             self._running.discard((job.name, run_id))
 
@@ -377,6 +398,8 @@ class RecurringJobs:
                 name = f"{job.name}-{_stamp(run['slot'])}"
                 try:
                     result, message = await TASK_RUNNERS[job.task](self, job, volume, name)
+                except AlreadyExists as exc:  # made by a part still running elsewhere
+                    result, message = "done", f"made meanwhile by another run: {exc}"
                 except ApplianceError as exc:
                     result, message = "failed", str(exc)
                 except Exception as exc:  # a bug: this volume's part fails, the rest goes on
@@ -430,7 +453,13 @@ class RecurringJobs:
         return names
 
     async def _backup(self, job: RecurringJob, volume: str, name: str) -> tuple[str, str]:
-        backups = sorted((b for b in await self.actions.backups(volume)
+        listed = await self.actions.backups(volume)
+        running = next((b for b in listed if b["snapshot"] == name
+                        and b["state"] == "in-progress"), None)
+        if running is not None:  # a part cut short elsewhere left it running: wait for it
+            await self.actions.wait_backup(running["id"])
+            listed = await self.actions.backups(volume)
+        backups = sorted((b for b in listed
                           if b["labels"].get(LABEL) == job.name and b["state"] == "complete"),
                          key=lambda b: (b["created"], b["id"]))
         made = next((b for b in backups if b["snapshot"] == name), None)
@@ -559,8 +588,12 @@ class ApiActions:
                      ) -> dict[str, Any]:
         started = await self._call("POST", "/v1/backups", {
             "volume": volume, "snapshot": snapshot, "labels": labels})
+        return await self.wait_backup(started["id"])
+
+    async def wait_backup(self, backup_id: str) -> dict[str, Any]:
         while True:
-            info: dict[str, Any] = await self._call("GET", f"/v1/backups/{started['id']}")
+            info: dict[str, Any] = await self._call(
+                "GET", f"/v1/backups/{quote(backup_id, safe='')}")
             if info["state"] == "complete":
                 return info
             if info["state"] != "in-progress":
@@ -580,7 +613,8 @@ class ApiActions:
         while True:
             record = await self._call("GET", f"{self._path(volume)}/scrub")
             if record["state"] == "complete":
-                if record["report"]["lost"] or record["report"]["unrepaired"]:
+                report = record["report"]
+                if report["lost"] or report["unrepaired"] or report["problems"]:
                     raise FailedPrecondition(str(record["summary"]))
                 return str(record["summary"])
             if record["state"] != "running":

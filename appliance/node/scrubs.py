@@ -56,22 +56,26 @@ class ScrubService:
 
     async def start(self, name: str) -> dict[str, Any]:
         """Start a scrub of volume *name*; its record (state ``running``)."""
-        _, directories = await self.service.where(name)
         if name in self._running:
             raise FailedPrecondition(f"a scrub of volume {name} is running: wait for it "
                                      f"('appliance volume scrub {name} --wait')")
-        replicas = await self.service.controller.replicas_of(name)
-        rate = (await load_settings(self.store)).scrub_rate_limit << 20
-        status = None
-        if directories is None:
-            status = await trio.to_thread.run_sync(self.supervisor.engine_status, name)
-            if status is None:
-                raise FailedPrecondition(f"volume {name} has no engine running on node "
-                                         f"{self.node}; try again when it is attached")
-        record = Scrub(name, "running", time.time(), node=self.node)
-        await self.store.put(record.key, record.to_dict())
         stop = threading.Event()
-        self._running[name] = stop
+        self._running[name] = stop  # reserved before the first wait: one scrub at a time
+        try:
+            _, directories = await self.service.where(name)
+            replicas = await self.service.controller.replicas_of(name)
+            rate = (await load_settings(self.store)).scrub_rate_limit << 20
+            status = None
+            if directories is None:
+                status = await trio.to_thread.run_sync(self.supervisor.engine_status, name)
+                if status is None:
+                    raise FailedPrecondition(f"volume {name} has no engine running on node "
+                                             f"{self.node}; try again when it is attached")
+            record = Scrub(name, "running", time.time(), node=self.node)
+            await self.store.put(record.key, record.to_dict())
+        except BaseException:
+            self._running.pop(name, None)
+            raise
         assert self._nursery is not None
         self._nursery.start_soon(self._scrub, record, replicas, directories, status, rate, stop)
         return record.to_dict()
@@ -121,6 +125,21 @@ class ScrubService:
                   *, cancel: threading.Event) -> ScrubReport:
         with contextlib.ExitStack() as stack:
             peers: list[Peer] = []
+            skipped: list[str] = []
+            connections: list[ReplicaConnection] = []
+            done = threading.Event()
+
+            def close_on_cancel() -> None:  # a wait on a replica server ends at once
+                while not done.wait(0.2):
+                    if cancel.is_set():
+                        for connection in connections:
+                            connection.close()
+                        return
+
+            watcher = threading.Thread(target=close_on_cancel, name=f"scrub-{name}",
+                                       daemon=True)
+            watcher.start()
+            stack.callback(done.set)
             if directories is not None:
                 for replica in replicas:
                     opened = stack.enter_context(Replica.open(Path(replica.directory)))
@@ -131,13 +150,18 @@ class ScrubService:
                 names = {r.address(local): r.name for r in replicas}
                 secret = read_secret_file(self.supervisor.secret_file(name))
                 for member in status["replicas"]:
-                    if member["mode"] != "RW":
-                        continue  # being rebuilt, or out of service: not a copy to trust
+                    if member["mode"] != "RW":  # being rebuilt, or out of service
+                        skipped.append(f"{names.get(member['address'], member['address'])} "
+                                       f"({member['mode'] or 'out of service'})")
+                        continue
                     connection = stack.enter_context(ReplicaConnection(
                         proto.parse_address(member["address"]), secret, role=Role.READER,
                         timeout=120))
+                    connections.append(connection)
                     peers.append(RemotePeer(names.get(member["address"], member["address"]),
                                             connection))
             if not peers:
                 raise FailedPrecondition(f"volume {name} has no replica in service")
-            return scrub(peers, rate, stop=cancel.is_set)
+            report = scrub(peers, rate, stop=cancel.is_set)
+            report.skipped = skipped
+            return report

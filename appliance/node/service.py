@@ -778,7 +778,10 @@ class NodeService:
 
     async def revert_snapshot(self, volume: str, name: str) -> None:
         await self._snapshot_exists(volume, name)
-        _, directories = await self._where(volume)
+        found, directories = await self._where(volume)
+        if found.standby_of:
+            raise FailedPrecondition(f"volume {volume!r} is a standby: it holds the backup "
+                                     "it follows, and only that; activate it first")
         if directories is None:
             raise FailedPrecondition(f"volume {volume!r} is attached: detach it before "
                                      "reverting (its users would see their data change)")

@@ -92,6 +92,8 @@ class StandbyService:
                                      "restore runs): activate it when it is detached")
         async with self._lock(name):
             volume = await self._volume(name)
+            if not volume.standby_of:
+                raise FailedPrecondition(f"volume {name!r} was activated meanwhile")
             await self._follow(volume, raise_errors=True)
 
             def change(value: dict[str, Any]) -> dict[str, Any]:
@@ -120,8 +122,9 @@ class StandbyService:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            settings = await load_settings(self.store)
+            interval = 60.0
             try:
+                interval = (await load_settings(self.store)).standby_poll_interval
                 entries, _ = await self.store.list(Volume.PREFIX)
                 for entry in entries:
                     volume = Volume.from_dict(entry.value)
@@ -131,8 +134,10 @@ class StandbyService:
                             await self._follow(await self._volume(volume.name))
             except ApplianceError as exc:  # the store: the next look tries again
                 log.warning("standby volumes: %s", exc)
+            except Exception:  # a bug: the daemon stays up, the next look tries again
+                log.exception("standby volumes")
             self._wake = trio.Event()
-            with trio.move_on_after(settings.standby_poll_interval):
+            with trio.move_on_after(interval):
                 await self._wake.wait()
 
     async def _follow(self, volume: Volume, *, raise_errors: bool = False) -> None:

@@ -72,7 +72,8 @@ def handlers(replica: Replica) -> dict[int, Handler]:
         rate = document.get("rate", 0)
         if not isinstance(rate, int) or isinstance(rate, bool) or rate < 0:
             raise InvalidArgument("field 'rate' must be a number of bytes per second")
-        stored, damaged = replica.scrub_layer(_text(document, "layer"), Pace(rate))
+        stored, damaged = replica.scrub_layer(_text(document, "layer"),
+                                              Pace(rate, session.ended))
         return [proto.encode_json({
             "digest": stored.digest, "damaged": damaged,
             "chunks": {str(n): digest.hex() for n, digest in stored.chunks.items()}})]

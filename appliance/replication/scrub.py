@@ -129,6 +129,7 @@ class ScrubReport:
     scanned_bytes: int = 0
     findings: list[Finding] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what could not be checked
+    skipped: list[str] = field(default_factory=list)  # replicas not in service, not read
 
     def count(self, result: str) -> int:
         return sum(1 for f in self.findings if f.result == result)
@@ -141,6 +142,7 @@ class ScrubReport:
         return {"replicas": self.replicas, "snapshots": self.snapshots,
                 "scanned_bytes": self.scanned_bytes,
                 "findings": [f.__dict__ for f in self.findings], "problems": self.problems,
+                "skipped": self.skipped,
                 "repaired": self.count("repaired"), "lost": self.count("lost"),
                 "unrepaired": self.count("unrepaired")}
 
@@ -154,7 +156,9 @@ class ScrubReport:
                 f"snapshot {f.snapshot} bytes {f.offset}-{f.offset + f.length - 1}"
                 for f in self.lost[:5]) + (" ..." if len(self.lost) > 5 else "")
         if self.problems:
-            text += "; not checked: " + "; ".join(self.problems)
+            text += "; problems: " + "; ".join(self.problems)
+        if self.skipped:
+            text += "; replicas not in service, not read: " + ", ".join(self.skipped)
         return text
 
 
@@ -184,7 +188,7 @@ def scrub(peers: Sequence[Peer], rate: int, *,
                 scans[peer.name] = peer.scan(name, rate)
             except Cancelled:
                 raise
-            except ApplianceError as exc:
+            except (ApplianceError, OSError) as exc:  # an unreadable layer: not checked
                 report.problems.append(f"snapshot {name} on replica {peer.name}: {exc}")
             report.scanned_bytes += int(listings[peer.name][name]["allocated"])
             progress(report.scanned_bytes, total)

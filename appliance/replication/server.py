@@ -175,6 +175,7 @@ class ReplicaServer:
             try:
                 self._serve_session(session)
             finally:
+                session.ended.set()
                 with self._sessions_lock:
                     self._sessions.discard(session)
         except proto.ConnectionClosed:

@@ -26,6 +26,7 @@ class Session:
         self.key = (generation, token)
         self.send_lock = threading.Lock()
         self.buffer = bytearray(1 << 20)
+        self.ended = threading.Event()  # set when the connection is over (long work stops)
 
     def view(self, size: int) -> memoryview:
         if len(self.buffer) < size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -175,3 +176,27 @@ def test_bad_mounts_change_nothing(node: Node, tmp_path: Path) -> None:
     assert list(empty.iterdir()) == [] and not os.path.ismount(empty)
     assert not list((Path(node.data) / "run" / "browse").glob("*"))
     assert json.loads(node.cli("snapshot", "list", "v", "-o", "json").stdout)[0]["name"] == "s1"
+
+
+def test_a_mount_whose_helper_died_is_taken_down_at_the_next_start(
+        node: Node, tmp_path: Path) -> None:
+    node.cli("volume", "create", "v", "--size", "64M", "--replicas", "1")
+    device = node.cli("volume", "attach", "v").stdout.strip()
+    subprocess.run(["mkfs.ext4", "-q", device], check=True)
+    node.cli("snapshot", "create", "v", "s1")
+    view = tmp_path / "view"
+    view.mkdir()
+    node.cli("snapshot", "mount", "v", "s1", view)
+    [info] = mounts(node)
+    node.stop()
+    os.kill(info["pid"], signal.SIGKILL)  # as a reboot or a crash would
+    wait_for(lambda: not Path(f"/proc/{info['pid']}").exists() or
+             "Z" in Path(f"/proc/{info['pid']}/stat").read_text().split()[2], 30,
+             "the helper to die")
+    node.start()
+    assert mounts(node) == []
+    assert not os.path.ismount(view)
+    kinds = [e["kind"] for e in json.loads(node.cli("events", "--volume", "v", "-o",
+                                                    "json").stdout)]
+    assert "browse-lost" in kinds
+    node.cli("snapshot", "delete", "v", "s1")  # no longer held by the mount

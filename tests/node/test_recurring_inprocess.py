@@ -118,6 +118,9 @@ class ModelVolumes:
         self.backup_list.append(made)
         return made
 
+    async def wait_backup(self, backup_id: str) -> dict[str, Any]:
+        return next(b for b in self.backup_list if b["id"] == backup_id)
+
     async def delete_backup(self, backup_id: str) -> None:
         self.calls.append(("delete-backup", backup_id))
         self.backup_list = [b for b in self.backup_list if b["id"] != backup_id]

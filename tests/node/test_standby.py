@@ -51,6 +51,7 @@ def second(tmp_path: Path) -> Any:
         other.cleanup()
 
 
+@pytest.mark.slow  # 80 s: two appliances, three backups (the suite's budget)
 def test_a_standby_follows_backups_incrementally_and_activates(
         node: Node, second: Node, tmp_path: Path) -> None:
     target = tmp_path / "backups"
@@ -100,6 +101,9 @@ def test_a_standby_follows_backups_incrementally_and_activates(
     source = node.volume("src")["replica_list"][0]["directory"]
     assert held_digests == [export_digest(source, tmp_path, f"s{i}") for i in (1, 2, 3)]
 
+    second.cli("snapshot", "create", "dr", "kept")
+    refused = second.cli("snapshot", "revert", "dr", "kept", check=False)
+    assert refused.returncode == 1 and "is a standby" in refused.stderr
     activated = second.cli("volume", "activate", "dr").stdout
     assert f"volume dr activated, holding backup {backups[-1]}" in activated
     shown = second.volume("dr")

@@ -49,6 +49,7 @@ def test_ansible_lint_production_profile_finds_nothing(tmp_path: Path) -> None:
     assert "Passed: 0 failure(s), 0 warning(s)" in output, output[-3000:]
 
 
+@pytest.mark.slow  # two minutes: a whole converge and a second one (the suite's budget)
 def test_converge_one_node_locally_then_nothing_changes(debs: Debs, sandbox: Sandbox,
                                                        tmp_path: Path) -> None:
     inventory = local_inventory(tmp_path / "local.yml", debs.first)

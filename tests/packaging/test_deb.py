@@ -9,6 +9,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.harness import wait_for
 from tests.packaging.conftest import Debs, installed_version
 from tests.packaging.sandbox import Sandbox
@@ -100,6 +102,7 @@ def engines(box: Sandbox) -> set[int]:
     return found
 
 
+@pytest.mark.slow  # a minute of lintian (the suite's budget); the install test stays
 def test_lintian_is_clean(debs: Debs) -> None:
     result = subprocess.run(["lintian", "--tag-display-limit", "0", str(debs.first)],
                             capture_output=True, text=True, timeout=900, check=False)
