@@ -166,14 +166,14 @@ def standby_figures(root: Path, port: int, target: Path, device: str, size: int,
         drop_caches()
         started = time.perf_counter()
         second.cli("volume", "create", "dr", "--standby", "--from-backup-volume", "data",
-                   "--replicas", "2", "--timeout", "3600")
+                   "--replicas", "2", "--timeout", "3600")  # waits for the first restore
+        full_seconds = time.perf_counter() - started
 
         def standby() -> dict[str, Any]:
             info: dict[str, Any] = second.http.get("/v1/volumes/dr").json()["standby"] or {}
             return info
 
         first = wait(lambda: standby().get("last_backup"), 600, "the standby's first backup")
-        full_seconds = time.perf_counter() - started
         blocks = size // BLOCK
         changed = random.Random(5).sample(range(blocks), max(1, blocks // 100))
         fd = os.open(device, os.O_WRONLY)

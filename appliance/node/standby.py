@@ -37,6 +37,7 @@ from appliance.node.service import NodeService
 from appliance.node.work import run_job
 
 log = logging.getLogger(__name__)
+TICK = 5.0  # seconds between looks at the settings and for new standbys
 
 
 def _point(manifest: bfmt.Manifest) -> str:
@@ -120,24 +121,33 @@ class StandbyService:
     # -- following ----------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Look at each standby every ``standby_poll_interval`` seconds (the setting is read
+        again every few seconds, so a change takes effect at once), at once after its
+        first restore, and whenever :meth:`notice` is called."""
         task_status.started()
+        looked: dict[str, float] = {}  # when each standby was last looked at (monotonic)
         while True:
             interval = 60.0
+            woken = self._wake.is_set()
+            self._wake = trio.Event()
             try:
                 interval = (await load_settings(self.store)).standby_poll_interval
                 entries, _ = await self.store.list(Volume.PREFIX)
                 for entry in entries:
                     volume = Volume.from_dict(entry.value)
-                    if volume.standby_of and volume.state == "detached" and \
-                            not volume.deleting and not volume.attached:
+                    if not volume.standby_of or volume.state != "detached" or \
+                            volume.deleting or volume.attached:
+                        continue
+                    last = looked.get(volume.name)
+                    if woken or last is None or time.monotonic() - last >= interval:
+                        looked[volume.name] = time.monotonic()
                         async with self._lock(volume.name):
                             await self._follow(await self._volume(volume.name))
             except ApplianceError as exc:  # the store: the next look tries again
                 log.warning("standby volumes: %s", exc)
             except Exception:  # a bug: the daemon stays up, the next look tries again
                 log.exception("standby volumes")
-            self._wake = trio.Event()
-            with trio.move_on_after(interval):
+            with trio.move_on_after(min(interval, TICK)):
                 await self._wake.wait()
 
     async def _follow(self, volume: Volume, *, raise_errors: bool = False) -> None:
