@@ -135,3 +135,14 @@ def test_nfs_bench_quick(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sequential read MiB/s" in result.stdout and "1 replica(s)" in result.stdout
     assert (tmp_path / "out.json").exists()
+
+
+@pytest.mark.slow  # a minute: two daemons, ext4, a backup, scrubs, a standby
+def test_protection_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.protection_bench", "--quick", "--dir",
+         str(tmp_path / "b"), "--port", "0", "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "backup mount:" in result.stdout and "standby:" in result.stdout
+    assert (tmp_path / "out.json").exists()

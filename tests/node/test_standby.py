@@ -51,7 +51,6 @@ def second(tmp_path: Path) -> Any:
         other.cleanup()
 
 
-@pytest.mark.slow  # 80 s: two appliances, three backups (the suite's budget)
 def test_a_standby_follows_backups_incrementally_and_activates(
         node: Node, second: Node, tmp_path: Path) -> None:
     target = tmp_path / "backups"
