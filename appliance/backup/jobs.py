@@ -175,6 +175,18 @@ def _choose_base(store: BackupStore, volume: str, image: SnapshotImage, block_si
 # -- restore -----------------------------------------------------------------------------
 
 
+def fetch_block(store: BackupStore, manifest: fmt.Manifest, codec: BlockCodec, index: int,
+                block_id: str) -> bytes:
+    """Block *index* of backup *manifest*: fetched, verified by the codec, and checked to
+    be as long as that block of the volume."""
+    data = store.get_block(manifest.volume, block_id, codec)
+    expected = min(manifest.block_size, manifest.size - index * manifest.block_size)
+    if len(data) != expected:
+        raise FailedPrecondition(f"block {block_id} holds {len(data)} bytes; block "
+                                 f"{index} of backup {manifest.id} is {expected}")
+    return data
+
+
 def restore_backup(store: BackupStore, manifest: fmt.Manifest, targets: list[Replica], *,
                    workers: int = 4, cancel: threading.Event | None = None,
                    progress: Progress = lambda done, total: None) -> int:
@@ -203,12 +215,7 @@ def restore_backup(store: BackupStore, manifest: fmt.Manifest, targets: list[Rep
         if cancel.is_set():
             raise Cancelled(f"the restore of backup {manifest.id} was cancelled")
         index, block_id = entry
-        data = store.get_block(manifest.volume, block_id, codec)
-        expected = min(manifest.block_size, manifest.size - index * manifest.block_size)
-        if len(data) != expected:
-            raise FailedPrecondition(f"block {block_id} holds {len(data)} bytes; block "
-                                     f"{index} of backup {manifest.id} is {expected}")
-        return index, data
+        return index, fetch_block(store, manifest, codec, index, block_id)
 
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
@@ -267,12 +274,7 @@ def apply_backup(store: BackupStore, base: fmt.Manifest | None, new: fmt.Manifes
         block_id = blocks.get(index)
         if block_id is None:
             return index, None
-        data = store.get_block(new.volume, block_id, codec)
-        expected = min(new.block_size, new.size - index * new.block_size)
-        if len(data) != expected:
-            raise FailedPrecondition(f"block {block_id} holds {len(data)} bytes; block "
-                                     f"{index} of backup {new.id} is {expected}")
-        return index, data
+        return index, fetch_block(store, new, codec, index, block_id)
 
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="apply") as pool:
         for done, (index, data) in enumerate(

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from appliance.backup import format as bfmt
 from appliance.backup.codec import BlockCodec
 from appliance.backup.image import SnapshotImage
+from appliance.backup.jobs import fetch_block
 from appliance.backup.store import BackupStore
 from appliance.chain.format import BLOCK_SIZE
 from appliance.chain.frozen import FrozenSnapshot
@@ -109,10 +110,7 @@ class BackupFile:
                     break
             waiting.wait()  # another thread fetches it: then from the cache
         try:
-            data = self.store.get_block(self.manifest.volume, block_id, self.codec)
-            if len(data) != expected:
-                raise FailedPrecondition(f"block {block_id} holds {len(data)} bytes; block "
-                                         f"{index} of backup {self.manifest.id} is {expected}")
+            data = fetch_block(self.store, self.manifest, self.codec, index, block_id)
             with self._lock:
                 self._cache[index] = data
                 while len(self._cache) > self.capacity:

@@ -63,8 +63,6 @@ BACKUP_POLL = 1.0  # seconds between looks at a running backup or scrub
 class VolumeActions(Protocol):
     """What a job does to volumes. Each raises an ApplianceError when it fails."""
 
-    async def volumes(self) -> list[dict[str, Any]]: ...
-
     async def snapshots(self, volume: str) -> list[dict[str, Any]]:
         """The volume's snapshots, and its head last (``"name": None``)."""
 
@@ -563,9 +561,6 @@ class ApiActions:
     @staticmethod
     def _path(volume: str) -> str:
         return f"/v1/volumes/{quote(volume, safe='')}"
-
-    async def volumes(self) -> list[dict[str, Any]]:
-        return list(await self._call("GET", "/v1/volumes"))
 
     async def snapshots(self, volume: str) -> list[dict[str, Any]]:
         return list(await self._call("GET", f"{self._path(volume)}/snapshots?head=true"))

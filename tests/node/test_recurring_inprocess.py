@@ -60,9 +60,6 @@ class ModelVolumes:
     def write(self, volume: str) -> None:
         self.vols[volume].written += 1
 
-    async def volumes(self) -> list[dict[str, Any]]:
-        return [{"name": n} for n in self.vols]
-
     async def snapshots(self, volume: str) -> list[dict[str, Any]]:
         v = self.vols[volume]
         return [*[dict(s) for s in v.snapshots],

@@ -15,16 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import MiB, Node, run, wait_for
-
-
-def export_digest(directory: str, scratch: Path, snapshot: str | None = None) -> str:
-    image = scratch / "export.img"
-    run("replica", "export", directory, image, *(["--snapshot", snapshot] if snapshot else []),
-        "--force", timeout=300)
-    digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    image.unlink()
-    return digest
+from tests.backup.test_node_backups import export_sha
+from tests.harness import MiB, Node, wait_for
 
 
 def fio(device: str, seed: int, size: str) -> None:
@@ -74,7 +66,7 @@ def test_a_standby_follows_backups_incrementally_and_activates(
     refused = second.cli("volume", "attach", "dr", check=False)
     assert refused.returncode == 1 and "is a standby of backup volume src" in refused.stderr
     directories = [r["directory"] for r in second.volume("dr")["replica_list"]]
-    held_digests = [export_digest(directories[0], tmp_path)]
+    held_digests = [export_sha(directories[0], None, tmp_path)]
 
     for round_ in (2, 3):
         fio(device, round_, "2M")  # a few blocks of the backup change
@@ -89,7 +81,7 @@ def test_a_standby_follows_backups_incrementally_and_activates(
         # change, usually fewer; never the whole volume again
         assert 0 < update["blocks"] <= 32 and update["bytes_fetched"] <= 32 * 2 * MiB
         assert standby(second, "dr")["lag_seconds"] >= 0
-        digests = {export_digest(d, tmp_path) for d in directories}
+        digests = {export_sha(d, None, tmp_path) for d in directories}
         assert len(digests) == 1  # the replicas are equal
         held_digests.append(digests.pop())
     events = json.loads(second.cli("events", "--volume", "dr", "-o", "json").stdout)
@@ -98,7 +90,7 @@ def test_a_standby_follows_backups_incrementally_and_activates(
     # the oracle: the source's snapshots, exported once the source is detached
     node.cli("volume", "detach", "src")
     source = node.volume("src")["replica_list"][0]["directory"]
-    assert held_digests == [export_digest(source, tmp_path, f"s{i}") for i in (1, 2, 3)]
+    assert held_digests == [export_sha(source, f"s{i}", tmp_path) for i in (1, 2, 3)]
 
     second.cli("snapshot", "create", "dr", "kept")
     refused = second.cli("snapshot", "revert", "dr", "kept", check=False)
