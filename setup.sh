@@ -33,6 +33,7 @@ packages=(
     kmod nbd-client python3-cryptography           # what the Ansible roles install (their tests are offline)
     tgt libiscsi-bin libiscsi-dev qemu-block-extra # the iSCSI frontend, its initiators and its load generator
     nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind   # RWX shares over NFS and their clients
+    chromium                                       # the browser of the web UI's tests
 )
 
 missing=()
@@ -75,6 +76,19 @@ if [ ! -e "$stamp" ]; then
     .venv/bin/python -c 'import appliance.cli.main'   # fail here if the install did not work
     rm -f .venv/.installed-*
     touch "$stamp"
+fi
+# the web UI's browser-side packages (appliance/ui/package.json: htmx, Pico CSS, and axe-core
+# for the tests), from the npm registry as the lock file pins them; never committed
+if ! command -v npm >/dev/null; then
+    echo "setup.sh: installing nodejs and npm"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+ui_stamp="appliance/ui/node_modules/.installed-$(sha256sum <appliance/ui/package-lock.json | cut -c1-16)"
+if [ ! -e "$ui_stamp" ]; then
+    echo "setup.sh: installing the web UI's npm packages into appliance/ui/node_modules"
+    (cd appliance/ui && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    touch "$ui_stamp"
 fi
 # the CSI plugin's gRPC stubs, generated from the CSI spec's csi.proto (CSI_PROTO, default
 # ../shared/reference/csi-spec-v1.12.0/csi.proto); nothing is done when they are current

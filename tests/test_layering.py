@@ -65,7 +65,7 @@ def test_the_host_check_is_a_library() -> None:
 # (and the browse helper: pyfuse3, its FUSE library, runs on trio)
 TRIO_ALLOWED = ("appliance/node/", "appliance/control/sqlite_store.py",
                 "appliance/control/etcd_store.py", "appliance/browse/fusefs.py",
-                "appliance/browse/helper.py")
+                "appliance/browse/helper.py", "appliance/ui/")
 # the host check names nbdkit's package and asks nbdkit about its Python plugin
 # (--dump-plugin); it serves nothing with it
 NBDKIT_ALLOWED = ("appliance/nbd/", "appliance/hostcheck/packages.py",

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +36,8 @@ from appliance.node.recurring import RecurringJobs
 from appliance.node.scrubs import ScrubService
 from appliance.node.service import NodeService
 from appliance.node.standby import StandbyService
+from appliance.ui.api import Api as UiApi
+from appliance.ui.app import create_app as create_ui
 from appliance.units import parse_size
 
 
@@ -585,4 +587,16 @@ def create_app(service: NodeService, backups: BackupService, jobs: RecurringJobs
     async def update_settings(body: SettingsUpdate) -> dict[str, Any]:
         return await service.update_settings(body.model_dump(exclude_none=True))
 
+    _ui_routes(app, token, service.controller.config.node_name)
     return app
+
+
+def _ui_routes(app: FastAPI, token: str, node_name: str) -> None:
+    """The web UI at /ui/ (docs/ui.md): its requests come back into this app."""
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/ui", include_in_schema=False)
+    async def to_ui() -> RedirectResponse:
+        return RedirectResponse("/ui/", status_code=307)
+
+    app.mount("/ui", create_ui(UiApi.in_process(app, token), token, node_name))

@@ -354,7 +354,8 @@ class NodeService:
 
     async def show_volume(self, name: str) -> dict[str, Any]:
         """The volume; for an attached one each replica's mode, rebuild progress and
-        diverged branch as its engine reports them, and its recent history; the volumes
+        diverged branch as its engine reports them, its I/O counters and latency
+        histograms (``io``), and its recent history; the volumes
         that keep branches of its history that it gave up."""
         volume, _ = await self._volume(name)
         info = await self._describe(volume)
@@ -378,6 +379,8 @@ class NodeService:
                     replica["reason"] = names.text(replica["reason"])
             info["history"] = [{**branch, "cause": names.text(str(branch.get("cause")))}
                                for branch in status.get("history", [])]
+            if status.get("io"):
+                info["io"] = status["io"]
         return info
 
     async def _describe(self, volume: Volume) -> dict[str, Any]:
