@@ -58,8 +58,13 @@ class Storage:
         return max(self.capacity - self.available, 0)
 
     @property
+    def takes_replicas(self) -> bool:
+        """Whether the scheduler puts new replicas here."""
+        return self.allow_scheduling and not self.eviction_requested
+
+    @property
     def schedulable(self) -> int:
-        return max(self.limit - self.scheduled, 0)
+        return max(self.limit - self.scheduled, 0) if self.takes_replicas else 0
 
     @property
     def over_provisioned(self) -> int:
@@ -88,15 +93,15 @@ def storage(disks: list[dict[str, Any]], settings: dict[str, Any],
 
 
 def storage_totals(rows: list[Storage]) -> dict[str, int]:
-    return {key: sum(getattr(r, key) for r in rows if r.allow_scheduling or key != "schedulable")
+    return {key: sum(getattr(r, key) for r in rows)
             for key in ("capacity", "used", "reserved", "scheduled", "schedulable",
                         "over_provisioned")}
 
 
 def node_counts(nodes: list[dict[str, Any]]) -> dict[str, int]:
-    counts = Counter()  # type: Counter[str]
-    for node in nodes:
-        counts["ready" if node.get("state") == "ready" else "down"] += 1
+    counts: Counter[str] = Counter()
+    for node in nodes:  # a cordoned node is alive: state "cordoned" (nodes.py)
+        counts["down" if node.get("state") == "down" else "ready"] += 1
         if node.get("cordoned"):
             counts["cordoned"] += 1
     return {key: counts[key] for key in ("ready", "down", "cordoned")}
@@ -135,12 +140,10 @@ def filter_sort(volumes: list[dict[str, Any]], query: str, kind: str, sort: str,
 
     chosen = [v for v in volumes if matches(v) and (not kind or volume_class(v) == kind)]
     key = sort if sort in SORT_KEYS else "name"
-
-    def order(volume: dict[str, Any]) -> tuple[Any, ...]:
-        value = volume.get(key)
-        return (value is None, value if value is not None else "", volume["name"])
-
-    return sorted(chosen, key=order, reverse=descending)
+    known = sorted((v for v in chosen if v.get(key) is not None),
+                   key=lambda v: (v[key], v["name"]), reverse=descending)
+    unknown = sorted((v for v in chosen if v.get(key) is None), key=lambda v: v["name"])
+    return known + unknown  # whichever the direction, volumes without the value last
 
 
 @dataclass
