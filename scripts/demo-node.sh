@@ -64,6 +64,7 @@ cat <<EOF
 
 == next
 The daemon keeps running, and volume demo is attached at $device.
+Its web UI is at $APPLIANCE_URL/ui/ (log in with the token in $APPLIANCE_TOKEN_FILE).
     export APPLIANCE_URL=$APPLIANCE_URL APPLIANCE_TOKEN_FILE=$APPLIANCE_TOKEN_FILE
     .venv/bin/appliance volume list
     .venv/bin/appliance snapshot create demo first

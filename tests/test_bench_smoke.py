@@ -146,3 +146,14 @@ def test_protection_bench_quick(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "backup mount:" in result.stdout and "standby:" in result.stdout
     assert (tmp_path / "out.json").exists()
+
+
+@pytest.mark.slow  # a quarter of a minute: a daemon with ten volumes and a browser
+def test_ui_bench_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ui_bench", "--quick", "--dir", str(tmp_path / "b"),
+         "--port", "0", "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "first render" in result.stdout and "GET /v1/volumes alone" in result.stdout
+    assert (tmp_path / "out.json").exists()

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from appliance.errors import ApplianceError
 from appliance.ui import actions, assets, pages
 from appliance.ui.api import Api
-from appliance.ui.core import Handler, SecurityHeaders, Ui
+from appliance.ui.core import PREFIX, Handler, SecurityHeaders, Ui
 from appliance.ui.sessions import COOKIE
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,20 @@ def create_app(api: Api, token: str, node_name: str) -> Starlette:
         log.warning("the web UI has no assets, its pages will look bare: %s", message)
         served = {}
 
+    ui.env.globals["asset"] = lambda name: (
+        f"{PREFIX}/assets/{name}?v={served[name].etag.strip(chr(34))[:12]}" if name in served
+        else f"{PREFIX}/assets/{name}")
+
     async def asset(request: Request) -> Response:
         found = served.get(request.path_params["asset"])
         if found is None:
             raise HTTPException(404)
         if not found.public and ui.sessions.get(request.cookies.get(COOKIE)) is None:
             return Response("log in first", status_code=401, media_type="text/plain")
-        headers = {"ETag": found.etag, "Cache-Control": "private, no-cache"}
+        # the pages name an asset with its digest (?v=): a new version is a new URL
+        versioned = request.query_params.get("v") == found.etag.strip('"')[:12]
+        headers = {"ETag": found.etag, "Cache-Control": "private, max-age=31536000, immutable"
+                   if versioned else "private, no-cache"}
         if request.headers.get("if-none-match") == found.etag:
             return Response(status_code=304, headers=headers)
         return Response(found.body, media_type=found.media_type, headers=headers)

@@ -9,7 +9,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from appliance.errors import ApplianceError, FailedPrecondition
+from appliance.errors import ApplianceError
 from appliance.ui import views
 from appliance.ui.api import gather, part
 from appliance.ui.core import Ui
@@ -96,8 +96,6 @@ async def volume_live(ui: Ui, name: str) -> dict[str, Any]:
 async def volume_backups(ui: Ui, name: str) -> dict[str, Any]:
     try:
         listing = await ui.api.get("/v1/backups", volume=name)
-    except FailedPrecondition as exc:
-        return {"backups": [], "problem": exc.message, "running": False}
     except ApplianceError as exc:
         return {"backups": [], "problem": exc.message, "running": False}
     backups = sorted(listing["backups"], key=lambda b: str(b.get("created")), reverse=True)
@@ -120,6 +118,10 @@ async def volume(ui: Ui, request: Request, session: Session) -> Response:
                            csrf=session.csrf)
     if wanted == "backups":
         return ui.fragment("volume_backups", name=name, b=await volume_backups(ui, name))
+    if wanted == "events":
+        listing = need(await ui.api.get("/v1/events", volume=name))
+        return ui.fragment("volume_events", name=name,
+                           events=list(reversed(listing[-EVENTS_SHOWN:])))
     live = await volume_live(ui, name)
     snapshots, events, jobs, nodes = await gather(ui.api, [
         f"/v1/volumes/{part(name)}/snapshots?head=true",

@@ -14,12 +14,25 @@ from tests.harness import Node, wait_for
 from tests.ui.browser import api, axe, login, new_page, screenshot
 
 
-@pytest.fixture
-def furnished(node: Node, tmp_path: Path) -> Iterator[tuple[Node, str]]:
-    """A node with something on every page: an attached volume with two snapshots on a
-    branch, a detached one, a backup, a recurring job. Yields the node and the backup."""
-    (tmp_path / "backups").mkdir()
-    node.cli("backup-target", "set", f"file://{tmp_path / 'backups'}")
+@pytest.fixture(scope="module")
+def furnished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, str]]:
+    """A node with something on every page, shared by this module's tests (none changes
+    what another looks at): an attached volume with two replicas and two snapshots, a
+    detached one, a backup, a recurring job. Yields the node and the backup's id."""
+    root = tmp_path_factory.mktemp("furnished")
+    node = Node(root)
+    node.start()
+    try:
+        yield furnish(node, root)
+    finally:
+        node.cleanup()
+
+
+def furnish(node: Node, root: Path) -> tuple[Node, str]:
+    (root / "disk2").mkdir()
+    node.cli("disk", "add", root / "disk2")
+    (root / "backups").mkdir()
+    node.cli("backup-target", "set", f"file://{root / 'backups'}")
     node.cli("volume", "create", "db", "--size", "64M", "--replicas", "2")
     node.cli("volume", "create", "logs", "--size", "32M", "--replicas", "1")
     node.cli("volume", "attach", "db")
@@ -28,7 +41,7 @@ def furnished(node: Node, tmp_path: Path) -> Iterator[tuple[Node, str]]:
     backup = node.cli("backup", "create", "db").stdout.strip()
     node.cli("job", "create", "nightly", "--task", "snapshot", "--cron", "0 3 * * *",
              "--retain", "7")
-    yield node, backup
+    return node, backup
 
 
 def pages(backup: str) -> list[tuple[str, str]]:
