@@ -7,8 +7,10 @@
 # /opt/appliance/venv, made from Debian's /usr/bin/python3 (the interpreter nbdkit's Python
 # plugin embeds). Dependencies are pinned to the versions of the build machine's .venv
 # (./setup.sh makes it), the CSI gRPC stubs are generated from the CSI spec's csi.proto
-# (sha256-pinned, see appliance/csi/protogen.py), man pages from the CLI's help. The version
-# is the appliance's (appliance/__init__.py) with Debian revision N (default 1).
+# (sha256-pinned, see appliance/csi/protogen.py), man pages from the CLI's help. The web
+# UI's npm files it serves are taken from appliance/ui/node_modules (./setup.sh installs
+# them) into /usr/share/appliance/ui/node_modules. The version is the appliance's
+# (appliance/__init__.py) with Debian revision N (default 1).
 # Writes DIR/appliance_VERSION-N_amd64.deb (default DIR: dist/) and prints its path.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -18,7 +20,7 @@ while (($#)); do
     case "$1" in
         --out) out="$2"; shift 2 ;;
         --revision) revision="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -30,6 +32,18 @@ fi
 case "$revision" in
     ''|*[!0-9]*) echo "build.sh: --revision must be a number, not '$revision'" >&2; exit 2 ;;
 esac
+# The web UI's npm files that the daemon serves (appliance/ui/assets.py), each package with
+# its package.json and licence; nothing else of node_modules (axe-core is the tests').
+modules="$root/appliance/ui/node_modules"
+ui_files=(htmx.org/dist/htmx.min.js htmx.org/package.json htmx.org/LICENSE
+          @picocss/pico/css/pico.min.css @picocss/pico/package.json @picocss/pico/LICENSE.md)
+for file in "${ui_files[@]}"; do
+    if [ ! -f "$modules/$file" ]; then
+        echo "build.sh: the web UI's npm packages are not installed ($modules/$file is" \
+            "missing): run ./setup.sh --no-demo first" >&2
+        exit 1
+    fi
+done
 version="$("$venv/bin/python" -c 'import ast, sys
 tree = ast.parse(open(sys.argv[1]).read())
 print(next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
@@ -58,6 +72,11 @@ wheel="$(ls "$build"/wheel/appliance-*.whl)"
 "$venv/bin/python" -c 'import sys, zipfile
 sys.exit("appliance/csi/proto/csi_pb2_grpc.py" not in zipfile.ZipFile(sys.argv[1]).namelist())' \
     "$wheel" || { echo "build.sh: the wheel lacks the CSI stubs" >&2; exit 1; }
+"$venv/bin/python" -c 'import sys, zipfile
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+sys.exit(not {"appliance/ui/templates/base.html", "appliance/ui/static/app.js"} <= names)' \
+    "$wheel" || { echo "build.sh: the wheel lacks the web UI's templates or static files" >&2
+                  exit 1; }
 
 # The private virtualenv, at its final path inside the stage; its scripts are pointed at
 # /opt/appliance/venv afterwards. No pip inside (upgrades come as packages) and no
@@ -91,6 +110,12 @@ mkdir -p "$build/man"
 PYTHONPATH="$build/src" "$venv/bin/python" "$root/packaging/deb/manpages.py" "$version" \
     "$build/man"
 gzip -9n "$build"/man/*.1
+
+# The web UI's npm files, at their paths under node_modules.
+for file in "${ui_files[@]}"; do
+    install -D -m 0644 "$modules/$file" "$build/ui/node_modules/$file"
+done
+find "$build/ui" -type d -exec chmod 0755 {} +
 
 mkdir -p "$build/doc"
 cp "$root/packaging/deb/copyright" "$build/doc/copyright"

@@ -1,6 +1,7 @@
 """The appliance's Debian package: lintian, the unit's checks, and a life on one machine:
-install, run, upgrade with a volume attached and written to (its engine keeps serving),
-removal refused while volumes are attached, remove (data kept), purge (data still kept)."""
+install, run (the web UI served from the installed files), upgrade with a volume attached
+and written to (its engine keeps serving), removal refused while volumes are attached,
+remove (data kept), purge (data still kept)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from tests.packaging.sandbox import Sandbox
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive"}
 UNIT = Path("/lib/systemd/system/appliance.service")
 EXPOSURE = "5.9"  # systemd-analyze security of the unit; docs/packaging.md says why not lower
+# the web UI's npm files, as build.sh takes them from appliance/ui/node_modules
+UI_MODULES = Path("/usr/share/appliance/ui/node_modules")
+UI_FILES = {"htmx.org/dist/htmx.min.js", "htmx.org/package.json", "htmx.org/LICENSE",
+            "@picocss/pico/css/pico.min.css", "@picocss/pico/package.json",
+            "@picocss/pico/LICENSE.md"}
 
 # Writes 4 KiB blocks to DEVICE one at a time (O_DIRECT, fdatasync after each), numbering
 # them, and logs each number once the write is acknowledged, until STOP exists; "verify"
@@ -53,6 +59,18 @@ else:
     print(len(acked), len(bad), bad[:10])
 """
 
+# GET PATH of the daemon's API on the sandbox's 127.0.0.1:9500, without a session: prints
+# the status, the Content-Type and the body.
+FETCH = r"""
+import json, sys, urllib.error, urllib.request
+try:
+    answer = urllib.request.urlopen("http://127.0.0.1:9500" + sys.argv[1], timeout=30)
+except urllib.error.HTTPError as error:
+    answer = error
+print(json.dumps({"status": answer.status, "type": answer.headers["Content-Type"],
+                  "body": answer.read().decode()}))
+"""
+
 
 def sh(box: Sandbox, *argv: str, timeout: float = 600, **env: str,
        ) -> subprocess.CompletedProcess[str]:
@@ -78,6 +96,12 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def fetch(box: Sandbox, path: str) -> tuple[int, str, str]:
+    """GET *path* of the sandbox's daemon: the status, the media type, the body."""
+    got = json.loads(ok(box, "/usr/bin/python3", "-c", FETCH, path, timeout=60))
+    return got["status"], got["type"].split(";")[0], got["body"]
 
 
 def answers(box: Sandbox) -> bool:
@@ -118,6 +142,13 @@ def test_install_upgrade_remove_purge(debs: Debs, sandbox: Sandbox) -> None:
     assert Path("/usr/bin/appliance").resolve() == Path("/opt/appliance/venv/bin/appliance")
     assert "appliance-volume-attach.1.gz" in {p.name for p in Path("/usr/share/man/man1").iterdir()}
     assert Path("/usr/share/appliance/kubernetes/04-node.yaml").is_file()
+    # the web UI's npm files, and nothing else of node_modules (axe-core is the tests')
+    assert {str(p.relative_to(UI_MODULES)) for p in UI_MODULES.rglob("*") if p.is_file()} \
+        == UI_FILES
+    # its templates and static files are the wheel's; node_modules is not
+    (ui,) = Path("/opt/appliance/venv").glob("lib/python3*/site-packages/appliance/ui")
+    assert (ui / "templates" / "login.html").is_file() and (ui / "static" / "app.js").is_file()
+    assert not (ui / "node_modules").exists()
     verify = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True,
                             text=True, check=False)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
@@ -133,6 +164,15 @@ def test_install_upgrade_remove_purge(debs: Debs, sandbox: Sandbox) -> None:
     wait_for(lambda: answers(sandbox), 60, "the packaged daemon to answer")
     checked = json.loads(sh(sandbox, "appliance", "check", "-o", "json").stdout)
     assert checked["ok"], checked
+    # the web UI, from the installed files: the login page (the wheel's templates) and Pico
+    # CSS (from /usr/share/appliance/ui/node_modules, the virtualenv having none)
+    status, media, body = fetch(sandbox, "/ui/login")
+    assert (status, media) == (200, "text/html"), f"{status} {media}: {body[:300]}"
+    assert "Log in to appliance" in body and "/ui/assets/pico.css" in body
+    status, media, body = fetch(sandbox, "/ui/assets/pico.css")
+    assert (status, media) == (200, "text/css"), f"{status} {media}: {body[:300]}"
+    pico = UI_MODULES / "@picocss/pico/css/pico.min.css"
+    assert body.encode() == pico.read_bytes()
     ok(sandbox, "mkdir", "-p", "/var/lib/appliance/disk2")
     ok(sandbox, "appliance", "disk", "add", "/var/lib/appliance/disk2")
     ok(sandbox, "appliance", "volume", "create", "pkgvol", "--size", "64M", "--replicas", "2")
