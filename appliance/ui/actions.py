@@ -21,6 +21,7 @@ from appliance.ui.core import (
     act,
     back,
     form_of,
+    is_https,
     read_form,
     safe_next,
     same_origin,
@@ -58,7 +59,7 @@ def volume_page(request: Request) -> str:
 
 async def login_page(ui: Ui, request: Request) -> Response:
     target = safe_next(request.query_params.get("next"))
-    if ui.sessions.get(request.cookies.get("appliance_ui")) is not None:
+    if ui.sessions.get(request.cookies.get(COOKIE)) is not None:
         return RedirectResponse(target, 303)
     return ui.render(request, None, "login.html", title="Log in", error="", next=target)
 
@@ -83,11 +84,12 @@ async def login(ui: Ui, request: Request) -> Response:
                          error="That is not this node's API token. It is in the file "
                                "DATA_DIR/token on the node (/var/lib/appliance/token by "
                                "default), readable by root only.", next=target)
+    ui.sessions.end(request.cookies.get(COOKIE))  # a session held before: not kept
     session = ui.sessions.create()
     log.info("UI login (%s)", client)
     response = RedirectResponse(target, 303)
     response.set_cookie(COOKIE, session.id, path=PREFIX, httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
+                        secure=is_https(request))
     return response
 
 
@@ -181,15 +183,21 @@ async def volume_create(ui: Ui, request: Request, session: Session) -> Response:
     return back(f"{PREFIX}/volumes/{part(name)}")
 
 
+def replicas_of(form: dict[str, str]) -> dict[str, int]:
+    """The replicas field when given (empty: the API's default)."""
+    return {"replicas": number(form, "replicas", "replicas")} \
+        if form.get("replicas", "").strip() else {}
+
+
 async def create_volume(ui: Ui, form: dict[str, str], name: str) -> None:
-    replicas = number(form, "replicas", "replicas", 2)
+    replicas = replicas_of(form)
     source = form.get("source", "empty")
     if source == "empty":
         size = form.get("size", "").strip()
         if not size:
             raise InvalidArgument("give the volume's size, such as 10G")
         await ui.api.post("/v1/volumes", {
-            "name": name, "size": size, "replicas": replicas,
+            "name": name, "size": size, **replicas,
             "data_locality": form.get("data_locality", "disabled"),
             "access_mode": form.get("access_mode", "rwo")})
         return
@@ -205,14 +213,12 @@ async def create_volume(ui: Ui, form: dict[str, str], name: str) -> None:
         if not origin:
             raise InvalidArgument("choose the volume to copy")
         await ui.api.post(f"/v1/volumes/{part(origin)}/clone", {
-            "name": name, "snapshot": form.get("snapshot", "").strip() or None,
-            "replicas": replicas})
+            "name": name, "snapshot": form.get("snapshot", "").strip() or None, **replicas})
     elif source == "backup":
         backup = form.get("backup", "")
         if not backup:
             raise InvalidArgument("choose the backup to restore")
-        await ui.api.post(f"/v1/backups/{part(backup)}/restore",
-                          {"name": name, "replicas": replicas})
+        await ui.api.post(f"/v1/backups/{part(backup)}/restore", {"name": name, **replicas})
     else:
         raise InvalidArgument(f"unknown source {source!r}: empty, snapshot or backup")
 
@@ -308,15 +314,29 @@ async def disk_add(ui: Ui, request: Request, session: Session) -> Response:
                      f"Disk {body['path']} added.")
 
 
+def changed(form: dict[str, str], fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields whose value the operator changed: the form carries what it showed of
+    each as ``shown-NAME``; a value changed elsewhere meanwhile is not undone."""
+    return {key: value for key, value in fields.items()
+            if form.get(f"shown-{key}") != str(value)}
+
+
 async def disk_update(ui: Ui, request: Request, session: Session) -> Response:
     disk = request.path_params["disk"]
     form = await form_of(request)
-    body = {"tags": words(form.get("tags", "")),
-            "allow_scheduling": "allow_scheduling" in form,
-            "eviction_requested": "eviction_requested" in form,
-            "storage_reserved": form.get("storage_reserved", "").strip() or 0}
+    fields: dict[str, Any] = {
+        "tags": ", ".join(words(form.get("tags", ""))),
+        "allow_scheduling": "allow_scheduling" in form,
+        "eviction_requested": "eviction_requested" in form,
+        "storage_reserved": form.get("storage_reserved", "").strip() or "0"}
+    body = changed(form, fields)
+    if not body:
+        session.flash("ok", f"Nothing changed on disk {disk}.")
+        return back(NODES)
+    if "tags" in body:
+        body["tags"] = words(body["tags"])
     return await act(session, NODES, ui.api.patch(f"/v1/disks/{part(disk)}", body),
-                     f"Disk {disk} changed.")
+                     f"Disk {disk} changed: {', '.join(sorted(body))}.")
 
 
 async def disk_remove_page(ui: Ui, request: Request, session: Session) -> Response:
@@ -378,8 +398,8 @@ async def backup_restore(ui: Ui, request: Request, session: Session) -> Response
     form = await form_of(request)
     name = form.get("name", "").strip()
     try:
-        await ui.api.post(f"/v1/backups/{part(backup)}/restore", {
-            "name": name, "replicas": number(form, "replicas", "replicas", 2)})
+        await ui.api.post(f"/v1/backups/{part(backup)}/restore",
+                          {"name": name, **replicas_of(form)})
     except ApplianceError as exc:
         return await pages.restore_form(ui, request, session, form, exc.message,
                                         exc.http_status)
@@ -460,14 +480,18 @@ async def job_delete(ui: Ui, request: Request, session: Session) -> Response:
 async def settings_update(ui: Ui, request: Request, session: Session) -> Response:
     form = await form_of(request)
     definitions = await ui.api.get("/v1/settings/definitions")
-    current = await ui.api.get("/v1/settings")
     changes: dict[str, Any] = {}
     try:
         for definition in definitions:
             key, kind = definition["name"], definition["type"]
+            shown = form.get(f"shown-{key}")
+            if shown is None:  # not on the form the operator saw
+                continue
             if kind == "bool":
                 value: Any = key in form
-            elif key not in form:
+                if str(value) == shown:
+                    continue
+            elif key not in form or form[key].strip() == shown:
                 continue
             elif kind == "int":
                 value = number(form, key, key)
@@ -479,8 +503,7 @@ async def settings_update(ui: Ui, request: Request, session: Session) -> Respons
                         from None
             else:
                 value = form[key].strip()
-            if value != current.get(key):
-                changes[key] = value
+            changes[key] = value
     except ApplianceError as exc:
         session.flash("error", exc.message)
         return back(f"{PREFIX}/settings")

@@ -18,6 +18,7 @@ import trio
 from appliance.errors import ApplianceError, Unavailable, error_class
 
 TIMEOUT = 330.0  # the slowest request the API answers (a waited detach)
+TARGET_TIMEOUT = 20.0  # a listing of the backup target that a page waits for
 
 
 def part(value: str) -> str:
@@ -36,9 +37,13 @@ class Api:
             headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT))
 
     async def call(self, method: str, path: str, body: Any = None,
-                   params: dict[str, Any] | None = None) -> Any:
+                   params: dict[str, Any] | None = None, timeout: float = TIMEOUT) -> Any:
         try:
-            response = await self.client.request(method, path, json=body, params=params)
+            with trio.fail_after(timeout):  # httpx's timeouts do not reach an ASGI app
+                response = await self.client.request(method, path, json=body, params=params)
+        except trio.TooSlowError:
+            raise Unavailable(f"the node's API did not answer {method} {path} within "
+                              f"{timeout:.0f} s") from None
         except httpx.HTTPError as exc:
             raise Unavailable(f"the node's API did not answer: {exc or type(exc).__name__}"
                               ) from exc
@@ -51,9 +56,10 @@ class Api:
             raise cls(message)
         return response.json() if response.content else None
 
-    async def get(self, path: str, **params: Any) -> Any:
+    async def get(self, path: str, timeout: float = TIMEOUT, **params: Any) -> Any:
         return await self.call("GET", path, params={k: v for k, v in params.items()
-                                                    if v is not None} or None)
+                                                    if v is not None} or None,
+                               timeout=timeout)
 
     async def post(self, path: str, body: Any = None) -> Any:
         return await self.call("POST", path, body)
@@ -68,13 +74,13 @@ class Api:
         return await self.call("DELETE", path, params=params or None)
 
 
-async def gather(api: Api, paths: Sequence[str]) -> list[Any]:
+async def gather(api: Api, paths: Sequence[str], timeout: float = TIMEOUT) -> list[Any]:
     """GET every path side by side; an error becomes the answer at its place."""
     answers: list[Any] = [None] * len(paths)
 
     async def one(index: int, path: str) -> None:
         try:
-            answers[index] = await api.get(path)
+            answers[index] = await api.get(path, timeout=timeout)
         except ApplianceError as exc:
             answers[index] = exc
 

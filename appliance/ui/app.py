@@ -29,7 +29,7 @@ GUARDED: list[tuple[str, Handler | None, Handler | None]] = [
     ("/dashboard/backups", pages.dashboard_backups, None),
     ("/logout", None, actions.logout),
     ("/volumes", pages.volumes, None),
-    ("/volumes/new", pages.volume_new, actions.volume_create),
+    ("/new-volume", pages.volume_new, actions.volume_create),  # "new" may name a volume
     ("/volumes/{name}", pages.volume, None),
     ("/volumes/{name}/attach", None, actions.volume_attach),
     ("/volumes/{name}/detach", None, actions.volume_detach),

@@ -4,7 +4,9 @@ checks, security headers, forms, rendering and messages."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/ui"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAX_FORM = 1 << 20  # bytes of a form body (a credentials file is the largest field)
+ELEMENT_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,80}")
 FAILED_LOGIN_DELAY = 1.0  # seconds a refused login waits: guessing stays slow
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -67,21 +70,34 @@ class SecurityHeaders:
 
 
 def same_origin(request: Request) -> bool:
-    """False when the browser says the request came from another site: Sec-Fetch-Site,
-    or an Origin that is not this one (a browser sends one of them with every POST)."""
+    """False when the browser says the request came from another origin. A browser that
+    sends fetch metadata says it in Sec-Fetch-Site (``none``: typed or bookmarked); one
+    that does not sends an Origin with a POST, whose host must be the one asked (the Host
+    header, or X-Forwarded-Host behind a proxy; the scheme is not compared, a TLS proxy
+    changes it). A request with neither is not a browser's: its CSRF token decides."""
     site = request.headers.get("sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
-        return False
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    host = request.headers.get("host", "")
-    parts = urlsplit(origin)
-    return parts.scheme == request.url.scheme and parts.netloc == host
+    asked = {request.headers.get("host"), request.headers.get("x-forwarded-host")}
+    return urlsplit(origin).netloc in asked - {None, ""}
+
+
+def is_https(request: Request) -> bool:
+    """Served over TLS, here or by a proxy in front that says so."""
+    return request.url.scheme == "https" or \
+        request.headers.get("x-forwarded-proto", "").lower() == "https"
 
 
 def is_htmx(request: Request) -> bool:
     return request.headers.get("hx-request") == "true"
+
+
+def is_poll(request: Request) -> bool:
+    """A live part refreshing itself (htmx, ``?part=``), not the operator's doing."""
+    return is_htmx(request) and "part" in request.query_params
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -92,10 +108,11 @@ async def read_form(request: Request) -> dict[str, str]:
         raise InvalidArgument(f"a form is expected (application/x-www-form-urlencoded), "
                               f"not {kind or 'no content type'}")
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM:
-            raise InvalidArgument(f"the form is larger than {MAX_FORM} bytes")
+    async with aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > MAX_FORM:
+                raise InvalidArgument(f"the form is larger than {MAX_FORM} bytes")
     try:
         pairs = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=False,
                           max_num_fields=500)
@@ -125,11 +142,14 @@ class Ui:
         self.token = token  # what the login form's field is compared with
         self.node_name = node_name
         self.sessions = Sessions()
-        self.io_samples: dict[str, tuple[float, dict[str, Any]]] = {}
+        # (session, volume) -> (when, the engine's I/O counters then)
+        self.io_samples: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
-            trim_blocks=True, lstrip_blocks=True)  # an optional field absent: empty
-        self.env.filters.update(size=views.size, ago=views.ago, duration=views.duration,
+            trim_blocks=True, lstrip_blocks=True,  # an optional field absent: empty
+            auto_reload=False)  # no stat() of the template file at each render
+        self.env.filters.update(size=views.size, size_input=views.size_input, ago=views.ago,
+                                duration=views.duration,
                                 rate=views.rate, url=url_part,
                                 volume_class=views.volume_class)
         self.env.globals.update(prefix=PREFIX, version=__version__)
@@ -161,32 +181,55 @@ class Ui:
         token and a same-origin request."""
 
         async def endpoint(request: Request) -> Response:
-            session = self.sessions.get(request.cookies.get(COOKIE))
+            session = self.sessions.get(request.cookies.get(COOKIE),
+                                        touch=not is_poll(request))
             if session is None:
                 return self.to_login(request)
             if request.method == "POST":
-                if not same_origin(request):
-                    return self.forbidden(request, session, "a request from another site "
-                                                            "was refused")
-                offered = request.headers.get("x-csrf-token")
-                if offered is None:
-                    try:
-                        form = await read_form(request)
-                    except ApplianceError as exc:
-                        return self.forbidden(request, session, exc.message)
-                    request.state.form = form
-                    offered = form.get("csrf")
-                if not session.csrf_matches(offered):
-                    return self.forbidden(request, session, "the form is out of date (its "
-                                          "security token does not match): reload the page "
-                                          "and try again")
-            return await handler(self, request, session)
+                refusal = await self.refusal(request, session)
+                if refusal is not None:
+                    return refusal
+            if not is_poll(request):
+                return await handler(self, request, session)
+            try:
+                return await handler(self, request, session)
+            except ApplianceError as exc:  # the part says so, and keeps asking
+                return self.part_problem(request, exc.message)
 
         return endpoint
 
+    async def refusal(self, request: Request, session: Session) -> Response | None:
+        """Why a POST is refused: another origin, or not the session's CSRF token."""
+        if not same_origin(request):
+            return self.forbidden(request, session, "a request from another site was refused")
+        offered = request.headers.get("x-csrf-token")
+        if offered is None:
+            try:
+                form = await read_form(request)
+            except ApplianceError as exc:
+                return self.forbidden(request, session, exc.message)
+            request.state.form = form
+            offered = form.get("csrf")
+        if not session.csrf_matches(offered):
+            return self.forbidden(request, session, "the form is out of date (its security "
+                                  "token does not match): reload the page and try again")
+        return None
+
+    def part_problem(self, request: Request, message: str) -> Response:
+        """A live part whose refresh failed (a restore under way, a volume gone, a target
+        that does not answer): the reason in its place, asked again in 5 seconds."""
+        target = request.headers.get("hx-target", "")
+        if not ELEMENT_ID.fullmatch(target):
+            return Response(status_code=204)  # htmx leaves the page as it is
+        return self.fragment("part_problem", id=target, message=message,
+                             url=request.url.path + "?" + request.url.query)
+
     def to_login(self, request: Request) -> Response:
-        if is_htmx(request):
-            return Response(status_code=401, headers={"HX-Redirect": f"{PREFIX}/login"})
+        if is_htmx(request):  # back to the page the poll was on, after the login
+            page = urlsplit(request.headers.get("hx-current-url", ""))
+            back_to = safe_next(page.path + (f"?{page.query}" if page.query else ""))
+            return Response(status_code=401, headers={
+                "HX-Redirect": f"{PREFIX}/login?next={quote(back_to, safe='')}"})
         if request.method != "GET":
             return self.render(request, None, "login.html", status=401,
                                error="Your session has ended: log in again.", next="")

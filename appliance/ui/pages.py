@@ -11,11 +11,12 @@ from starlette.responses import Response
 
 from appliance.errors import ApplianceError
 from appliance.ui import views
-from appliance.ui.api import gather, part
+from appliance.ui.api import TARGET_TIMEOUT, gather, part
 from appliance.ui.core import Ui
 from appliance.ui.sessions import Session
 
 EVENTS_SHOWN = 12
+IO_SAMPLES = 1000  # I/O samples kept before the stale are dropped
 
 
 def need(answer: Any) -> Any:
@@ -57,7 +58,8 @@ async def dashboard(ui: Ui, request: Request, session: Session) -> Response:
 async def dashboard_backups(ui: Ui, request: Request, session: Session) -> Response:
     """The newest backup of each volume: asked of the backup target, so loaded after the
     dashboard itself."""
-    volumes, listing = await gather(ui.api, ["/v1/volumes", "/v1/backups"])
+    volumes, listing = await gather(ui.api, ["/v1/volumes", "/v1/backups"],
+                                    timeout=TARGET_TIMEOUT)
     newest = {} if isinstance(listing, ApplianceError) else \
         views.last_backups(listing["backups"])
     return ui.fragment("last_backups", volumes=need(volumes), newest=newest,
@@ -82,20 +84,26 @@ async def volumes(ui: Ui, request: Request, session: Session) -> Response:
                      v=listing)
 
 
-async def volume_live(ui: Ui, name: str) -> dict[str, Any]:
+async def volume_live(ui: Ui, name: str, session: Session) -> dict[str, Any]:
+    """The volume's live part; I/O rates since the last sample this session took (each
+    open page its own), at least a second apart."""
     info = need(await ui.api.get(f"/v1/volumes/{part(name)}"))
     now = time.monotonic()
-    io = views.io_figures(info.get("io"), ui.io_samples.get(name), now)
+    key = (session.id, name)
+    io = views.io_figures(info.get("io"), ui.io_samples.get(key), now)
     if info.get("io"):
-        held = ui.io_samples.get(name)
+        held = ui.io_samples.get(key)
         if held is None or now - held[0] >= 1.0:
-            ui.io_samples[name] = (now, info["io"])
+            ui.io_samples[key] = (now, info["io"])
+    if len(ui.io_samples) > IO_SAMPLES:  # pages closed long ago
+        for stale in [k for k, (when, _) in ui.io_samples.items() if now - when > 120]:
+            del ui.io_samples[stale]
     return {"volume": info, "io": io, "rebuilds": views.rebuilds(info)}
 
 
 async def volume_backups(ui: Ui, name: str) -> dict[str, Any]:
     try:
-        listing = await ui.api.get("/v1/backups", volume=name)
+        listing = await ui.api.get("/v1/backups", volume=name, timeout=TARGET_TIMEOUT)
     except ApplianceError as exc:
         return {"backups": [], "problem": exc.message, "running": False}
     backups = sorted(listing["backups"], key=lambda b: str(b.get("created")), reverse=True)
@@ -112,7 +120,8 @@ async def volume(ui: Ui, request: Request, session: Session) -> Response:
     name = request.path_params["name"]
     wanted = request.query_params.get("part")
     if wanted == "live":
-        return ui.fragment("volume_live", l=await volume_live(ui, name), csrf=session.csrf)
+        return ui.fragment("volume_live", l=await volume_live(ui, name, session),
+                           csrf=session.csrf)
     if wanted == "tree":
         return ui.fragment("snapshot_tree", name=name, tree=await volume_tree(ui, name),
                            csrf=session.csrf)
@@ -122,16 +131,17 @@ async def volume(ui: Ui, request: Request, session: Session) -> Response:
         listing = need(await ui.api.get("/v1/events", volume=name))
         return ui.fragment("volume_events", name=name,
                            events=list(reversed(listing[-EVENTS_SHOWN:])))
-    live = await volume_live(ui, name)
-    snapshots, events, jobs, nodes = await gather(ui.api, [
+    live = await volume_live(ui, name, session)
+    snapshots, events, jobs, nodes, scrub = await gather(ui.api, [
         f"/v1/volumes/{part(name)}/snapshots?head=true",
-        f"/v1/events?volume={part(name)}", "/v1/jobs", "/v1/nodes"])
+        f"/v1/events?volume={part(name)}", "/v1/jobs", "/v1/nodes",
+        f"/v1/volumes/{part(name)}/scrub"])
     return ui.render(
         request, session, "volume.html", section="volumes", title=f"Volume {name}",
         l=live, name=name,
         tree=views.snapshot_tree(snapshots) if not isinstance(snapshots, ApplianceError)
         else [], tree_problem=problem(snapshots),
-        b=await volume_backups(ui, name),
+        scrub=None if isinstance(scrub, ApplianceError) else scrub,
         events=list(reversed(need(events)[-EVENTS_SHOWN:])),
         jobs=[] if isinstance(jobs, ApplianceError) else jobs,
         nodes=[] if isinstance(nodes, ApplianceError) else nodes)
@@ -141,7 +151,8 @@ async def volume_new(ui: Ui, request: Request, session: Session,
                      form: dict[str, str] | None = None, error: str = "",
                      status: int = 200) -> Response:
     """The form that creates a volume (empty, a copy of a snapshot, or a restore)."""
-    volumes_answer, listing = await gather(ui.api, ["/v1/volumes", "/v1/backups"])
+    volumes_answer, listing = await gather(ui.api, ["/v1/volumes", "/v1/backups"],
+                                           timeout=TARGET_TIMEOUT)
     backups = [] if isinstance(listing, ApplianceError) else [
         b for b in listing["backups"] if b.get("state") == "complete"]
     return ui.render(request, session, "volume_new.html", section="volumes",
@@ -170,7 +181,7 @@ async def nodes(ui: Ui, request: Request, session: Session) -> Response:
 
 async def backups(ui: Ui, request: Request, session: Session) -> Response:
     target, listing, volumes_answer = await gather(ui.api, [
-        "/v1/backup-target", "/v1/backups", "/v1/volumes"])
+        "/v1/backup-target", "/v1/backups", "/v1/volumes"], timeout=TARGET_TIMEOUT)
     by_volume: dict[str, list[dict[str, Any]]] = {}
     if not isinstance(listing, ApplianceError):
         for backup in sorted(listing["backups"], key=lambda b: str(b.get("created")),

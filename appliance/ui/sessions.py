@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 COOKIE = "appliance_ui"
@@ -42,11 +43,12 @@ class Session:
 
 
 class Sessions:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._sessions: dict[str, Session] = {}
+        self._clock = clock
 
     def create(self) -> Session:
-        now = time.monotonic()
+        now = self._clock()
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now)
         self._sessions[session.id] = session
         while len(self._sessions) > MOST:
@@ -54,18 +56,20 @@ class Sessions:
             del self._sessions[oldest.id]
         return session
 
-    def get(self, session_id: str | None) -> Session | None:
-        """The live session with this id (its idle time restarts), or None."""
+    def get(self, session_id: str | None, *, touch: bool = True) -> Session | None:
+        """The live session with this id, or None; *touch*: the request is the operator's
+        (a page, an action), so its idle time restarts (a live part's poll does not)."""
         if not session_id:
             return None
         session = self._sessions.get(session_id)
         if session is None:
             return None
-        now = time.monotonic()
+        now = self._clock()
         if now - session.seen > IDLE or now - session.created > LIFETIME:
             del self._sessions[session_id]
             return None
-        session.seen = now
+        if touch:
+            session.seen = now
         return session
 
     def end(self, session_id: str | None) -> None:

@@ -225,6 +225,18 @@ def size(value: Any) -> str:
     return "" if value is None else format_size(int(value))
 
 
+def size_input(value: Any) -> str:
+    """*value* bytes as a size field shows it: exact and parseable (10G, 1536M, 4K, or
+    bytes); empty for 0."""
+    size = int(value or 0)
+    if not size:
+        return ""
+    for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
+
+
 def rate(value: float) -> str:
     return f"{format_size(int(value))}/s"
 

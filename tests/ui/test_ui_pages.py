@@ -46,7 +46,7 @@ def furnish(node: Node, root: Path) -> tuple[Node, str]:
 
 def pages(backup: str) -> list[tuple[str, str]]:
     return [("dashboard", "/ui/"), ("volumes", "/ui/volumes"),
-            ("volume-new", "/ui/volumes/new"), ("volume", "/ui/volumes/db"),
+            ("volume-new", "/ui/new-volume"), ("volume", "/ui/volumes/db"),
             ("volume-delete", "/ui/volumes/db/delete"),
             ("snapshot-revert", "/ui/volumes/db/snapshots/before-upgrade/revert"),
             ("nodes", "/ui/nodes"), ("backups", "/ui/backups"),
@@ -111,9 +111,9 @@ def test_keyboard_and_a_narrow_screen(furnished: tuple[Node, str], browser: Brow
     page.keyboard.type(node.token_file.read_text().strip())
     page.keyboard.press("Enter")
     page.wait_for_url(f"{node.url}/ui/")
-    tab_to(page, "a[href='/ui/volumes/new']")
+    tab_to(page, "a[href='/ui/new-volume']")
     page.keyboard.press("Enter")
-    page.wait_for_url(f"{node.url}/ui/volumes/new")
+    page.wait_for_url(f"{node.url}/ui/new-volume")
     tab_to(page, "input[name=name]")
     page.keyboard.type("typed")
     tab_to(page, "input[name=size]")
@@ -140,3 +140,45 @@ def test_keyboard_and_a_narrow_screen(furnished: tuple[Node, str], browser: Brow
             screenshot(page, f"narrow-{name}")
     assert [p for p in problems if "status of 404" not in p] == []
     context.close()
+
+
+def test_a_poll_keeps_the_focus_and_forms_change_only_what_was_changed(
+        furnished: tuple[Node, str], browser: Browser) -> None:
+    """A link focused in a live part stays focused when its poll brings new content; a
+    disk's or the settings' form sends only what the operator changed, so what changed
+    elsewhere after the page was shown is not undone, and a reserved size that is no
+    round unit is kept exactly."""
+    node, _ = furnished
+    context, page, problems = new_page(browser)
+    login(page, node)
+    page.goto(f"{node.url}/ui/volumes")
+    page.focus("#volume-db")
+    with page.expect_response(lambda r: "part=table" in r.url, timeout=30_000):
+        node.cli("volume", "create", "arrives", "--size", "16M", "--replicas", "1")
+    expect(page.locator("#volume-arrives")).to_be_visible()  # the poll swapped it in
+    assert page.evaluate("() => document.activeElement.id") == "volume-db"
+
+    disk = next(d for d in api(node, "GET", "/v1/disks") if d["path"].endswith("disk2"))
+    odd = 10 * (1 << 30) + 50 * (1 << 20)  # 10 GiB 50 MiB: shown rounded as "10 GiB"
+    api(node, "PATCH", f"/v1/disks/{disk['name']}", {"storage_reserved": odd})
+    page.goto(f"{node.url}/ui/nodes")
+    form = page.locator(f"form[action='/ui/disks/{disk['name']}']")
+    page.click(f"summary:has-text('{disk['name']}')")
+    api(node, "PATCH", f"/v1/disks/{disk['name']}", {"allow_scheduling": False})  # elsewhere
+    form.locator("input[name=tags]").fill("fast, second")
+    form.locator("button[type=submit]").click()
+    expect(page.locator(".flashes")).to_contain_text("changed: tags")
+    after = next(d for d in api(node, "GET", "/v1/disks") if d["name"] == disk["name"])
+    assert (after["tags"], after["storage_reserved"], after["allow_scheduling"]) == \
+        (["fast", "second"], odd, False)
+
+    page.goto(f"{node.url}/ui/settings")
+    node.change_settings(auto_failover=True)  # elsewhere, after the page was shown
+    page.fill("#setting-over_provisioning_percentage", "150")
+    page.click("text=Save settings")
+    expect(page.locator(".flashes")).to_contain_text("over_provisioning_percentage")
+    settings = api(node, "GET", "/v1/settings")
+    assert (settings["over_provisioning_percentage"], settings["auto_failover"]) == (150, True)
+    assert [p for p in problems if "status of 404" not in p] == []
+    context.close()
+    api(node, "PATCH", f"/v1/disks/{disk['name']}", {"allow_scheduling": True})
