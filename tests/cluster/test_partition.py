@@ -48,6 +48,7 @@ def progress(workload: AckWorkload) -> dict[str, int]:
     return workload.progress()
 
 
+@pytest.mark.slow  # a minute (the default suite's 30-minute budget): run with -m slow
 def test_forced_attach_across_a_partition_fences_the_old_engine(
         netns_cluster: tuple[Cluster, list[Host]], tmp_path: Path) -> None:
     """Node 1 (the engine's) is cut off while the oracle writes; the volume is attached on

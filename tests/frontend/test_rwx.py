@@ -143,6 +143,7 @@ def test_two_clients_share_a_volume_through_a_replica_kill_and_a_restart(
            [client(two, "check", url, "a", "1")])
 
 
+@pytest.mark.slow  # a minute (the default suite's 30-minute budget): run with -m slow
 def test_export_options_expansion_and_bad_input(snode: Node, clients: list[Host]) -> None:
     snode.cli("volume", "create", "opts", "--size", "320M", "--replicas", "1",
               "--access-mode", "rwx")

@@ -61,6 +61,7 @@ def backups(node: Node, volume: str, job: str) -> list[dict[str, Any]]:
     return [b for b in listed if b["labels"].get("recurring-job") == job]
 
 
+@pytest.mark.slow  # 40 s (the suite's budget); the in-process tests keep the same rules
 def test_snapshot_and_backup_jobs_keep_retain_and_skip_unchanged(node: Node,
                                                                   tmp_path: Path) -> None:
     (tmp_path / "backups").mkdir()

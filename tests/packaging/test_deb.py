@@ -126,7 +126,7 @@ def engines(box: Sandbox) -> set[int]:
     return found
 
 
-@pytest.mark.slow  # a minute of lintian (the suite's budget); the install test stays
+@pytest.mark.slow  # a minute of lintian (the suite's budget)
 def test_lintian_is_clean(debs: Debs) -> None:
     result = subprocess.run(["lintian", "--tag-display-limit", "0", str(debs.first)],
                             capture_output=True, text=True, timeout=900, check=False)
@@ -134,6 +134,7 @@ def test_lintian_is_clean(debs: Debs) -> None:
     assert result.returncode == 0 and not tags, result.stdout + result.stderr
 
 
+@pytest.mark.slow  # two minutes: a build and a sandbox install (the suite's budget)
 def test_install_upgrade_remove_purge(debs: Debs, sandbox: Sandbox) -> None:
     ok(sandbox, "dpkg", "-i", str(debs.first))
     assert installed_version() == "0.1.0-1"

@@ -42,9 +42,10 @@ ORACLE_REGION = (160 * MiB, 32 * MiB)  # fio writes the first 96 MiB
 REPORT_WAIT = 30  # seconds the oracle has to publish its next progress report
 
 
-@pytest.fixture(params=["idle", "loaded"])
+@pytest.fixture(params=["idle", pytest.param("loaded", marks=pytest.mark.slow)])
 def load(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each row runs on an idle machine and under CPU load on every core."""
+    """Each row runs on an idle machine and under CPU load on every core (that one with
+    -m slow: the default suite's 30-minute budget)."""
     if request.param == "idle":
         yield "idle"
         return
