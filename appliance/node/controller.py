@@ -311,11 +311,18 @@ class Controller(Recovery, Eviction, ClusterWork):
         # a replica being handed over to a volume of its own is no longer this volume's
         replicas = [r for r in await self.replicas_of(volume.name)
                     if r.name not in self._handed_over]
-        missing = volume.replicas - len(replicas)
         placed: list[ReplicaRecord] = []
-        if missing > 0 and self.membership.is_leader:
+        if volume.replicas > len(replicas) and self.membership.is_leader:
             async with self.placement.lock:
-                placed = await self.placement.place(volume, replicas, missing)
+                # Counted again under the lock: a create (or a replacement) places replicas
+                # under it too, and may have stored them since the count above; placing
+                # the difference from that count would give the volume extra replicas, on
+                # nodes and disks that hold one already.
+                replicas = [r for r in await self.replicas_of(volume.name)
+                            if r.name not in self._handed_over]
+                missing = volume.replicas - len(replicas)
+                if missing > 0:
+                    placed = await self.placement.place(volume, replicas, missing)
             replicas += placed
         if self.config.clustered:
             # a new replica (no id yet) is made by its node, whoever placed it

@@ -330,3 +330,28 @@ async def test_a_detached_volume_has_its_processes_stopped(
         names = sorted(r.name for r in await run.replicas("vol"))
         assert sorted(c.args[0] for c in sup.called("stop_replica")) == names
         assert not sup.servers and not sup.engines and not sup.devices
+
+
+async def test_replicas_a_create_stores_meanwhile_are_not_placed_again(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # A create stores the volume, then its replicas one by one, under placement.lock. A
+    # pass that counted the volume's replicas in between waits for the lock; once it has
+    # it, the volume has them all, and it places none (it once placed the difference from
+    # its count: a third replica, beside one it already had).
+    async with running(tmp_path, autojump_clock) as run:
+        placement = run.controller.placement
+        volume = Volume("vol", 64 * MiB, 2, "2026-01-01T00:00:00Z")
+        async with placement.lock:  # as NodeService.create_volume holds it
+            planned = await placement.plan_replicas(volume, [], 2)
+            await run.store.put(volume.key, volume.to_dict(), expect=0)
+            await run.store.put(planned[0].key, planned[0].to_dict(), expect=0)
+            run.controller.poke()
+            while not placement.lock.statistics().tasks_waiting:  # it counted one
+                await trio.sleep(0)
+            await run.store.put(planned[1].key, planned[1].to_dict(), expect=0)
+
+        async def detached() -> bool:
+            return (await run.volume("vol")).state == "detached"
+        await until(run, detached)
+        assert sorted(r.name for r in await run.replicas("vol")) == \
+            sorted(r.name for r in planned)
