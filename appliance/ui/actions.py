@@ -110,24 +110,22 @@ def confirm(ui: Ui, request: Request, session: Session, *, title: str, message: 
                      action=request.url.path, status=status)
 
 
-async def volume_delete_page(ui: Ui, request: Request, session: Session) -> Response:
+async def volume_delete_page(ui: Ui, request: Request, session: Session,
+                             error: str = "", status: int = 200) -> Response:
     name = request.path_params["name"]
     return confirm(ui, request, session, title=f"Delete volume {name}",
                    message=f"Volume {name}, its replicas and all its snapshots will be "
                            "destroyed. Its backups stay on the backup target.",
-                   button=f"Delete volume {name}", cancel=volume_page(request), typed=name)
+                   button=f"Delete volume {name}", cancel=volume_page(request), typed=name,
+                   error=error, status=status)
 
 
 async def volume_delete(ui: Ui, request: Request, session: Session) -> Response:
     name = request.path_params["name"]
     form = await form_of(request)
     if form.get("typed", "") != name:
-        return confirm(ui, request, session, title=f"Delete volume {name}",
-                       message=f"Volume {name}, its replicas and all its snapshots will be "
-                               "destroyed. Its backups stay on the backup target.",
-                       button=f"Delete volume {name}", cancel=volume_page(request),
-                       typed=name, status=400,
-                       error=f"Type the volume's name, {name}, to delete it.")
+        return await volume_delete_page(ui, request, session, status=400,
+                                        error=f"Type the volume's name, {name}, to delete it.")
     try:
         await ui.api.delete(volume_path(request))
     except ApplianceError as exc:

@@ -86,7 +86,7 @@ def create_app(api: Api, token: str, node_name: str) -> Starlette:
         served = {}
 
     ui.env.globals["asset"] = lambda name: (
-        f"{PREFIX}/assets/{name}?v={served[name].etag.strip(chr(34))[:12]}" if name in served
+        f"{PREFIX}/assets/{name}?v={served[name].version}" if name in served
         else f"{PREFIX}/assets/{name}")
 
     async def asset(request: Request) -> Response:
@@ -96,7 +96,7 @@ def create_app(api: Api, token: str, node_name: str) -> Starlette:
         if not found.public and ui.sessions.get(request.cookies.get(COOKIE)) is None:
             return Response("log in first", status_code=401, media_type="text/plain")
         # the pages name an asset with its digest (?v=): a new version is a new URL
-        versioned = request.query_params.get("v") == found.etag.strip('"')[:12]
+        versioned = request.query_params.get("v") == found.version
         headers = {"ETag": found.etag, "Cache-Control": "private, max-age=31536000, immutable"
                    if versioned else "private, no-cache"}
         if request.headers.get("if-none-match") == found.etag:

@@ -39,6 +39,11 @@ class Asset:
     etag: str
     public: bool
 
+    @property
+    def version(self) -> str:
+        """What names this content in the pages' URLs (``?v=``)."""
+        return self.etag.strip('"')[:12]
+
 
 def modules_dir() -> Path:
     for candidate in MODULE_DIRS:

@@ -156,17 +156,14 @@ class Ui:
 
     # -- rendering ----------------------------------------------------------------------
 
-    def render_text(self, template: str, **context: Any) -> str:
-        return self.env.get_template(template).render(**context)
-
     def render(self, request: Request, session: Session | None, template: str,
                status: int = 200, **context: Any) -> HTMLResponse:
         context.setdefault("section", "")
         context.setdefault("title", "")
-        text = self.render_text(template, request=request, session=session,
-                                csrf=session.csrf if session else "",
-                                flashes=session.take_flashes() if session else [],
-                                node_name=self.node_name, **context)
+        text = self.env.get_template(template).render(
+            request=request, session=session, csrf=session.csrf if session else "",
+            flashes=session.take_flashes() if session else [], node_name=self.node_name,
+            **context)
         return HTMLResponse(text, status_code=status)
 
     def fragment(self, macro: str, **kwargs: Any) -> HTMLResponse:

@@ -98,7 +98,9 @@ async def volume_live(ui: Ui, name: str, session: Session) -> dict[str, Any]:
     if len(ui.io_samples) > IO_SAMPLES:  # pages closed long ago
         for stale in [k for k, (when, _) in ui.io_samples.items() if now - when > 120]:
             del ui.io_samples[stale]
-    return {"volume": info, "io": io, "rebuilds": views.rebuilds(info)}
+    rebuilding = views.rebuilds(info)
+    return {"volume": info, "io": io, "rebuilds": rebuilding,
+            "rebuild_done": {r["replica"]: r["done"] for r in rebuilding}}
 
 
 async def volume_backups(ui: Ui, name: str) -> dict[str, Any]:
